@@ -1,0 +1,10 @@
+"""compress: plugin-based model compression. Recipes in, Hugging Face checkpoints out."""
+
+import pluggy
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("compress")
+"""Decorator that marks a function as an implementation of a ``compress_*`` hook."""
+
+__all__ = ["hookimpl", "__version__"]

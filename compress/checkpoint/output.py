@@ -1,0 +1,44 @@
+"""Writing a run's output directory: the writer plugin's files plus recipe, report and card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from compress.checkpoint.atomic import atomic_directory
+from compress.context import Context
+from compress.modelcard import model_card
+
+
+def write_output(context: Context, recipe_file: Path, overwrite: bool) -> Path:
+    """Write the compressed checkpoint atomically; return its directory."""
+    output = context.recipe.output
+    assert output is not None
+    writer = context.host.writers()[output.format]
+    with atomic_directory(output.dir, overwrite=overwrite) as staging:
+        writer.write(context, staging)
+        shutil.copyfile(recipe_file, staging / "recipe.yaml")
+        (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
+        model_card(context, recipe_file.read_text()).save(staging / "README.md")
+    return Path(output.dir)
+
+
+class DenseWriter:
+    """Plain safetensors in the model's dtype, compressed weights stored dequantized.
+
+    Loads anywhere transformers does; takes as much space as the original.
+    """
+
+    name = "dense"
+
+    def __init__(self) -> None:
+        from compress.checkpoint import WriterCapabilities
+
+        self.capabilities = WriterCapabilities(sparsity=True)
+
+    def write(self, context: Context, directory: Path) -> None:
+        model = context.model
+        model.save_pretrained(directory, max_shard_size=context.recipe.output.max_shard_size)
+        if context.tokenizer is not None:
+            context.tokenizer.save_pretrained(directory)

@@ -1,0 +1,175 @@
+"""The ``compress`` command line."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compress import __version__
+from compress.errors import UserError
+from compress.host import get_host
+
+console = Console()
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a UserError as one line and exit 2; an interrupt exits 130 with nothing written."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__)
+def cli() -> None:
+    """Apply compression recipes to models; write checkpoints transformers loads."""
+
+
+@cli.command()
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@user_errors
+def apply(recipe_file: Path, overwrite: bool) -> None:
+    """Run RECIPE_FILE: load the model, run its stages, evaluate, write the output."""
+    from compress.engine import apply_recipe
+    from compress.validate import check_recipe
+
+    host = get_host()
+    checked = check_recipe(host, recipe_file, overwrite=overwrite)
+    apply_recipe(host, checked, overwrite=overwrite)
+
+
+@cli.group()
+def recipe() -> None:
+    """Work with recipe files."""
+
+
+@recipe.command("check")
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@user_errors
+def recipe_check(recipe_file: Path) -> None:
+    """Validate RECIPE_FILE completely without loading weights."""
+    from compress.validate import check_recipe
+
+    checked = check_recipe(get_host(), recipe_file)
+    for index, planned in enumerate(checked.stages):
+        click.echo(f"stage {index + 1}: {planned.method.name} on {len(planned.target_names)} modules")
+    click.echo(f"{recipe_file}: ok")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@user_errors
+def methods(name: str | None) -> None:
+    """List installed methods, or document method NAME and its parameters."""
+    from compress.validate import did_you_mean
+
+    registry = get_host().methods()
+    if name is None:
+        table = Table("method", "kind", "summary")
+        for method_name, method in sorted(registry.items()):
+            table.add_row(method_name, method.kind, (inspect.getdoc(method) or "").splitlines()[0])
+        console.print(table)
+        return
+    if name not in registry:
+        raise UserError(f"unknown method {name!r}{did_you_mean(name, list(registry))}")
+    method = registry[name]
+    console.print(f"[bold]{name}[/bold] ({method.kind})\n")
+    console.print(inspect.getdoc(method) or "", markup=False)
+    table = Table("parameter", "type", "default", "description", title="parameters")
+    for field_name, field in method.Params.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        default = "required" if field.is_required() else repr(field.default)
+        table.add_row(field_name, annotation, default, field.description or "")
+    console.print(table)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def plugins(ctx: click.Context) -> None:
+    """List installed plugins, their hooks, and the ones that failed to load."""
+    if ctx.invoked_subcommand is not None:
+        return
+    host = get_host()
+    host.methods(), host.loaders(), host.writers(), host.data_sources(), host.metrics()
+    table = Table("plugin", "version", "hooks")
+    for info in host.plugins_info():
+        table.add_row(info["name"], info["version"] or "", ", ".join(info["hooks"]))
+    console.print(table)
+    for broken in host.broken:
+        console.print(f"[red]broken[/red] {broken.name}: {broken.error}", markup=True)
+
+
+@cli.command("eval")
+@click.argument("checkpoint")
+@click.option("--against", "base", required=True, help="The original model (same names as a recipe's model:).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Evaluation text file.")
+@click.option("--samples", default=8, show_default=True, help="Sequences to evaluate.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence (context length).")
+@click.option("--metric", "metric_names", multiple=True, help="Metric (repeatable); default: all for the task.")
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def eval_command(
+    checkpoint: str, base: str, data_path: Path, samples: int, seq_len: int, metric_names: tuple[str, ...], device: str
+) -> None:
+    """Compare CHECKPOINT with the model it was made from: perplexity, KL, top-1, cosine."""
+    from compress.context import resolve_device
+    from compress.default_plugins.progress import evaluation_table
+    from compress.evaluate import evaluate
+    from compress.recipe import DataSpec, MetricSpec
+    from compress.validate import did_you_mean
+
+    host = get_host()
+    loaded = [load_model(host, name) for name in (base, checkpoint)]
+    task = loaded[1].task
+    registry = host.metrics()
+    for name in metric_names:
+        if name not in registry:
+            raise UserError(f"unknown metric {name!r}{did_you_mean(name, list(registry))}", "--metric")
+    names = list(metric_names) or [n for n, cls in registry.items() if task in cls.tasks]
+    spec = DataSpec(path=data_path, samples=samples, seq_len=seq_len)
+    source = host.data_sources()[spec.source]
+    sequences = source.load(spec, loaded[1].tokenizer)
+    results = evaluate(
+        host,
+        loaded[0].model,
+        loaded[1].model,
+        [MetricSpec(metric=name, data="eval") for name in names],
+        {"eval": (spec, sequences)},
+        resolve_device(device),
+    )
+    console.print(evaluation_table(results))
+
+
+def load_model(host: Any, name: str) -> Any:
+    from compress.checkpoint import UNKNOWN_MODEL, loader_for
+    from compress.recipe import ModelSpec
+
+    spec = ModelSpec(name=name)
+    loader = loader_for(host.loaders().values(), spec)
+    if loader is None:
+        raise UserError(UNKNOWN_MODEL, name)
+    return loader.load(spec)
+
+
+def main() -> None:
+    host = get_host()
+    host.hook.compress_register_commands(cli=cli)
+    cli()

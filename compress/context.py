@@ -1,0 +1,144 @@
+"""What the stages of a run share: model, tokenizer, data, the original model, the report."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from compress.checkpoint import LoadedModel, Loader
+    from compress.host import PluginHost
+    from compress.method import Method
+    from compress.quant import QuantGrid
+    from compress.recipe import Recipe, Stage
+
+
+@dataclass
+class LayerState:
+    """How a layer's current weights were compressed; writers read it to pack them."""
+
+    method: str
+    quant: QuantGrid | None = None
+    """The grid the weights lie on (scales and zero points the method chose)."""
+
+
+@dataclass
+class StageRecord:
+    """One stage's entry in report.json."""
+
+    name: str
+    method: str
+    params: dict[str, Any]
+    seconds: float = 0.0
+    peak_host_bytes: int = 0
+    peak_device_bytes: int = 0
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-layer details the method reported (error, bits, outlier fraction, ...)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StageRun:
+    """A stage being run: the method instance and the modules it targets."""
+
+    stage: Stage
+    method: Method
+    targets: dict[str, nn.Module]
+    record: StageRecord
+    index: int
+    total: int
+
+
+@dataclass
+class Report:
+    """Everything report.json holds."""
+
+    model: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "stages": [stage.to_json() for stage in self.stages],
+            "evaluation": self.evaluation,
+            "environment": self.environment,
+        }
+
+
+def environment_info(device: torch.device) -> dict[str, str]:
+    import transformers
+
+    from compress import __version__
+
+    info = {
+        "compress": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """The state one ``compress apply`` run shares between its stages.
+
+    Stages never talk to each other except through the context.
+    """
+
+    host: PluginHost
+    recipe: Recipe
+    loaded: LoadedModel
+    loader: Loader
+    device: torch.device
+    report: Report
+    layers: dict[str, LayerState] = field(default_factory=dict)
+    _data: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _reference: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def task(self) -> str:
+        return self.loaded.task
+
+    @property
+    def sequential(self) -> bool:
+        return self.recipe.run.mode == "sequential"
+
+    def data(self, name: str) -> list[torch.Tensor]:
+        """The recipe's dataset ``name`` as token-id sequences (read once, then cached)."""
+        if name not in self._data:
+            spec = self.recipe.data[name]
+            source = self.host.data_sources()[spec.source]
+            self._data[name] = source.load(spec, self.tokenizer)
+        return self._data[name]
+
+    def reference_model(self) -> nn.Module:
+        """The original, uncompressed model, loaded again on first use (on the host)."""
+        if self._reference is None:
+            self._reference = self.loader.load(self.recipe.model).model.eval()
+        return self._reference

@@ -1,0 +1,11 @@
+from compress import hookimpl
+from compress.checkpoint.builtin import BuiltinLoader
+from compress.checkpoint.loaders import DirectoryLoader, GGUFLoader, HubCacheLoader
+
+
+@hookimpl
+def compress_register_loaders(register):
+    register(BuiltinLoader())
+    register(GGUFLoader())
+    register(DirectoryLoader())
+    register(HubCacheLoader())

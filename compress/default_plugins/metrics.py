@@ -1,0 +1,8 @@
+from compress import hookimpl
+from compress.evaluate import BUILTIN_METRICS
+
+
+@hookimpl
+def compress_register_metrics(register):
+    for metric in BUILTIN_METRICS:
+        register(metric)

@@ -1,0 +1,64 @@
+"""Progress bars while stages run, and the summary tables at the end of a run."""
+
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from compress import hookimpl
+
+console = Console(stderr=True)
+_bars: dict[int, tqdm] = {}
+
+
+@hookimpl
+def compress_stage_start(stage, index, total):
+    console.print(f"[bold]stage {index + 1}/{total}[/bold]: {stage.label} ({stage.method})")
+
+
+@hookimpl
+def compress_block_done(stage, block_index, num_blocks):
+    bar = _bars.get(id(stage))
+    if bar is None:
+        bar = _bars[id(stage)] = tqdm(total=num_blocks, desc=stage.label, unit="block", leave=False)
+    bar.update(1)
+
+
+@hookimpl
+def compress_stage_end(stage, record):
+    bar = _bars.pop(id(stage), None)
+    if bar is not None:
+        bar.close()
+
+
+def gib(value: int) -> str:
+    return f"{value / 2**30:.2f}" if value else "-"
+
+
+@hookimpl
+def compress_run_end(context):
+    stages = Table(title="stages")
+    for column in ("#", "stage", "method", "layers", "time (s)", "peak host (GiB)", "peak device (GiB)"):
+        stages.add_column(column, justify="right" if column[0] in "#lptp" else "left")
+    for i, record in enumerate(context.report.stages):
+        stages.add_row(
+            str(i + 1), record.name, record.method, str(len(record.layers)), f"{record.seconds:.1f}",
+            gib(record.peak_host_bytes), gib(record.peak_device_bytes),
+        )
+    console.print(stages)
+    if context.report.evaluation:
+        console.print(evaluation_table(context.report.evaluation))
+    if context.recipe.output is not None:
+        console.print(f"wrote {context.recipe.output.dir}")
+
+
+def evaluation_table(evaluation):
+    table = Table(title="evaluation")
+    for column in ("metric", "data", "tokens", "original", "compressed"):
+        table.add_column(column)
+    for name, result in evaluation.items():
+        original = result.get("original")
+        table.add_row(
+            name, result["data"], f"{result['tokens']} ({result['seq_len']}/seq)",
+            "" if original is None else f"{original:.4f}", f"{result['compressed']:.4f}",
+        )
+    return table

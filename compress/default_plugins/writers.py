@@ -1,0 +1,7 @@
+from compress import hookimpl
+from compress.checkpoint.output import DenseWriter
+
+
+@hookimpl
+def compress_register_writers(register):
+    register(DenseWriter())

@@ -1,0 +1,39 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a file a problem is: 1-based line and column, like compilers print them."""
+
+    file: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        parts = [self.file]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        return ":".join(parts)
+
+
+class UserError(Exception):
+    """A problem in the user's input: recipe, files, options, or an installed plugin.
+
+    ``where`` is a Location or a short free-form place (a layer name, a path).
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, where: Location | str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message

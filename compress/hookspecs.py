@@ -1,0 +1,203 @@
+"""The plugin contract of compress.
+
+Every hook is named ``compress_<what>``. A plugin is a module (or object) with functions
+decorated by :data:`compress.hookimpl` whose names and argument names match the specs
+below; pluggy lets an implementation take any subset of a spec's arguments, in any order.
+
+Registration hooks receive a ``register`` callback and call it once per thing they
+provide, in the style of llm's ``register_models``::
+
+    from compress import hookimpl
+
+    @hookimpl
+    def compress_register_methods(register):
+        register(MyMethod)
+
+Lifecycle hooks are events: every implementation is called, return values are ignored
+(progress bars, logging and the summary table are plugins built on them).
+
+Plugins are found through the ``compress`` entry-point group; ``compress plugins`` lists
+them with the hooks each implements, and the ones that failed to load.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    from torch import nn
+
+    from compress.context import Context, StageRecord
+    from compress.recipe import Stage
+    from compress.search import CandidateRequest
+
+hookspec = pluggy.HookspecMarker("compress")
+
+
+# --- registration -------------------------------------------------------------------
+
+
+@hookspec
+def compress_register_methods(register: Callable[[type], None]) -> None:
+    """Register compression methods.
+
+    Called once, when the host first needs the method registry (``compress apply``,
+    ``compress recipe check``, ``compress methods``).
+
+    :param register: call ``register(method_class)`` for each method. The class
+        subclasses :class:`compress.method.Method`: it has a unique ``name`` (the
+        recipe's ``method:`` value), a ``kind`` (``data-free``, ``calibration``,
+        ``training`` or ``search``), a pydantic ``Params`` model with
+        ``extra="forbid"`` whose field descriptions document every parameter, and a
+        docstring that ``compress methods NAME`` prints.
+
+    Registering a second method under a name already taken is an error that names
+    both plugins.
+    """
+
+
+@hookspec
+def compress_register_loaders(register: Callable[[Any], None]) -> None:
+    """Register checkpoint loaders.
+
+    Called once, when a recipe's ``model:`` is first resolved.
+
+    :param register: call ``register(loader)`` with an object that follows
+        :class:`compress.checkpoint.Loader`: a ``name``, ``claims(spec)`` saying
+        whether it handles a model spec (a built-in name, a directory, a ``.gguf``
+        file, a hub id), ``load_config(spec)`` (cheap: used to validate a recipe
+        before any weights are read) and ``load(spec)`` returning a
+        :class:`compress.checkpoint.LoadedModel`.
+
+    Loaders are asked in registration order; the first that claims a spec loads it.
+    """
+
+
+@hookspec
+def compress_register_writers(register: Callable[[Any], None]) -> None:
+    """Register checkpoint writers (output formats).
+
+    Called once, when a recipe's ``output.format`` is validated or a run writes.
+
+    :param register: call ``register(writer)`` with an object that follows
+        :class:`compress.checkpoint.Writer`: a ``name`` (the recipe's
+        ``output.format``), ``capabilities`` (what the format can express, so a recipe
+        asking for something it cannot hold fails at ``compress recipe check``) and
+        ``write(context, directory)`` that fills an empty temporary directory. The
+        host makes the write atomic and adds recipe, report and model card.
+    """
+
+
+@hookspec
+def compress_register_data_sources(register: Callable[[Any], None]) -> None:
+    """Register data sources for calibration, training and evaluation data.
+
+    Called once, when a recipe's ``data:`` section is validated.
+
+    :param register: call ``register(source)`` with an object that follows
+        :class:`compress.data.DataSource`: a ``name`` (the recipe's ``source:``),
+        ``check(spec)`` raising :class:`compress.errors.UserError` for a bad spec (a
+        missing file) and ``load(spec, tokenizer)`` returning a list of token-id
+        tensors.
+    """
+
+
+@hookspec
+def compress_register_metrics(register: Callable[[type], None]) -> None:
+    """Register evaluation metrics (the recipe's ``evaluate:`` list, ``compress eval``).
+
+    Called once, when metrics are first needed.
+
+    :param register: call ``register(metric_class)``; the class follows
+        :class:`compress.evaluate.Metric`: a ``name``, the model ``tasks`` it applies
+        to, and ``update(ref_output, output, batch)`` / ``result()`` that accumulate
+        over batches of evaluation data run through the original and the compressed
+        model.
+    """
+
+
+@hookspec
+def compress_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``compress`` command line.
+
+    Called once, when the CLI is built.
+
+    :param cli: the root :class:`click.Group`; add commands with ``@cli.command()``.
+    """
+
+
+# --- candidates for search / allocation methods ---------------------------------
+
+
+@hookspec
+def compress_layer_candidates(
+    context: Context, name: str, module: nn.Module, request: CandidateRequest
+) -> list[Any] | None:
+    """Offer compressed variants of one layer to a search or allocation method.
+
+    Called by a search method (RCO, EvoPress, EQ-Net's search) for each layer it
+    allocates, before it chooses one variant per layer under a budget.
+
+    :param context: the run's context (model, data, report).
+    :param name: the layer's qualified module name, e.g. ``model.layers.3.mlp.up_proj``.
+    :param module: the layer itself, with its current (original) weights.
+    :param request: what the search wants: :class:`compress.search.CandidateRequest`
+        with the methods it accepts, the settings to vary (bits, sparsity) and the
+        cost unit of its budget.
+    :return: a list of :class:`compress.search.Candidate` (cost, error estimate, and a
+        callable that applies the variant), or ``None`` when the plugin has nothing for
+        this layer. The results of all plugins are concatenated.
+    """
+
+
+# --- lifecycle events -----------------------------------------------------------
+
+
+@hookspec
+def compress_run_start(context: Context) -> None:
+    """A ``compress apply`` run begins: the model is loaded, no stage has run.
+
+    :param context: the run's context; ``context.recipe`` is the validated recipe.
+    """
+
+
+@hookspec
+def compress_stage_start(context: Context, stage: Stage, index: int, total: int) -> None:
+    """A stage is about to run.
+
+    :param stage: the validated stage (method name, targets, parameters).
+    :param index: its 0-based position; ``total`` is the number of stages.
+    """
+
+
+@hookspec
+def compress_block_done(
+    context: Context, stage: Stage, block_name: str, block_index: int, num_blocks: int
+) -> None:
+    """The sequential engine finished one block (a transformer layer) of a stage.
+
+    :param block_name: the block's module name, e.g. ``model.layers.7``.
+    :param block_index: 0-based; ``num_blocks`` blocks in all.
+    """
+
+
+@hookspec
+def compress_stage_end(context: Context, stage: Stage, record: StageRecord) -> None:
+    """A stage finished.
+
+    :param record: what the stage did: wall time, peak host and device memory, the
+        layers it changed and its per-layer details; it is already in
+        ``context.report``.
+    """
+
+
+@hookspec
+def compress_run_end(context: Context) -> None:
+    """A run finished: all stages ran, evaluation is in the report, the output is written.
+
+    :param context: the run's context; ``context.report`` holds everything
+        ``report.json`` holds.
+    """

@@ -1,0 +1,106 @@
+"""Base classes for compression methods. Plugins subclass one of them and register it.
+
+A method declares how it runs through the class it derives from:
+
+- :class:`LayerMethod` (data-free): ``compress_layer`` is called for every targeted
+  layer; the engine streams the layers' blocks through the device.
+- :class:`BlockMethod` (sequential calibration): ``compress_block`` is called for every
+  transformer block with the inputs that the already-compressed earlier blocks produce.
+- :class:`Method` with its own ``apply`` (training, search/allocation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.context import Context, StageRun
+
+MethodKind = Literal["data-free", "calibration", "training", "search"]
+
+
+class MethodParams(BaseModel):
+    """Parameters of a method; subclass it and describe every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    """A compression method. Subclasses set ``name``, ``kind`` and ``Params``.
+
+    The class docstring is the method's documentation (``compress methods NAME``).
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[MethodKind]
+    Params: ClassVar[type[BaseModel]] = MethodParams
+    default_targets: ClassVar[list[str]] = ["Linear"]
+    default_ignore: ClassVar[list[str]] = ["lm_head"]
+    supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    needs_data: ClassVar[tuple[str, ...]] = ()
+    """Names of ``data:`` entries the method reads (e.g. ``("calibration",)``)."""
+
+    def __init__(self, params: MethodParams) -> None:
+        self.params = params
+
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        """Raise :class:`compress.errors.UserError` if ``module`` cannot be compressed.
+
+        Called at ``compress recipe check`` on a weightless (meta) copy of the model, so
+        only shapes and types are known here.
+        """
+
+    def apply(self, context: Context, run: StageRun) -> None:
+        raise NotImplementedError(f"method {self.name!r} does not implement apply()")
+
+
+class LayerMethod(Method):
+    """A data-free method that compresses each targeted layer on its own."""
+
+    kind: ClassVar[MethodKind] = "data-free"
+
+    def compress_layer(self, context: Context, name: str, module: nn.Module) -> dict[str, Any]:
+        """Compress ``module`` in place (it is on the compute device) and return what to report."""
+        raise NotImplementedError
+
+    def apply(self, context: Context, run: StageRun) -> None:
+        from compress.sequential import compress_layers
+
+        compress_layers(context, run, self.compress_layer)
+
+
+@dataclass
+class BlockWork:
+    """One block of a sequential calibration stage, on the compute device."""
+
+    name: str
+    index: int
+    block: nn.Module
+    targets: dict[str, nn.Module]
+    """Targeted layers inside the block, by their qualified names."""
+    inputs: list[tuple[tuple, dict]]
+    """The block's positional and keyword arguments, one entry per calibration sample,
+    as produced by the already-compressed earlier blocks (on the host in sequential mode)."""
+    device: torch.device
+
+
+class BlockMethod(Method):
+    """A calibration method that compresses one transformer block at a time."""
+
+    kind: ClassVar[MethodKind] = "calibration"
+    needs_data: ClassVar[tuple[str, ...]] = ("calibration",)
+
+    def compress_block(self, context: Context, work: BlockWork) -> dict[str, dict[str, Any]]:
+        """Compress the targeted layers of ``work.block`` in place; return per-layer reports."""
+        raise NotImplementedError
+
+    def apply(self, context: Context, run: StageRun) -> None:
+        from compress.sequential import compress_blocks
+
+        compress_blocks(context, run, self.compress_block)

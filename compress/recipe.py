@@ -1,0 +1,202 @@
+"""Recipe files: safe YAML parsing that remembers where every value came from, and the schema.
+
+Parsing and the schema check need no plugins and no model; ``compress.validate`` adds
+the checks that need them (methods, files, targets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress.errors import Location, UserError
+
+Key = tuple[str | int, ...]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    """The checkpoint to compress."""
+
+    name: str = Field(description="built-in name, directory, .gguf file or cached hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the weights are loaded in; auto keeps the checkpoint's"
+    )
+    task: Literal["causal-lm", "encoder", "image-classification"] | None = Field(
+        None, description="model head to load; inferred from config.architectures when unset"
+    )
+    trust_remote_code: bool = Field(False, description="run the checkpoint's own Python code")
+    revision: str | None = Field(None, description="hub revision, for cached hub ids")
+
+
+class DataSpec(Strict):
+    """A named dataset: calibration, training or evaluation text."""
+
+    path: Path = Field(description="file to read (relative paths are from the working directory)")
+    source: str = Field("text", description="data source plugin that reads the file")
+    samples: int = Field(128, gt=0, description="number of sequences to take")
+    seq_len: int = Field(512, gt=0, description="tokens per sequence")
+
+
+class Stage(BaseModel):
+    """One stage: a method, the modules it acts on and the method's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class OutputSpec(Strict):
+    dir: Path = Field(description="directory the compressed checkpoint is written to")
+    format: str = Field("dense", description="checkpoint writer plugin (compress plugins lists them)")
+    max_shard_size: str = Field("2GB", description="largest safetensors shard")
+
+
+class RunSpec(Strict):
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N")
+    mode: Literal["sequential", "whole"] = Field(
+        "sequential",
+        description="sequential streams one block at a time through the device; "
+        "whole moves the whole model there",
+    )
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+class MetricSpec(Strict):
+    metric: str
+    data: str = "evaluation"
+
+
+class Recipe(Strict):
+    model: ModelSpec
+    data: dict[str, DataSpec] = Field(default_factory=dict)
+    stages: list[Stage] = Field(min_length=1)
+    output: OutputSpec | None = None
+    evaluate: list[MetricSpec] = Field(default_factory=list)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            if isinstance(raw.get("model"), str):
+                raw["model"] = {"name": raw["model"]}
+            if isinstance(raw.get("evaluate"), list):
+                raw["evaluate"] = [
+                    {"metric": item} if isinstance(item, str) else item for item in raw["evaluate"]
+                ]
+        return raw
+
+
+class LocatedRecipe:
+    """A parsed recipe with the file position of each of its values."""
+
+    def __init__(self, path: Path, raw: Any, marks: dict[Key, tuple[int, int]]) -> None:
+        self.path = path
+        self.raw = raw
+        self.marks = marks
+
+    def where(self, key: Key) -> Location:
+        """The position of the value at ``key``, or of its nearest ancestor that has one."""
+        for end in range(len(key), -1, -1):
+            if key[:end] in self.marks:
+                line, column = self.marks[key[:end]]
+                return Location(str(self.path), line, column)
+        return Location(str(self.path))
+
+    def error(self, message: str, key: Key) -> UserError:
+        return UserError(message, self.where(key))
+
+
+def _collect_marks(node: yaml.Node, key: Key, marks: dict[Key, tuple[int, int]], path: Path) -> None:
+    marks[key] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            name = key_node.value
+            if name in seen:
+                mark = key_node.start_mark
+                raise UserError(f"duplicate key {name!r}", Location(str(path), mark.line + 1, mark.column + 1))
+            seen.add(name)
+            # a key's own position is better than its value's for "unknown key" errors
+            marks[key + (name, "__key__")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _collect_marks(value_node, key + (name,), marks, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _collect_marks(item, key + (index,), marks, path)
+
+
+def parse_recipe_file(path: Path) -> LocatedRecipe:
+    """Read a recipe with the safe YAML loader, keeping line and column of every value."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("recipe file not found", str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = Location(str(path), mark.line + 1, mark.column + 1) if mark else Location(str(path))
+        raise UserError(f"invalid YAML: {error.problem}", where) from None
+    if not isinstance(raw, dict):
+        raise UserError("a recipe is a mapping with model, stages and output", Location(str(path), 1, 1))
+    marks: dict[Key, tuple[int, int]] = {}
+    _collect_marks(node, (), marks, path)
+    return LocatedRecipe(path, raw, marks)
+
+
+def pydantic_error(error: ValidationError, located: LocatedRecipe, prefix: Key = ()) -> UserError:
+    """The first problem of a pydantic error as a located one-line UserError."""
+    first = error.errors()[0]
+    key = prefix + tuple(part for part in first["loc"] if not str(part).startswith("function-"))
+    if first["type"] == "extra_forbidden":
+        field = key[-1]
+        return UserError(f"unknown key {field!r}", _key_where(located, key))
+    if first["type"] == "missing":
+        return UserError(f"missing required key {key[-1]!r}", located.where(key[:-1]))
+    dotted = ".".join(str(part) for part in key)
+    return UserError(f"{dotted}: {first['msg']}", located.where(key))
+
+
+def _key_where(located: LocatedRecipe, key: Key) -> Location:
+    parent, field = key[:-1], key[-1]
+    mark = located.marks.get(parent + (field, "__key__"))
+    if mark:
+        return Location(str(located.path), *mark)
+    return located.where(key)
+
+
+def load_recipe(path: Path) -> tuple[Recipe, LocatedRecipe]:
+    """Parse and schema-check a recipe file (no plugins, no model)."""
+    located = parse_recipe_file(path)
+    try:
+        recipe = Recipe.model_validate(located.raw)
+    except ValidationError as error:
+        raise pydantic_error(error, located) from None
+    return recipe, located

@@ -1,0 +1,189 @@
+"""Block-by-block onloading: one transformer block at a time on the compute device.
+
+In ``sequential`` mode the model stays on the host; each block is moved to the device,
+compressed and moved back, so device memory holds about one block plus its activations.
+In ``whole`` mode the engine has moved the model to the device before the stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.context import Context, StageRun
+from compress.method import BlockWork
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the largest ModuleList whose children share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_size = -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if size > best_size:
+                    best, best_size = (name, module), size
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks")
+    return best
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: move(item, device) for key, item in value.items()}
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(itertools.chain(model.parameters(), model.buffers())).device
+
+
+@contextmanager
+def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move ``module`` to ``device`` for the duration of the block, then back where it was."""
+    home = model_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _report_layer(context: Context, run: StageRun, name: str, details: dict[str, Any]) -> None:
+    run.record.layers[name] = details
+
+
+def compress_layers(
+    context: Context,
+    run: StageRun,
+    compress_layer: Callable[[Context, str, nn.Module], dict[str, Any]],
+) -> None:
+    """Data-free stages: each targeted layer, block by block through the device."""
+    blocks_name, blocks = find_blocks(context.model)
+    device = context.device
+    for index, block in enumerate(blocks):
+        block_name = f"{blocks_name}.{index}"
+        in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
+        with onloaded(block, device) if context.sequential else _nothing():
+            for name, module in in_block.items():
+                _report_layer(context, run, name, compress_layer(context, name, module))
+        context.host.hook.compress_block_done(
+            context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
+        )
+    for name, module in run.targets.items():
+        if not within(name, blocks_name):
+            with onloaded(module, device) if context.sequential else _nothing():
+                _report_layer(context, run, name, compress_layer(context, name, module))
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def outside_blocks(model: nn.Module, blocks_name: str) -> list[nn.Module]:
+    """The largest subtrees of ``model`` that hold parameters or buffers and no block."""
+
+    def is_ancestor(name: str) -> bool:
+        return name == "" or within(blocks_name, name)
+
+    return [
+        module
+        for name, module in model.named_modules()
+        if not is_ancestor(name)
+        and not within(name, blocks_name)
+        and is_ancestor(name.rpartition(".")[0])
+        and any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+    ]
+
+
+def with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's arguments with its hidden states (first argument) replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, blocks_name: str, samples: list[torch.Tensor], device: torch.device
+) -> list[tuple[tuple, dict]]:
+    """The arguments the first block receives for each sample, kept on the host.
+
+    Everything outside the blocks (embeddings, rotary tables) runs on ``device``; the
+    forward pass stops at the first block.
+    """
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((move(args, torch.device("cpu")), move(kwargs, torch.device("cpu"))))
+        raise _StopForward
+
+    homes = [(module, model_device(module)) for module in outside_blocks(model, blocks_name)]
+    for module, _ in homes:
+        module.to(device)
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module, home in homes:
+            module.to(home)
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device) -> list[tuple[tuple, dict]]:
+    """Feed each cached input through ``block``; return the next block's inputs (on the host)."""
+    next_inputs = []
+    for args, kwargs in inputs:
+        output = block(*move(args, device), **move(kwargs, device))
+        hidden = output[0] if isinstance(output, tuple) else output
+        next_inputs.append(with_hidden_states(args, kwargs, hidden.to("cpu")))
+    return next_inputs
+
+
+def compress_blocks(
+    context: Context,
+    run: StageRun,
+    compress_block: Callable[[Context, BlockWork], dict[str, dict[str, Any]]],
+) -> None:
+    """Calibration stages: each block sees the outputs of the already-compressed ones."""
+    model = context.model
+    blocks_name, blocks = find_blocks(model)
+    device = context.device
+    inputs = capture_block_inputs(model, blocks, blocks_name, context.data("calibration"), device)
+    for index, block in enumerate(blocks):
+        block_name = f"{blocks_name}.{index}"
+        in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
+        with onloaded(block, device) if context.sequential else _nothing():
+            work = BlockWork(block_name, index, block, in_block, inputs, device)
+            for name, details in compress_block(context, work).items():
+                _report_layer(context, run, name, details)
+            inputs = run_block(block, inputs, device)
+        context.host.hook.compress_block_done(
+            context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
+        )

@@ -1,0 +1,151 @@
+"""Everything about a recipe that can be checked before weights are read.
+
+Schema, methods and their parameters, data files, metrics, the output format and
+directory, and the targets of each stage against a weightless copy of the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from torch import nn
+
+from compress.checkpoint import UNKNOWN_MODEL, loader_for
+from compress.checkpoint.loaders import meta_model
+from compress.errors import UserError
+from compress.host import PluginHost
+from compress.method import Method
+from compress.recipe import LocatedRecipe, Recipe, load_recipe, pydantic_error
+from compress.targets import invalid_patterns, match_modules
+
+
+@dataclass
+class PlannedStage:
+    """A validated stage: its method instance and the module names it targets."""
+
+    method: Method
+    targets: list[str]
+    ignore: list[str]
+    target_names: list[str]
+
+
+@dataclass
+class CheckedRecipe:
+    path: Path
+    recipe: Recipe
+    located: LocatedRecipe
+    loader: Any
+    task: str
+    stages: list[PlannedStage]
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(sorted(choices))})"
+
+
+def model_key(located: LocatedRecipe) -> tuple:
+    return ("model", "name") if isinstance(located.raw.get("model"), dict) else ("model",)
+
+
+def build_method(host: PluginHost, recipe: Recipe, located: LocatedRecipe, index: int) -> Method:
+    stage = recipe.stages[index]
+    methods = host.methods()
+    if stage.method not in methods:
+        raise located.error(
+            f"unknown method {stage.method!r}{did_you_mean(stage.method, list(methods))}",
+            ("stages", index, "method"),
+        )
+    method_class = methods[stage.method]
+    try:
+        params = method_class.Params.model_validate(stage.params)
+    except ValidationError as error:
+        raise pydantic_error(error, located, ("stages", index)) from None
+    for name in method_class.needs_data:
+        if name not in recipe.data:
+            raise located.error(f"method {stage.method!r} needs data: {name}: in the recipe", ("stages", index))
+    return method_class(params)
+
+
+def check_stage_targets(
+    model: nn.Module, method: Method, recipe: Recipe, located: LocatedRecipe, index: int
+) -> PlannedStage:
+    stage = recipe.stages[index]
+    targets = stage.targets if stage.targets is not None else list(method.default_targets)
+    ignore = stage.ignore if stage.ignore is not None else list(method.default_ignore)
+    for field, entries in (("targets", targets), ("ignore", ignore)):
+        for entry_index, problem in invalid_patterns(entries):
+            raise located.error(problem, ("stages", index, field, entry_index))
+    selected, unmatched = match_modules(model, targets, ignore)
+    if unmatched:
+        key = ("stages", index, "targets", targets.index(unmatched[0])) if stage.targets else ("stages", index)
+        raise located.error(f"target {unmatched[0]!r} matches no module of the model", key)
+    for name, module in selected.items():
+        if not isinstance(module, method.supported_modules):
+            kinds = ", ".join(cls.__name__ for cls in method.supported_modules)
+            raise located.error(
+                f"{method.name} cannot compress {name} ({type(module).__name__}); it handles {kinds}",
+                ("stages", index, "targets"),
+            )
+        try:
+            method.check_layer(name, module)
+        except UserError as error:
+            raise located.error(f"{error.where}: {error.message}", ("stages", index)) from None
+    return PlannedStage(method, targets, ignore, list(selected))
+
+
+def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> CheckedRecipe:
+    """Validate a recipe completely without reading weights; raise a located UserError."""
+    recipe, located = load_recipe(path)
+    methods = [build_method(host, recipe, located, index) for index in range(len(recipe.stages))]
+
+    sources = host.data_sources()
+    for name, spec in recipe.data.items():
+        if spec.source not in sources:
+            raise located.error(
+                f"unknown data source {spec.source!r}{did_you_mean(spec.source, list(sources))}",
+                ("data", name, "source"),
+            )
+        try:
+            sources[spec.source].check(spec)
+        except UserError as error:
+            raise located.error(f"{error.message}: {error.where}", ("data", name, "path")) from None
+
+    if recipe.output is not None:
+        writers = host.writers()
+        if recipe.output.format not in writers:
+            raise located.error(
+                f"unknown output format {recipe.output.format!r}{did_you_mean(recipe.output.format, list(writers))}",
+                ("output", "format"),
+            )
+        if recipe.output.dir.exists() and not overwrite:
+            raise located.error(
+                f"output directory {recipe.output.dir} exists (pass --overwrite to replace it)", ("output", "dir")
+            )
+
+    loader = loader_for(host.loaders().values(), recipe.model)
+    if loader is None:
+        raise located.error(f"model {recipe.model.name!r}: {UNKNOWN_MODEL}", model_key(located))
+    try:
+        config, task = loader.load_config(recipe.model)
+    except UserError as error:
+        raise located.error(f"{error.message}: {error.where}" if error.where else error.message, model_key(located)) from None
+
+    metrics = host.metrics()
+    for index, spec in enumerate(recipe.evaluate):
+        if spec.metric not in metrics:
+            raise located.error(
+                f"unknown metric {spec.metric!r}{did_you_mean(spec.metric, list(metrics))}", ("evaluate", index)
+            )
+        if task not in metrics[spec.metric].tasks:
+            raise located.error(f"metric {spec.metric!r} does not apply to a {task} model", ("evaluate", index))
+        if spec.data not in recipe.data:
+            raise located.error(f"metric {spec.metric!r} reads data {spec.data!r}, which data: lacks", ("evaluate", index))
+
+    skeleton = meta_model(config, task, recipe.model.trust_remote_code)
+    stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
+    return CheckedRecipe(Path(path), recipe, located, loader, task, stages)
