@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compress import __version__
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean
 from compress.host import get_host
 
 console = Console()
@@ -79,7 +79,6 @@ def recipe_check(recipe_file: Path) -> None:
 @user_errors
 def methods(name: str | None) -> None:
     """List installed methods, or document method NAME and its parameters."""
-    from compress.validate import did_you_mean
 
     registry = get_host().methods()
     if name is None:
@@ -134,7 +133,6 @@ def eval_command(
     from compress.default_plugins.progress import evaluation_table
     from compress.evaluate import evaluate
     from compress.recipe import DataSpec, MetricSpec
-    from compress.validate import did_you_mean
 
     host = get_host()
     loaded = [load_model(host, name) for name in (base, checkpoint)]

@@ -68,9 +68,13 @@ def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = Fal
     torch.manual_seed(checked.recipe.run.seed)
     context = load_context(host, checked)
     host.hook.compress_run_start(context=context)
-    run_stages(context, checked)
-    run_evaluation(context)
-    if checked.recipe.output is not None:
-        write_output(context, Path(checked.path), overwrite)
+    try:
+        run_stages(context, checked)
+        run_evaluation(context)
+        if checked.recipe.output is not None:
+            write_output(context, Path(checked.path), overwrite)
+    except BaseException as error:
+        host.hook.compress_run_failed(context=context, error=error)
+        raise
     host.hook.compress_run_end(context=context)
     return context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 
@@ -37,3 +38,9 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """A suffix for an unknown-name message: the closest choice, or all of them."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(sorted(choices))})"

@@ -201,3 +201,15 @@ def compress_run_end(context: Context) -> None:
     :param context: the run's context; ``context.report`` holds everything
         ``report.json`` holds.
     """
+
+
+@hookspec
+def compress_run_failed(context: Context, error: BaseException) -> None:
+    """A run stopped early: a stage or the write raised, or the user interrupted it.
+
+    Called before the error reaches the command line, so observers can close progress
+    bars and flush logs. No output directory was written.
+
+    :param error: the exception, e.g. a :class:`compress.errors.UserError` naming the
+        layer, or ``KeyboardInterrupt``.
+    """

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pluggy
 
 from compress import hookspecs
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean
 
 ENTRY_POINT_GROUP = "compress"
 DEFAULT_PLUGINS = (
@@ -69,12 +69,31 @@ class PluginHost:
             try:
                 plugin = entry_point.load()
                 self.pm.register(plugin, name=entry_point.name)
-                if entry_point.dist is not None:
-                    self.versions[entry_point.name] = entry_point.dist.version
+                self._check_hook_names(entry_point.name)
             except Exception as error:  # one broken plugin must not stop the others
-                message = f"{type(error).__name__}: {error}"
-                self.broken.append(BrokenPlugin(entry_point.name, message))
-                warnings.warn(f"plugin {entry_point.name!r} failed to load: {message}", stacklevel=2)
+                self._report_broken(entry_point.name, f"{type(error).__name__}: {error}")
+                continue
+            if entry_point.dist is not None:
+                self.versions[entry_point.name] = entry_point.dist.version
+
+    def _check_hook_names(self, name: str) -> None:
+        """Unregister and raise if plugin ``name`` implements a hook that does not exist."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            plugin = self.pm.unregister(name=name)
+            unknown = [
+                attr for attr in dir(plugin)
+                if attr.startswith("compress_") and not hasattr(hookspecs, attr)
+            ]
+            hint = did_you_mean(unknown[0], [h for h in dir(hookspecs) if h.startswith("compress_")]) if unknown else ""
+            raise pluggy.PluginValidationError(
+                plugin, f"unknown hook {', '.join(unknown)}{hint}"
+            ) from None
+
+    def _report_broken(self, name: str, message: str) -> None:
+        self.broken.append(BrokenPlugin(name, message))
+        warnings.warn(f"plugin {name!r} is broken: {message}", stacklevel=3)
 
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object at run time (tests, embedding applications)."""
@@ -126,9 +145,7 @@ class PluginHost:
         except UserError:
             raise
         except Exception as error:
-            message = f"{hook_name} raised {type(error).__name__}: {error}"
-            self.broken.append(BrokenPlugin(impl.plugin_name, message))
-            warnings.warn(f"plugin {impl.plugin_name!r} is broken: {message}", stacklevel=3)
+            self._report_broken(impl.plugin_name, f"{hook_name} raised {type(error).__name__}: {error}")
 
     def methods(self) -> dict[str, type]:
         return self._registry("method", "compress_register_methods", lambda cls: cls.name)

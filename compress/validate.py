@@ -6,7 +6,6 @@ directory, and the targets of each stage against a weightless copy of the model.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 
 from compress.checkpoint import UNKNOWN_MODEL, loader_for
 from compress.checkpoint.loaders import meta_model
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean
 from compress.host import PluginHost
 from compress.method import Method
 from compress.recipe import LocatedRecipe, Recipe, load_recipe, pydantic_error
@@ -41,11 +40,6 @@ class CheckedRecipe:
     loader: Any
     task: str
     stages: list[PlannedStage]
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(sorted(choices))})"
 
 
 def model_key(located: LocatedRecipe) -> tuple:

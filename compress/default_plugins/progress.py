@@ -30,6 +30,13 @@ def compress_stage_end(stage, record):
         bar.close()
 
 
+@hookimpl
+def compress_run_failed():
+    for bar in _bars.values():
+        bar.close()
+    _bars.clear()
+
+
 def gib(value: int) -> str:
     return f"{value / 2**30:.2f}" if value else "-"
 
