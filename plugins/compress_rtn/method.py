@@ -9,6 +9,7 @@ from compress.context import Context, LayerState
 from compress.errors import UserError
 from compress.method import LayerMethod
 from compress.quant import QuantScheme, compute_grid
+from compress.search import Candidate, CandidateRequest
 
 
 class RoundToNearest(LayerMethod):
@@ -34,12 +35,53 @@ class RoundToNearest(LayerMethod):
             )
 
     def compress_layer(self, context: Context, name: str, module: nn.Module) -> dict[str, Any]:
-        weight = module.weight.data
-        if not torch.isfinite(weight).all():
-            raise UserError("weights contain NaN or inf", name)
-        grid = compute_grid(weight, self.params, name)
-        quantized = grid.fake_quantize(weight)
-        error = (quantized.float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-12)
-        module.weight.data = quantized
-        context.layers[name] = LayerState(method=self.name, quant=grid.to("cpu"))
-        return {"bits": self.params.bits, "relative_error": error.item()}
+        state, error = quantize_layer(name, module, self.params)
+        context.layers[name] = state
+        return {"bits": self.params.bits, "relative_error": error**0.5}
+
+
+def quantize_layer(name: str, module: nn.Module, scheme: QuantScheme) -> tuple[LayerState, float]:
+    """Round ``module``'s weights to ``scheme`` in place; the state and ‖W − Ŵ‖² / ‖W‖²."""
+    weight = module.weight.data
+    if not torch.isfinite(weight).all():
+        raise UserError("weights contain NaN or inf", name)
+    grid = compute_grid(weight, scheme, name)
+    quantized = grid.fake_quantize(weight)
+    error = (quantized.float() - weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-24)
+    module.weight.data = quantized
+    return LayerState(method=RoundToNearest.name, quant=grid.to("cpu")), error.item()
+
+
+def storage_bits(weight: torch.Tensor, scheme: QuantScheme) -> int:
+    """Bits to store a layer on ``scheme``: the codes plus a 16-bit scale (and an 8-bit zero point) each."""
+    rows, columns = weight.shape
+    if scheme.granularity == "group":
+        groups = rows * (columns // scheme.group_size)
+    else:
+        groups = rows if scheme.granularity == "channel" else 1
+    return weight.numel() * scheme.bits + groups * (16 + (0 if scheme.symmetric else 8))
+
+
+def rtn_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate] | None:
+    """rtn variants of a Linear layer for each requested bit width (and group size)."""
+    if not isinstance(module, nn.Linear) or "bits" not in request.settings:
+        return None
+    candidates = []
+    for bits in request.settings["bits"]:
+        for group_size in request.settings.get("group_size", [128]):
+            if module.in_features % group_size:
+                continue
+            scheme = QuantScheme(bits=bits, group_size=group_size)
+            trial = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device)
+            trial.weight.data = module.weight.data.clone()
+            _, error = quantize_layer(name, trial, scheme)
+            candidates.append(
+                Candidate(
+                    method=RoundToNearest.name,
+                    setting={"bits": bits, "group_size": group_size},
+                    cost=storage_bits(module.weight, scheme),
+                    error=error,
+                    apply=lambda target, scheme=scheme: quantize_layer(name, target, scheme)[0],
+                )
+            )
+    return candidates
