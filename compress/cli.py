@@ -94,7 +94,8 @@ def methods(name: str | None) -> None:
     console.print(inspect.getdoc(method) or "", markup=False)
     table = Table("parameter", "type", "default", "description", title="parameters")
     for field_name, field in method.Params.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = field.annotation
+        annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
         default = "required" if field.is_required() else repr(field.default)
         table.add_row(field_name, annotation, default, field.description or "")
     console.print(table)
