@@ -170,5 +170,6 @@ def load_model(host: Any, name: str) -> Any:
 
 def main() -> None:
     host = get_host()
-    host.hook.compress_register_commands(cli=cli)
+    for impl in host.hook.compress_register_commands.get_hookimpls():
+        host.call_guarded(impl, "compress_register_commands", cli=cli)
     cli()

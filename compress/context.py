@@ -38,6 +38,8 @@ class StageRecord:
     peak_device_bytes: int = 0
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-layer details the method reported (error, bits, outlier fraction, ...)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Stage-level results (loss curve, budget reached, ...); methods fill it through ``StageRun.record``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

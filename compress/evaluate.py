@@ -156,7 +156,11 @@ def evaluate(
     datasets: dict[str, tuple[DataSpec, list[torch.Tensor]]],
     device: torch.device,
 ) -> dict[str, dict[str, Any]]:
-    """Every metric on its dataset: ``{metric: {original?, compressed, data, tokens, seq_len}}``."""
+    """Every metric on its dataset: ``{key: {original?, compressed, data, tokens, seq_len}}``.
+
+    The key is the metric's name for the ``evaluation`` dataset and ``name:data`` for others,
+    so one metric on several datasets (forget and retain sets) keeps every result.
+    """
     metric_classes = host.metrics()
     results: dict[str, dict[str, Any]] = {}
     for data_name in dict.fromkeys(spec.data for spec in metric_specs):
@@ -164,7 +168,8 @@ def evaluate(
         metrics = [metric_classes[m.metric]() for m in metric_specs if m.data == data_name]
         compare_models(original, compressed, sequences, metrics, device)
         for metric in metrics:
-            results[metric.name] = {
+            key = metric.name if data_name == "evaluation" else f"{metric.name}:{data_name}"
+            results[key] = {
                 **metric.result(),
                 "data": str(spec.path),
                 "tokens": len(sequences) * spec.seq_len,

@@ -113,7 +113,7 @@ def compress_register_metrics(register: Callable[[type], None]) -> None:
 
     :param register: call ``register(metric_class)``; the class follows
         :class:`compress.evaluate.Metric`: a ``name``, the model ``tasks`` it applies
-        to, and ``update(ref_output, output, batch)`` / ``result()`` that accumulate
+        to, and ``update(original, compressed, input_ids)`` / ``result()`` that accumulate
         over batches of evaluation data run through the original and the compressed
         model.
     """
@@ -168,6 +168,7 @@ def compress_run_start(context: Context) -> None:
 def compress_stage_start(context: Context, stage: Stage, index: int, total: int) -> None:
     """A stage is about to run.
 
+    :param context: the run's context.
     :param stage: the validated stage (method name, targets, parameters).
     :param index: its 0-based position; ``total`` is the number of stages.
     """
@@ -179,8 +180,26 @@ def compress_block_done(
 ) -> None:
     """The sequential engine finished one block (a transformer layer) of a stage.
 
+    :param context: the run's context.
+    :param stage: the stage being run.
     :param block_name: the block's module name, e.g. ``model.layers.7``.
     :param block_index: 0-based; ``num_blocks`` blocks in all.
+    """
+
+
+@hookspec
+def compress_stage_progress(
+    context: Context, stage: Stage, step: int, total: int | None, logs: dict[str, float]
+) -> None:
+    """A training or search stage made progress (stages that do not run block by block).
+
+    Called by the training loop every logging step and by search methods once per
+    iteration.
+
+    :param context: the run's context.
+    :param stage: the stage being run.
+    :param step: steps done so far (1-based); ``total`` is the number planned, or None.
+    :param logs: the latest values to show, e.g. ``{"loss": 2.31, "lr": 1e-5}``.
     """
 
 
@@ -210,6 +229,7 @@ def compress_run_failed(context: Context, error: BaseException) -> None:
     Called before the error reaches the command line, so observers can close progress
     bars and flush logs. No output directory was written.
 
+    :param context: the run's context, with the report of the stages that finished.
     :param error: the exception, e.g. a :class:`compress.errors.UserError` naming the
         layer, or ``KeyboardInterrupt``.
     """

@@ -132,16 +132,16 @@ class PluginHost:
                     found[item_name] = item
                     owners[item_name] = _owner
 
-                self._call_registration(impl, hook_name, register)
+                self.call_guarded(impl, hook_name, register=register)
             self._registries[kind] = found
         return self._registries[kind]
 
-    def _call_registration(self, impl: Any, hook_name: str, register: Callable) -> None:
-        """Call one plugin's registration hook; a plugin that raises is reported, not fatal."""
+    def call_guarded(self, impl: Any, hook_name: str, **kwargs: Any) -> None:
+        """Call one plugin's implementation of a setup hook; a plugin that raises is reported, not fatal."""
         if os.environ.get("COMPRESS_TRACE"):
             sys.stderr.write(f"{hook_name} [plugin {impl.plugin_name}]\n")
         try:
-            impl.function(**({"register": register} if "register" in impl.argnames else {}))
+            impl.function(**{name: value for name, value in kwargs.items() if name in impl.argnames})
         except UserError:
             raise
         except Exception as error:

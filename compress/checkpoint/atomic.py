@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -9,6 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from compress.errors import UserError
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -24,6 +31,7 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
         raise UserError("output directory exists (pass --overwrite to replace it)", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make every output private
     try:
         yield staging
         if target.exists():

@@ -84,7 +84,6 @@ class BuiltinLoader:
         converted = cache_dir() / "models" / model.name
         if not (converted / "config.json").is_file():
             loaded = GGUFLoader().load(ModelSpec(name=str(source)))
-            loaded.model.config._name_or_path = model.hub_id
             with atomic_directory(converted, overwrite=False) as staging:
                 loaded.model.save_pretrained(staging)
                 loaded.tokenizer.save_pretrained(staging)

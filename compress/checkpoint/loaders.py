@@ -17,6 +17,11 @@ from transformers import (
     PretrainedConfig,
 )
 
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+)
+
 from compress.checkpoint import LoadedModel
 from compress.errors import UserError
 from compress.recipe import ModelSpec
@@ -29,12 +34,20 @@ AUTO_CLASSES = {
 
 
 def infer_task(config: PretrainedConfig) -> str:
-    architectures = config.architectures or []
-    if any(name.endswith("ForCausalLM") for name in architectures):
+    """The task of the checkpoint's head, from transformers' own auto-class mappings."""
+    architectures = set(config.architectures or [])
+    if architectures & class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         return "causal-lm"
-    if any(name.endswith("ForImageClassification") for name in architectures):
+    if architectures & class_names(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES):
         return "image-classification"
     return "encoder"
+
+
+def class_names(mapping: dict[str, str | tuple[str, ...]]) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
 
 
 def torch_dtype(spec: ModelSpec) -> torch.dtype | str:
@@ -95,17 +108,23 @@ class DirectoryLoader:
         directory = Path(spec.name)
         config, task = self.load_config(spec)
         try:
-            model = AUTO_CLASSES[task].from_pretrained(
+            model, info = AUTO_CLASSES[task].from_pretrained(
                 directory,
                 dtype=torch_dtype(spec),
                 use_safetensors=True,
                 trust_remote_code=spec.trust_remote_code,
+                output_loading_info=True,
             )
-        except (OSError, ValueError, SafetensorError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
             raise UserError(f"cannot load the checkpoint: {error}", str(directory)) from None
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise UserError(
+                f"the checkpoint lacks {len(missing)} weight(s) the architecture needs, e.g. {missing[0]}",
+                str(directory),
+            )
         tokenizer = load_tokenizer(directory, task, trust_remote_code=spec.trust_remote_code)
-        base = getattr(config, "_name_or_path", "") or directory.name
-        return LoadedModel(model.eval(), tokenizer, config, task, base_model=str(base))
+        return LoadedModel(model.eval(), tokenizer, config, task, base_model=directory.name)
 
 
 class GGUFLoader:
@@ -155,6 +174,10 @@ def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
     with torch.device("meta"):
         plain = type(model)(config)
     plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    # state_dict() leaves out non-persistent buffers (rotary inv_freq): carry them over too
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer
     plain.tie_weights()
     return plain.eval()
 

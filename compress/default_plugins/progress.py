@@ -24,6 +24,15 @@ def compress_block_done(stage, block_index, num_blocks):
 
 
 @hookimpl
+def compress_stage_progress(stage, step, total, logs):
+    bar = _bars.get(id(stage))
+    if bar is None:
+        bar = _bars[id(stage)] = tqdm(total=total, desc=stage.label, unit="step", leave=False)
+    bar.update(step - bar.n)
+    bar.set_postfix(logs, refresh=False)
+
+
+@hookimpl
 def compress_stage_end(stage, record):
     bar = _bars.pop(id(stage), None)
     if bar is not None:
