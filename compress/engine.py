@@ -72,7 +72,7 @@ def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = Fal
         run_stages(context, checked)
         run_evaluation(context)
         if checked.recipe.output is not None:
-            write_output(context, Path(checked.path), overwrite)
+            write_output(context, Path(checked.path), checked.writer_options, overwrite)
     except BaseException as error:
         host.hook.compress_run_failed(context=context, error=error)
         raise

@@ -63,10 +63,18 @@ class Stage(BaseModel):
         return self.name or self.method
 
 
-class OutputSpec(Strict):
+class OutputSpec(BaseModel):
+    """Where and how to write; keys beyond these are the writer's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
     dir: Path = Field(description="directory the compressed checkpoint is written to")
     format: str = Field("dense", description="checkpoint writer plugin (compress plugins lists them)")
     max_shard_size: str = Field("2GB", description="largest safetensors shard")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class RunSpec(Strict):

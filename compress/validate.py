@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from compress.checkpoint import UNKNOWN_MODEL, loader_for
@@ -40,6 +40,8 @@ class CheckedRecipe:
     loader: Any
     task: str
     stages: list[PlannedStage]
+    writer_options: BaseModel | None
+    """The output writer's validated options (None when the recipe writes nothing)."""
 
 
 def model_key(located: LocatedRecipe) -> tuple:
@@ -116,6 +118,10 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
                 f"unknown output format {recipe.output.format!r}{did_you_mean(recipe.output.format, list(writers))}",
                 ("output", "format"),
             )
+        try:
+            writer_options = writers[recipe.output.format].Options.model_validate(recipe.output.options)
+        except ValidationError as error:
+            raise pydantic_error(error, located, ("output",)) from None
         if recipe.output.dir.exists() and not overwrite:
             raise located.error(
                 f"output directory {recipe.output.dir} exists (pass --overwrite to replace it)", ("output", "dir")
@@ -142,4 +148,4 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
 
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
-    return CheckedRecipe(Path(path), recipe, located, loader, task, stages)
+    return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer_options if recipe.output else None)

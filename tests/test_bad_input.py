@@ -146,8 +146,8 @@ def test_interrupt_during_write_leaves_nothing(write_recipe, out, monkeypatch):
 
     write = DenseWriter.write
 
-    def write_then_interrupt(self, context, directory):
-        write(self, context, directory)
+    def write_then_interrupt(self, context, directory, options):
+        write(self, context, directory, options)
         assert any(directory.iterdir())  # the shards are half of the output
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -166,6 +166,11 @@ def test_overwrite_replaces_only_when_complete(write_recipe, out):
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists()
     assert (out / "report.json").is_file()
+
+
+def test_unknown_writer_option(write_recipe, tmp_path, out):
+    path = write_recipe(output={"dir": str(out), "shard": "1GB"})
+    assert_user_error(run_cli("recipe", "check", str(path)), r"unknown key 'shard'")
 
 
 def test_unknown_method_in_methods_command():

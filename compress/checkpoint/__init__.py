@@ -7,6 +7,7 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 if TYPE_CHECKING:
@@ -65,13 +66,20 @@ class WriterCapabilities:
     sparsity: bool = False
 
 
+class WriterOptions(BaseModel):
+    """A writer's own ``output:`` keys; subclass it and describe every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Writer(Protocol):
     """Writes the compressed model. Register instances with ``compress_register_writers``."""
 
     name: str
     capabilities: WriterCapabilities
+    Options: type[WriterOptions]
 
-    def write(self, context: Context, directory: Path) -> None:
+    def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         """Fill ``directory`` (an empty temporary directory) with weights, config and tokenizer.
 
         The host adds recipe.yaml, report.json and README.md and renames the directory

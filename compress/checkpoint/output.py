@@ -6,18 +6,21 @@ import json
 import shutil
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from compress.checkpoint import WriterCapabilities, WriterOptions
 from compress.checkpoint.atomic import atomic_directory
 from compress.context import Context
 from compress.modelcard import model_card
 
 
-def write_output(context: Context, recipe_file: Path, overwrite: bool) -> Path:
+def write_output(context: Context, recipe_file: Path, options: BaseModel, overwrite: bool) -> Path:
     """Write the compressed checkpoint atomically; return its directory."""
     output = context.recipe.output
     assert output is not None
     writer = context.host.writers()[output.format]
     with atomic_directory(output.dir, overwrite=overwrite) as staging:
-        writer.write(context, staging)
+        writer.write(context, staging, options)
         shutil.copyfile(recipe_file, staging / "recipe.yaml")
         (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
         model_card(context, recipe_file.read_text()).save(staging / "README.md")
@@ -31,13 +34,10 @@ class DenseWriter:
     """
 
     name = "dense"
+    Options = WriterOptions
+    capabilities = WriterCapabilities(sparsity=True)
 
-    def __init__(self) -> None:
-        from compress.checkpoint import WriterCapabilities
-
-        self.capabilities = WriterCapabilities(sparsity=True)
-
-    def write(self, context: Context, directory: Path) -> None:
+    def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         model = context.model
         model.save_pretrained(directory, max_shard_size=context.recipe.output.max_shard_size)
         if context.tokenizer is not None:
