@@ -21,8 +21,20 @@ if TYPE_CHECKING:
     import torch
 
     from compress.context import Context, StageRun
+    from compress.quant import QuantScheme
 
 MethodKind = Literal["data-free", "calibration", "training", "search"]
+
+
+@dataclass(frozen=True)
+class Produces:
+    """What a method leaves in the layers it compresses; checked against the output format."""
+
+    quant: QuantScheme | None = None
+    """The integer grid of the weights, when the method quantizes them."""
+    activation_bits: int | None = None
+    sparsity: str | None = None
+    """``"unstructured"`` or an ``"N:M"`` pattern."""
 
 
 class MethodParams(BaseModel):
@@ -55,6 +67,11 @@ class Method:
         Called at ``compress recipe check`` on a weightless (meta) copy of the model, so
         only shapes and types are known here.
         """
+
+    def produces(self) -> Produces:
+        """What the compressed layers will hold; a writer that cannot store it is refused
+        at ``compress recipe check``. The default: nothing a writer needs to know of."""
+        return Produces()
 
     def apply(self, context: Context, run: StageRun) -> None:
         raise NotImplementedError(f"method {self.name!r} does not implement apply()")

@@ -94,6 +94,17 @@ def check_stage_targets(
     return PlannedStage(method, targets, ignore, list(selected))
 
 
+def check_format_holds(writer: Any, methods: list[Method], recipe: Recipe, located: LocatedRecipe) -> None:
+    """Refuse a recipe whose stages produce what the output format cannot store."""
+    for index, method in enumerate(methods):
+        reason = writer.capabilities.refusal(method.produces())
+        if reason:
+            raise located.error(
+                f"output format {writer.name!r} {reason}, but stage {index + 1} ({method.name}) produces it",
+                ("output", "format"),
+            )
+
+
 def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> CheckedRecipe:
     """Validate a recipe completely without reading weights; raise a located UserError."""
     recipe, located = load_recipe(path)
@@ -148,4 +159,6 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
 
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
+    if recipe.output is not None:
+        check_format_holds(host.writers()[recipe.output.format], methods, recipe, located)
     return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer_options if recipe.output else None)

@@ -187,3 +187,29 @@ def test_nothing_is_loaded_before_validation(write_recipe, tiny_lm_dir, out, mon
     path = write_recipe(recipe_text(tiny_lm_dir, out, "  - method: rtn\n    bits: 9\n"))
     assert_user_error(run_cli("apply", str(path)), r"stages\.0\.bits: .*less than or equal to 8", out)
     assert torch.is_grad_enabled()
+
+
+def test_format_that_cannot_hold_the_methods_output_fails_at_check(write_recipe, out, host, monkeypatch):
+    from compress.checkpoint import WriterCapabilities
+    from compress.checkpoint.output import DenseWriter
+
+    monkeypatch.setattr(DenseWriter, "capabilities", WriterCapabilities(weight_bits=frozenset({4, 8})))
+    path = write_recipe(stages=[{"method": "rtn", "bits": 3, "group_size": 64}])
+    assert_user_error(
+        run_cli("recipe", "check", str(path)),
+        r"output format 'dense' cannot store 3-bit weight grids \(it stores: 4, 8\), but stage 1 \(rtn\) produces it",
+    )
+
+
+def test_capabilities_refusals():
+    from compress.checkpoint import WriterCapabilities
+    from compress.method import Produces
+    from compress.quant import QuantScheme
+
+    group_only = WriterCapabilities(granularities=frozenset({"group"}), symmetric_only=True)
+    assert "per-channel" in group_only.refusal(Produces(quant=QuantScheme(bits=4, granularity="channel")))
+    assert "symmetric" in group_only.refusal(Produces(quant=QuantScheme(bits=4, symmetric=False)))
+    assert group_only.refusal(Produces(quant=QuantScheme(bits=4))) is None
+    assert "2:4" in group_only.refusal(Produces(sparsity="2:4"))
+    assert "activation" in group_only.refusal(Produces(activation_bits=8))
+    assert WriterCapabilities(weight_bits=frozenset()).refusal(Produces()) is None

@@ -13,6 +13,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from compress.method import Produces
+
     from compress.context import Context
     from compress.recipe import ModelSpec
 
@@ -60,10 +62,28 @@ class WriterCapabilities:
     """What an output format can express; recipes are checked against it up front."""
 
     weight_bits: frozenset[int] = frozenset(range(2, 17))
+    """Integer grids the format stores as such; empty for formats with their own codebook."""
     granularities: frozenset[str] = frozenset({"tensor", "channel", "group"})
     symmetric_only: bool = False
     activation_quantization: bool = False
     sparsity: bool = False
+
+    def refusal(self, produced: Produces) -> str | None:
+        """Why this format cannot hold what a method produces, or None if it can."""
+        scheme = produced.quant
+        if scheme is not None:
+            if scheme.bits not in self.weight_bits:
+                held = ", ".join(map(str, sorted(self.weight_bits))) or "none"
+                return f"cannot store {scheme.bits}-bit weight grids (it stores: {held})"
+            if scheme.granularity not in self.granularities:
+                return f"cannot store per-{scheme.granularity} scales (it stores: {', '.join(sorted(self.granularities))})"
+            if self.symmetric_only and not scheme.symmetric:
+                return "stores symmetric grids only (no zero points)"
+        if produced.activation_bits is not None and not self.activation_quantization:
+            return "cannot store activation quantization"
+        if produced.sparsity is not None and not self.sparsity:
+            return f"cannot record {produced.sparsity} sparsity"
+        return None
 
 
 class WriterOptions(BaseModel):

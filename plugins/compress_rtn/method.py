@@ -7,7 +7,7 @@ from torch import nn
 
 from compress.context import Context, LayerState
 from compress.errors import UserError
-from compress.method import LayerMethod
+from compress.method import LayerMethod, Produces
 from compress.quant import QuantScheme, compute_grid
 from compress.search import Candidate, CandidateRequest
 
@@ -33,6 +33,9 @@ class RoundToNearest(LayerMethod):
             raise UserError(
                 f"group_size {scheme.group_size} does not divide the input width {module.in_features}", name
             )
+
+    def produces(self) -> Produces:
+        return Produces(quant=self.params)
 
     def compress_layer(self, context: Context, name: str, module: nn.Module) -> dict[str, Any]:
         state, error = quantize_layer(name, module, self.params)
