@@ -63,6 +63,8 @@ class Report:
 
     model: dict[str, Any]
     stages: list[StageRecord] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)
+    """All stages together, moves between host and device included: seconds and peak memory."""
     evaluation: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class Report:
         return {
             "model": self.model,
             "stages": [stage.to_json() for stage in self.stages],
+            "totals": self.totals,
             "evaluation": self.evaluation,
             "environment": self.environment,
         }

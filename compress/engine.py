@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from compress.context import Context, Report, StageRun, StageRecord, environment
 from compress.evaluate import evaluate
 from compress.host import PluginHost
 from compress.resources import measure
-from compress.validate import CheckedRecipe
+from compress.sequential import onloaded
+from compress.validate import CheckedRecipe, PlannedStage
 
 
 def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
@@ -32,25 +34,31 @@ def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
 
 
 def run_stages(context: Context, checked: CheckedRecipe) -> None:
+    with measure(context.device) as usage:
+        with nullcontext() if context.sequential else onloaded(context.model, context.device):
+            for index, planned in enumerate(checked.stages):
+                run_stage(context, checked, index, planned)
+    context.report.totals = {
+        "seconds": usage.seconds,
+        "peak_host_bytes": usage.peak_host_bytes,
+        "peak_device_bytes": usage.peak_device_bytes,
+    }
+
+
+def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: PlannedStage) -> None:
+    stage = checked.recipe.stages[index]
+    total = len(checked.stages)
     modules = dict(context.model.named_modules())
-    hook = context.host.hook
-    if not context.sequential:
-        context.model.to(context.device)
-    for index, planned in enumerate(checked.stages):
-        stage = checked.recipe.stages[index]
-        record = StageRecord(stage.label, planned.method.name, planned.method.params.model_dump(mode="json"))
-        run = StageRun(
-            stage, planned.method, {n: modules[n] for n in planned.target_names}, record, index, len(checked.stages)
-        )
-        hook.compress_stage_start(context=context, stage=stage, index=index, total=len(checked.stages))
-        with measure(context.device) as usage:
-            planned.method.apply(context, run)
-        record.seconds = usage.seconds
-        record.peak_host_bytes = usage.peak_host_bytes
-        record.peak_device_bytes = usage.peak_device_bytes
-        context.report.stages.append(record)
-        hook.compress_stage_end(context=context, stage=stage, record=record)
-    context.model.to("cpu")
+    record = StageRecord(stage.label, planned.method.name, planned.method.params.model_dump(mode="json"))
+    run = StageRun(stage, planned.method, {n: modules[n] for n in planned.target_names}, record, index, total)
+    context.host.hook.compress_stage_start(context=context, stage=stage, index=index, total=total)
+    with measure(context.device) as usage:
+        planned.method.apply(context, run)
+    record.seconds = usage.seconds
+    record.peak_host_bytes = usage.peak_host_bytes
+    record.peak_device_bytes = usage.peak_device_bytes
+    context.report.stages.append(record)
+    context.host.hook.compress_stage_end(context=context, stage=stage, record=record)
 
 
 def run_evaluation(context: Context) -> None:

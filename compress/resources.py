@@ -21,8 +21,15 @@ class measure:
     """``with measure(device) as usage:`` records wall time and peak memory of the block.
 
     Host memory is the process's resident set, sampled every 20 ms; device memory is
-    torch's peak allocation on a CUDA device.
+    torch's peak allocation on a CUDA device. Measurements nest: an inner one resets
+    torch's peak counter, so it hands the peaks it sees to the outer ones.
     """
+
+    _active: list[measure] = []
+
+    def _share_device_peak(self, peak: int) -> None:
+        for outer in measure._active:
+            outer.usage.peak_device_bytes = max(outer.usage.peak_device_bytes, peak)
 
     def __init__(self, device: torch.device, interval: float = 0.02) -> None:
         self.device = device
@@ -38,7 +45,9 @@ class measure:
     def __enter__(self) -> Usage:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._share_device_peak(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
+        measure._active.append(self)
         self.usage.peak_host_bytes = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -46,9 +55,11 @@ class measure:
         return self.usage
 
     def __exit__(self, *exc: object) -> None:
+        measure._active.remove(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.usage.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.usage.peak_device_bytes = max(self.usage.peak_device_bytes, torch.cuda.max_memory_allocated(self.device))
+            self._share_device_peak(self.usage.peak_device_bytes)
         self.usage.seconds = time.perf_counter() - self._start
         self._stop.set()
         self._thread.join()

@@ -60,6 +60,12 @@ def compress_run_end(context):
             str(i + 1), record.name, record.method, str(len(record.layers)), f"{record.seconds:.1f}",
             gib(record.peak_host_bytes), gib(record.peak_device_bytes),
         )
+    totals = context.report.totals
+    if totals:
+        stages.add_row(
+            "", "all stages", "", "", f"{totals['seconds']:.1f}",
+            gib(totals["peak_host_bytes"]), gib(totals["peak_device_bytes"]), style="bold",
+        )
     console.print(stages)
     if context.report.evaluation:
         console.print(evaluation_table(context.report.evaluation))

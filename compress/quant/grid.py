@@ -212,10 +212,13 @@ def compute_grid(
     min_val, max_val = min_val.clamp(max=0), max_val.clamp(min=0)
 
     qmin, qmax = scheme.qmin, scheme.qmax
+    # a tensor divisor: CUDA turns division by a Python scalar into multiplication by its
+    # reciprocal, which rounds differently from the CPU and moves codes on exact ties
+    levels = torch.tensor(float(qmax - qmin), dtype=torch.float32, device=w.device)
     if scheme.symmetric:
-        scale = torch.maximum(-min_val, max_val) / ((qmax - qmin) / 2)
+        scale = torch.maximum(-min_val, max_val) / (levels / 2)
         return QuantGrid(scheme, _nonzero(scale), None)
-    scale = _nonzero((max_val - min_val) / (qmax - qmin))
+    scale = _nonzero((max_val - min_val) / levels)
     zero_point = (qmin - min_val / scale).round().clamp(qmin, qmax).to(torch.int8)
     return QuantGrid(scheme, scale, zero_point)
 
