@@ -18,12 +18,23 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class OutlierSplit:
+    """Weights held apart from the layer's main grid, quantized on a grid of their own."""
+
+    mask: torch.Tensor
+    """Bool, the weight's shape: True where a weight is an outlier."""
+    grid: QuantGrid
+    """The grid the outliers lie on; the inliers lie on ``LayerState.quant``."""
+
+
+@dataclass
 class LayerState:
-    """How a layer's current weights were compressed; writers read it to pack them."""
+    """How a layer's current weights were compressed; writers and later stages read it."""
 
     method: str
     quant: QuantGrid | None = None
-    """The grid the weights lie on (scales and zero points the method chose)."""
+    """The grid the weights (the inliers, when there are outliers) lie on."""
+    outliers: OutlierSplit | None = None
 
 
 @dataclass
