@@ -85,7 +85,7 @@ class Top1Agreement(Metric):
     """Fraction of positions where both models predict the same most likely next token."""
 
     name = "top1"
-    tasks = frozenset({"causal-lm", "image-classification"})
+    tasks = frozenset({"causal-lm"})
 
     def __init__(self) -> None:
         self.same = 0

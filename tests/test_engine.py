@@ -144,3 +144,28 @@ def test_encoder_embedding_cosine(host, minilm_dir, tmp_path):
     cosine = context.report.evaluation["cosine"]["compressed"]
     assert context.task == "encoder"
     assert 0.5 < cosine < 0.9999
+
+
+def test_image_classifier_data_free_round_trip(host, tmp_path):
+    """A ViT classifier (random weights: only the engine and IO paths are under test here)."""
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        image_size=32, patch_size=8, num_labels=10, architectures=["ViTForImageClassification"],
+    )
+    source = tmp_path / "vit"
+    ViTForImageClassification(config).save_pretrained(source)
+    recipe = tmp_path / "vit.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(source),
+        "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["classifier"]}],
+        "output": {"dir": str(tmp_path / "out")},
+    }))
+    context = run(host, recipe)
+    assert context.task == "image-classification"
+    assert len(context.report.stages[0].layers) == 2 * 6  # q, k, v, attention output, intermediate, output
+    pixels = torch.randn(2, 3, 32, 32)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, context.model(pixel_values=pixels).logits)

@@ -81,7 +81,7 @@ def load_tokenizer(directory: Path, task: str, **kwargs: Any) -> Any:
         if task == "image-classification":
             return AutoImageProcessor.from_pretrained(directory, **kwargs)
         return AutoTokenizer.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImportError):  # none saved, or its library is not installed
         return None
 
 
