@@ -6,11 +6,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from compress.checkpoint.output import write_output
+from compress.checkpoint.loaders import DirectoryLoader
+from compress.checkpoint.output import output_directory
 from compress.context import Context, Report, StageRun, StageRecord, environment_info, resolve_device
 from compress.evaluate import evaluate
 from compress.host import PluginHost
+from compress.recipe import ModelSpec
 from compress.resources import measure
 from compress.sequential import onloaded
 from compress.validate import CheckedRecipe, PlannedStage
@@ -61,14 +64,29 @@ def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: Pla
     context.host.hook.compress_stage_end(context=context, stage=stage, record=record)
 
 
-def run_evaluation(context: Context) -> None:
+def run_evaluation(context: Context, compressed: nn.Module) -> None:
     specs = context.recipe.evaluate
     if not specs:
         return
     datasets = {spec.data: (context.recipe.data[spec.data], context.data(spec.data)) for spec in specs}
     context.report.evaluation = evaluate(
-        context.host, context.reference_model(), context.model, specs, datasets, context.device
+        context.host, context.reference_model(), compressed, specs, datasets, context.device
     )
+
+
+def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool) -> None:
+    """Evaluate what is written: the staged checkpoint itself when the format requantizes."""
+    output = checked.recipe.output
+    if output is None:
+        run_evaluation(context, context.model)
+        return
+    writer = context.host.writers()[output.format]
+    with output_directory(context, Path(checked.path), checked.writer_options, overwrite) as staging:
+        if writer.requantizes and checked.recipe.evaluate:
+            written = DirectoryLoader().load(ModelSpec(name=str(staging), task=context.task)).model
+            run_evaluation(context, written)
+        else:
+            run_evaluation(context, context.model)
 
 
 def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = False) -> Context:
@@ -78,9 +96,7 @@ def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = Fal
     host.hook.compress_run_start(context=context)
     try:
         run_stages(context, checked)
-        run_evaluation(context)
-        if checked.recipe.output is not None:
-            write_output(context, Path(checked.path), checked.writer_options, overwrite)
+        evaluate_and_write(context, checked, overwrite)
     except BaseException as error:
         host.hook.compress_run_failed(context=context, error=error)
         raise

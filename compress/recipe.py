@@ -102,7 +102,10 @@ class MetricSpec(Strict):
 class Recipe(Strict):
     model: ModelSpec
     data: dict[str, DataSpec] = Field(default_factory=dict)
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Stage] = Field(
+        default_factory=list,
+        description="methods in order; none when the output format alone compresses (e.g. nf4)",
+    )
     output: OutputSpec | None = None
     evaluate: list[MetricSpec] = Field(default_factory=list)
     run: RunSpec = Field(default_factory=RunSpec)
@@ -119,6 +122,12 @@ class Recipe(Strict):
                     {"metric": item} if isinstance(item, str) else item for item in raw["evaluate"]
                 ]
         return raw
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Recipe:
+        if not self.stages and self.output is None:
+            raise ValueError("a recipe needs stages, an output, or both")
+        return self
 
 
 class LocatedRecipe:

@@ -28,7 +28,7 @@ def real_layer(tiny_lm_dir) -> nn.Linear:
 def test_candidates_trade_storage_for_error(host, tiny_lm_dir):
     layer = real_layer(tiny_lm_dir)
     original = layer.weight.data.clone()
-    request = CandidateRequest(settings={"bits": [2, 3, 4, 8], "group_size": [64]})
+    request = CandidateRequest(settings={"bits": [2, 3, 4, 8], "group_size": [64]}, methods=frozenset({"rtn"}))
     candidates = collect_candidates(FakeContext(host), "down_proj", layer, request)
     assert [c.setting["bits"] for c in candidates] == [2, 3, 4, 8]
     costs = [c.cost for c in candidates]
@@ -46,7 +46,7 @@ def test_candidates_trade_storage_for_error(host, tiny_lm_dir):
 
 def test_candidates_skip_group_sizes_that_do_not_divide(host, tiny_lm_dir):
     layer = real_layer(tiny_lm_dir)  # input width 1536 = 12 x 128, not a multiple of 1000
-    request = CandidateRequest(settings={"bits": [4], "group_size": [1000, 128]})
+    request = CandidateRequest(settings={"bits": [4], "group_size": [1000, 128]}, methods=frozenset({"rtn"}))
     assert [c.setting["group_size"] for c in collect_candidates(FakeContext(host), "x", layer, request)] == [128]
 
 

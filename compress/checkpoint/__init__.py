@@ -98,6 +98,9 @@ class Writer(Protocol):
     name: str
     capabilities: WriterCapabilities
     Options: type[WriterOptions]
+    requantizes: bool
+    """True when the written weights differ from the in-memory model's (the format applies
+    its own quantization, like bitsandbytes); evaluation then reads the checkpoint back."""
 
     def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         """Fill ``directory`` (an empty temporary directory) with weights, config and tokenizer.

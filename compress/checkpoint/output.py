@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -14,17 +16,23 @@ from compress.context import Context
 from compress.modelcard import model_card
 
 
-def write_output(context: Context, recipe_file: Path, options: BaseModel, overwrite: bool) -> Path:
-    """Write the compressed checkpoint atomically; return its directory."""
+@contextmanager
+def output_directory(context: Context, recipe_file: Path, options: BaseModel, overwrite: bool) -> Iterator[Path]:
+    """Write the checkpoint into a staging directory and yield it.
+
+    The caller may read the checkpoint back (evaluation); afterwards recipe.yaml,
+    report.json and the model card are added, with the report as it is then, and the
+    directory is renamed into place. Nothing appears if anything raises.
+    """
     output = context.recipe.output
     assert output is not None
     writer = context.host.writers()[output.format]
     with atomic_directory(output.dir, overwrite=overwrite) as staging:
         writer.write(context, staging, options)
+        yield staging
         shutil.copyfile(recipe_file, staging / "recipe.yaml")
         (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
         model_card(context, recipe_file.read_text()).save(staging / "README.md")
-    return Path(output.dir)
 
 
 class DenseWriter:
@@ -36,6 +44,7 @@ class DenseWriter:
     name = "dense"
     Options = WriterOptions
     capabilities = WriterCapabilities(sparsity=True)
+    requantizes = False
 
     def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         model = context.model
