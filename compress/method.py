@@ -68,6 +68,13 @@ class Method:
         only shapes and types are known here.
         """
 
+    def check_previous_stages(self, previous: list[Method]) -> None:
+        """Raise :class:`compress.errors.UserError` if this stage cannot follow ``previous``.
+
+        Called at ``compress recipe check`` with the methods of the stages before this one,
+        in order (e.g. a stage that reuses an earlier stage's grid checks it exists).
+        """
+
     def produces(self) -> Produces:
         """What the compressed layers will hold; a writer that cannot store it is refused
         at ``compress recipe check``. The default: nothing a writer needs to know of."""

@@ -109,6 +109,11 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
     """Validate a recipe completely without reading weights; raise a located UserError."""
     recipe, located = load_recipe(path)
     methods = [build_method(host, recipe, located, index) for index in range(len(recipe.stages))]
+    for index, method in enumerate(methods):
+        try:
+            method.check_previous_stages(methods[:index])
+        except UserError as error:
+            raise located.error(error.message, ("stages", index, "method")) from None
 
     sources = host.data_sources()
     for name, spec in recipe.data.items():

@@ -1,0 +1,160 @@
+"""The ``compressed-tensors`` output format: integer weight grids packed by the library.
+
+Everything format-specific goes through the compressed-tensors library: the
+``QuantizationScheme``/``QuantizationArgs``/``QuantizationConfig`` describing the grids,
+the ``pack-quantized`` compressor that turns (weight, scale, zero point) into
+``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, and
+``ModelCompressor.update_config`` for the ``quantization_config`` in config.json. The
+result is what vLLM (4/8 bits, WNA16 kernels) and transformers (any of 2-8 bits,
+decompressed on load) read.
+
+The scales and zero points written are the ones the methods recorded in
+``context.layers[name].quant``; the library only computes the integer codes from the
+in-memory weights with them (``round(w / scale + zero_point)``, clamped), in float32 like
+``QuantGrid.quantize``. Scales are stored in the layer's weight dtype, because that is
+the dtype compressed-tensors gives ``weight_scale`` when it loads a checkpoint (its
+``initialize_qparams`` uses the weight's dtype): exact for float32 models; for
+bfloat16/float16 models each scale is rounded once to that dtype, so the reloaded
+weights can differ from the in-memory ones by that rounding (≤ 2^-9 relative in bf16).
+
+The model is not modified: a state dict is built whose quantized entries are replaced by
+the packed tensors (the others still alias the model's parameters), and saved with
+``save_pretrained(state_dict=...)``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from compress.checkpoint import WriterCapabilities, WriterOptions
+from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.context import Context
+    from compress.quant import QuantGrid, QuantScheme
+
+
+FORMAT = "pack-quantized"
+
+
+def ct_scheme(scheme: QuantScheme, targets: list[str]):
+    """The compressed-tensors weight-only scheme holding ``scheme``'s grids."""
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        QuantizationStrategy,
+        QuantizationType,
+    )
+
+    strategy = {
+        "tensor": QuantizationStrategy.TENSOR,
+        "channel": QuantizationStrategy.CHANNEL,
+        "group": QuantizationStrategy.GROUP,
+    }[scheme.granularity]
+    weights = QuantizationArgs(
+        num_bits=scheme.bits,
+        type=QuantizationType.INT,
+        symmetric=scheme.symmetric,
+        strategy=strategy,
+        group_size=scheme.group_size,
+        dynamic=False,
+        observer="minmax",
+    )
+    return QuantizationScheme(
+        targets=targets,
+        weights=weights,
+        input_activations=None,
+        output_activations=None,
+        format=CompressionFormat.pack_quantized.value,
+    )
+
+
+def quantization_config(model: nn.Module, grids: dict[str, QuantGrid]):
+    """The ``QuantizationConfig``: one config group per distinct scheme, other Linears ignored."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    ignore = [name for name in linears if name not in grids]
+    by_scheme: dict[QuantScheme, list[str]] = defaultdict(list)
+    for name in linears:
+        if name in grids:
+            by_scheme[grids[name].scheme].append(name)
+    groups = {}
+    for index, (scheme, names) in enumerate(by_scheme.items()):
+        # One scheme for every quantized Linear: target the class, the rest is in ignore.
+        targets = ["Linear"] if len(by_scheme) == 1 else names
+        groups[f"group_{index}"] = ct_scheme(scheme, targets)
+    return QuantizationConfig(
+        config_groups=groups,
+        ignore=ignore,
+        format=FORMAT,
+        quantization_status=QuantizationStatus.COMPRESSED,
+    )
+
+
+def compress_layer(weight: torch.Tensor, grid: QuantGrid, scheme) -> dict[str, torch.Tensor]:
+    """The packed tensors of one Linear weight on ``grid`` (local names, no prefix)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    compressor = BaseCompressor.get_value_from_registry(FORMAT)
+    local = {"weight": weight.detach().float(), "weight_scale": grid.scale.float()}
+    if grid.zero_point is not None:
+        local["weight_zero_point"] = grid.zero_point.to(torch.int8)
+    packed = compressor.compress(local, scheme)
+    packed["weight_scale"] = packed["weight_scale"].to(weight.dtype)
+    return {key: value.contiguous() for key, value in packed.items()}
+
+
+class CompressedTensorsWriter:
+    """compressed-tensors ``pack-quantized`` checkpoints (W2-W8 A16; vLLM serves 4 and 8 bits).
+
+    Integer codes are packed into int32 by the compressed-tensors library; layers with
+    different grids become separate config_groups; Linears left uncompressed (such as
+    lm_head) are listed in ``ignore``. Loads with transformers' compressed-tensors
+    integration and with vLLM.
+    """
+
+    name = "compressed-tensors"
+    Options = WriterOptions
+    capabilities = WriterCapabilities(
+        weight_bits=frozenset(range(2, 9)),
+        granularities=frozenset({"tensor", "channel", "group"}),
+    )
+    # The method's own grids are written: the checkpoint is the in-memory model (exactly for
+    # float32 models; up to the bf16/fp16 rounding of the scales otherwise).
+    requantizes = False
+
+    def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        model = context.model
+        modules = dict(model.named_modules())
+        grids = {name: state.quant for name, state in context.layers.items() if state.quant is not None}
+        for name in grids:
+            if not isinstance(modules.get(name), nn.Linear):
+                raise UserError("compressed-tensors output holds quantized Linear layers only", name)
+        config = quantization_config(model, grids)
+        schemes = {
+            name: scheme
+            for scheme in config.config_groups.values()
+            for name in (scheme.targets if scheme.targets != ["Linear"] else grids)
+        }
+
+        state_dict = model.state_dict()
+        for name, grid in grids.items():
+            del state_dict[f"{name}.weight"]
+            for key, value in compress_layer(modules[name].weight, grid, schemes[name]).items():
+                state_dict[f"{name}.{key}"] = value
+
+        model.save_pretrained(
+            directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size
+        )
+        ModelCompressor(quantization_config=config).update_config(str(directory))
+        if context.tokenizer is not None:
+            context.tokenizer.save_pretrained(directory)

@@ -1,0 +1,303 @@
+"""GPTQ invariants (identity Hessian = RTN, never worse than RTN on real activations, fixed
+grids, act_order) and end-to-end runs on the two-layer SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compress.context import LayerState, OutlierSplit
+from compress.engine import apply_recipe
+from compress.errors import UserError
+from compress.quant import QuantScheme, compute_grid
+from compress.validate import check_recipe
+from compress_gptq.method import GPTQ, GPTQParams, collect_hessians, gptq_quantize, relative_output_error
+from compress_rtn.method import RoundToNearest
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
+
+LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.up_proj"]
+
+
+def run(host, path: Path):
+    return apply_recipe(host, check_recipe(host, path))
+
+
+@pytest.fixture(scope="module")
+def activations(tiny_lm_dir):
+    """Real inputs of a few layers of the two-layer SmolLM2 on WikiText-2 valid (8 x 128 tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ids = tokenizer(WIKITEXT_VALID.read_text()[:200_000], return_tensors="pt").input_ids[0][: 8 * 128].view(8, 128)
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[name].register_forward_hook(lambda m, a, o, name=name: captured.__setitem__(name, a[0].detach()))
+        for name in LAYERS
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return {name: (modules[name].weight.data.clone(), captured[name].reshape(-1, captured[name].shape[-1])) for name in LAYERS}
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    return 2 / x.shape[0] * x.T.double() @ x.double()
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
+    return ((x.double() @ (w.double() - q.double()).T).square().sum()).item()
+
+
+# ---------------------------------------------------------------------------------------
+# the algorithm
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_identity_hessian_is_exactly_rtn(act_order, symmetric):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256) * torch.rand(48, 1)
+    weight[:, 7] = 0  # an all-zero column stays exactly zero
+    scheme = QuantScheme(bits=3, group_size=64, symmetric=symmetric)
+    result = gptq_quantize(weight, torch.eye(256), scheme, block_size=96, act_order=act_order)
+    rtn = compute_grid(weight, scheme)
+    assert torch.equal(result.grid.scale, rtn.scale)
+    if not symmetric:
+        assert torch.equal(result.grid.zero_point, rtn.zero_point)
+    assert torch.equal(result.grid.quantize(result.weight), rtn.quantize(weight))
+    assert torch.equal(result.weight, rtn.fake_quantize(weight))
+
+
+def test_identity_hessian_is_rtn_per_channel():
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    scheme = QuantScheme(bits=4, symmetric=True, granularity="channel")
+    result = gptq_quantize(weight, torch.eye(128), scheme)
+    assert torch.equal(result.weight, compute_grid(weight, scheme).fake_quantize(weight))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_no_worse_than_rtn_on_real_activations(activations, bits, act_order):
+    scheme = QuantScheme(bits=bits, group_size=64)
+    for name, (weight, x) in activations.items():
+        H = hessian_of(x).float()
+        result = gptq_quantize(weight, H, scheme, act_order=act_order, name=name)
+        rtn = compute_grid(weight, scheme).fake_quantize(weight)
+        gptq_error, rtn_error = output_error(weight, result.weight, x), output_error(weight, rtn, x)
+        assert gptq_error < rtn_error, name
+        # the H-based estimate of the relative objective is the real one
+        estimate = relative_output_error(weight, result.weight, H)
+        real = gptq_error / (x.double() @ weight.double().T).square().sum().item()
+        assert estimate == pytest.approx(real, rel=1e-3), name
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_result_lies_on_its_grid_in_compressed_tensors_shapes(activations, act_order):
+    weight, x = activations["model.layers.0.mlp.down_proj"]
+    scheme = QuantScheme(bits=3, group_size=64, symmetric=False)
+    result = gptq_quantize(weight, hessian_of(x).float(), scheme, act_order=act_order)
+    assert result.grid.scale.shape == (weight.shape[0], weight.shape[1] // 64)
+    assert result.grid.zero_point.dtype == torch.int8
+    assert result.grid_source == ("static-groups" if act_order else "groups")
+    assert torch.equal(result.grid.fake_quantize(result.weight), result.weight)
+    codes = result.grid.quantize(result.weight)
+    assert codes.min() >= -4 and codes.max() <= 3
+
+
+def test_act_order_with_static_groups_uses_the_initial_weights_grid(activations):
+    weight, x = activations["model.layers.1.mlp.up_proj"]
+    scheme = QuantScheme(bits=4, group_size=64)
+    result = gptq_quantize(weight, hessian_of(x).float(), scheme, act_order=True)
+    assert torch.equal(result.grid.scale, compute_grid(weight, scheme).scale)
+
+
+def test_dynamic_groups_are_computed_from_the_updated_weights(activations):
+    weight, x = activations["model.layers.0.self_attn.q_proj"]
+    scheme = QuantScheme(bits=3, group_size=64)
+    result = gptq_quantize(weight, hessian_of(x).float(), scheme)
+    initial = compute_grid(weight, scheme).scale
+    assert torch.equal(result.grid.scale[:, 0], initial[:, 0])  # nothing updated before group 0
+    assert not torch.equal(result.grid.scale[:, 1:], initial[:, 1:])
+
+
+def test_dead_inputs_zero_their_columns():
+    torch.manual_seed(2)
+    x = torch.randn(512, 128)
+    x[:, 5] = 0
+    weight = torch.randn(16, 128)
+    result = gptq_quantize(weight, hessian_of(x).float(), QuantScheme(bits=4, group_size=64))
+    assert result.dead == 1 and torch.all(result.weight[:, 5] == 0)
+
+
+def test_inherited_grid_is_used_unchanged_and_outliers_keep_their_values(activations):
+    weight, x = activations["model.layers.0.mlp.down_proj"]
+    scheme = QuantScheme(bits=3, group_size=64)
+    grid = compute_grid(weight * 0.9, scheme)  # a grid GPTQ would not compute itself
+    mask = weight.abs() > weight.abs().quantile(0.99)
+    kept = torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight))
+    scales = grid.scale.clone()
+    result = gptq_quantize(weight, hessian_of(x).float(), scheme, grid=grid, frozen=mask, frozen_values=kept)
+    assert torch.equal(result.grid.scale, scales) and result.grid_source == "inherited"
+    assert torch.equal(result.weight[mask], kept[mask])
+    inliers = result.weight[~mask]
+    assert torch.equal(grid.fake_quantize(result.weight)[~mask], inliers)
+    assert output_error(weight, result.weight, x) < output_error(weight, kept, x)
+
+
+def test_bad_inputs_name_the_layer():
+    scheme = QuantScheme(bits=4, group_size=64)
+    weight = torch.randn(8, 128)
+    with pytest.raises(UserError, match="does not divide") as error:
+        gptq_quantize(torch.randn(8, 96), torch.eye(96), scheme, name="layer.a")
+    assert error.value.where == "layer.a"
+    bad = weight.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(UserError, match="weights contain NaN") as error:
+        gptq_quantize(bad, torch.eye(128), scheme, name="layer.b")
+    assert error.value.where == "layer.b"
+    H = torch.eye(128)
+    H[3, 3] = float("inf")
+    with pytest.raises(UserError, match="activations .* NaN or inf") as error:
+        gptq_quantize(weight, H, scheme, name="layer.c")
+    assert error.value.where == "layer.c"
+    with pytest.raises(UserError, match="not positive definite|singular"):
+        gptq_quantize(weight, -torch.eye(128), scheme, percdamp=0.0, name="layer.d")
+
+
+def test_collect_hessians_averages_and_shares_inputs():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.c(self.a(x) + self.b(x))
+
+    block = Block()
+    xs = [torch.randn(1, 5, 6) for _ in range(3)]
+    hessians, groups = collect_hessians(block, {"a": block.a, "b": block.b, "c": block.c}, [((x,), {}) for x in xs], torch.device("cpu"))
+    assert groups == [["a", "b"], ["c"]]
+    expected = sum(2 * x[0].T @ x[0] for x in xs) / 3
+    torch.testing.assert_close(hessians["a"].matrix, expected)
+    assert hessians["b"].samples == 3 and hessians["b"].tokens == 15
+
+
+# ---------------------------------------------------------------------------------------
+# the method in the engine
+
+
+def gptq_stage(**params):
+    return {"method": "gptq", "bits": 4, "group_size": 64, **params}
+
+
+def test_recipe_writes_report_and_records_grids(host, write_recipe, tmp_path):
+    context = run(host, write_recipe(stages=[gptq_stage()], evaluate=["kl"]))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    layers = report["stages"][0]["layers"]
+    assert report["stages"][0]["method"] == "gptq" and len(layers) == 14
+    modules = dict(context.model.named_modules())
+    for name, details in layers.items():
+        assert details["calibration_tokens"] == 4 * 64 and details["grid"] == "groups"
+        assert 0 < details["objective"] <= details["rtn_objective"], name
+        state = context.layers[name]
+        assert state.method == "gptq"
+        weight = modules[name].weight.data
+        assert state.quant.scale.shape == (weight.shape[0], weight.shape[1] // 64)
+        assert torch.equal(state.quant.fake_quantize(weight), weight)
+
+
+def test_gptq_lowers_kl_versus_rtn_at_w3g64(host, write_recipe):
+    data = {
+        "calibration": {"path": str(WIKITEXT_VALID), "samples": 4, "seq_len": 64},
+        "evaluation": {"path": str(WIKITEXT_TEST), "samples": 4, "seq_len": 128},
+    }
+    kl = {}
+    for method in ("rtn", "gptq"):
+        stage = {"method": method, "bits": 3, "group_size": 64}
+        context = run(host, write_recipe(stages=[stage], data=data, evaluate=["kl"], output=None))
+        kl[method] = context.report.evaluation["kl"]["compressed"]
+    assert kl["gptq"] < kl["rtn"]
+
+
+def test_act_order_and_true_sequential_run_end_to_end(host, write_recipe):
+    stage = gptq_stage(bits=3, act_order=True, true_sequential=True)
+    context = run(host, write_recipe(stages=[stage], evaluate=[], output=None))
+    layers = context.report.stages[0].layers
+    assert all(d["grid"] == "static-groups" and d["objective"] <= d["rtn_objective"] for d in layers.values())
+
+
+def test_inherit_keeps_the_previous_stage_grid(host, write_recipe):
+    rtn = {"method": "rtn", "bits": 3, "group_size": 64}
+    first = run(host, write_recipe(stages=[rtn], evaluate=[], output=None))
+    context = run(host, write_recipe(stages=[rtn, gptq_stage(bits=3, grid="inherit")], evaluate=[], output=None))
+    modules = dict(context.model.named_modules())
+    for name, state in context.layers.items():
+        assert state.method == "gptq"
+        assert torch.equal(state.quant.scale, first.layers[name].quant.scale), name
+        assert torch.equal(state.quant.fake_quantize(modules[name].weight.data), modules[name].weight.data)
+        details = context.report.stages[1].layers[name]
+        assert details["grid"] == "inherited" and details["target"] == "original"
+        assert details["objective"] <= details["rtn_objective"]
+
+
+def test_inherit_on_a_layer_the_earlier_stage_skipped_fails_naming_the_layer(host, write_recipe):
+    rtn_mlp_only = {"method": "rtn", "bits": 4, "group_size": 64, "targets": ["re:.*mlp\\..*_proj$"]}
+    stages = [rtn_mlp_only, gptq_stage(grid="inherit")]
+    with pytest.raises(UserError, match="grid: inherit needs the grid of an earlier stage") as error:
+        run(host, write_recipe(stages=stages, evaluate=[], output=None))
+    assert str(error.value.where).startswith("model.layers.0.self_attn.")
+
+
+def test_inherit_with_an_incompatible_grid_fails_at_recipe_check(host, write_recipe):
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32}, gptq_stage(grid="inherit")]
+    with pytest.raises(UserError, match=r"recipe.yaml:\d+:\d+: gptq with grid: inherit has .*group_size 32"):
+        check_recipe(host, write_recipe(stages=stages, evaluate=[], output=None))
+    with pytest.raises(UserError, match="needs an earlier stage"):
+        check_recipe(host, write_recipe(stages=[gptq_stage(grid="inherit")], evaluate=[], output=None))
+
+
+def test_check_previous_stages():
+    inherit = GPTQ(GPTQParams(bits=4, group_size=64, grid="inherit"))
+    with pytest.raises(UserError, match="needs an earlier stage"):
+        inherit.check_previous_stages([])
+    with pytest.raises(UserError, match="earlier stage leaves 3-bit"):
+        inherit.check_previous_stages([RoundToNearest(QuantScheme(bits=3, group_size=64))])
+    inherit.check_previous_stages([RoundToNearest(QuantScheme(bits=4, group_size=64))])
+
+
+def test_group_size_not_dividing_the_width_fails_at_recipe_check(host, write_recipe):
+    with pytest.raises(UserError, match="group_size 100 does not divide the input width 576"):
+        check_recipe(host, write_recipe(stages=[gptq_stage(group_size=100)]))
+
+
+def test_nan_weights_fail_naming_the_layer(host, write_recipe, tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    for extra in tiny_lm_dir.glob("tokenizer*"):
+        (tmp_path / "nan-model" / extra.name).write_bytes(extra.read_bytes())
+    with pytest.raises(UserError, match="NaN or inf") as error:
+        run(host, write_recipe(model=str(tmp_path / "nan-model"), stages=[gptq_stage()], evaluate=[], output=None))
+    assert error.value.where == "model.layers.1.mlp.up_proj"
+
+
+def test_too_few_calibration_tokens_fail(host, write_recipe, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words of calibration text")
+    data = {"calibration": {"path": str(short), "samples": 4, "seq_len": 64}}
+    with pytest.raises(UserError, match="fewer than"):
+        run(host, write_recipe(stages=[gptq_stage()], data=data, evaluate=[], output=None))
+
+
+def test_unknown_parameter_is_refused(host, write_recipe):
+    with pytest.raises(UserError, match="blocksize"):
+        check_recipe(host, write_recipe(stages=[gptq_stage(blocksize=64)]))
