@@ -157,6 +157,30 @@ def eval_command(
     console.print(evaluation_table(results))
 
 
+@cli.command("inspect")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--layers", "per_layer", is_flag=True, help="One row per Linear layer.")
+@user_errors
+def inspect_command(directory: Path, per_layer: bool) -> None:
+    """Show DIRECTORY's format, how each layer is stored, and bytes on disk vs bf16."""
+    from compress.checkpoint.inspect import inspect_checkpoint, storage_groups
+
+    summary = inspect_checkpoint(directory)
+    console.print(f"[bold]{directory}[/bold]: {summary.format}" + (f", {summary.sparsity} sparsity" if summary.sparsity else ""))
+    table = Table("storage", "layers", "on disk (MB)", "bf16 (MB)", "ratio")
+    rows = [(layer.storage, [layer]) for layer in summary.layers] if per_layer else storage_groups(summary).items()
+    for storage, layers in rows:
+        disk, bf16 = sum(l.disk_bytes for l in layers), sum(l.bf16_bytes for l in layers)
+        label = layers[0].name if per_layer else str(len(layers))
+        table.add_row(storage, label, f"{disk / 1e6:.2f}", f"{bf16 / 1e6:.2f}", f"{disk / bf16:.3f}")
+    console.print(table)
+    console.print(
+        f"Linear layers: {summary.linear_ratio():.3f} x bf16; whole checkpoint: "
+        f"{summary.disk_bytes / 1e6:.1f} MB on disk vs {summary.bf16_bytes / 1e6:.1f} MB in bf16 "
+        f"({summary.disk_bytes / summary.bf16_bytes:.3f} x)"
+    )
+
+
 def load_model(host: Any, name: str) -> Any:
     from compress.checkpoint import UNKNOWN_MODEL, loader_for
     from compress.recipe import ModelSpec

@@ -1,0 +1,115 @@
+"""What a written checkpoint holds: its format, each layer's bits, and bytes on disk vs bf16."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig
+
+from compress.checkpoint.loaders import check_safetensors, infer_task, meta_model
+from compress.errors import UserError
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    storage: str
+    """How the weights are stored, e.g. ``int4 group 64 sym`` or ``nf4`` or ``bf16``."""
+    disk_bytes: int
+    bf16_bytes: int
+
+
+@dataclass
+class CheckpointSummary:
+    format: str
+    disk_bytes: int
+    bf16_bytes: int
+    layers: list[LayerSummary] = field(default_factory=list)
+    sparsity: str | None = None
+
+    def linear_ratio(self) -> float:
+        """Bytes of the Linear layers on disk over the same layers in bf16."""
+        return sum(layer.disk_bytes for layer in self.layers) / sum(layer.bf16_bytes for layer in self.layers)
+
+
+def tensor_bytes(directory: Path) -> dict[str, int]:
+    """Bytes of every stored tensor, read from the safetensors headers only."""
+    sizes = {}
+    for file in check_safetensors(directory):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                count = 1
+                for dim in piece.get_shape():
+                    count *= dim
+                sizes[key] = count * DTYPE_BYTES.get(piece.get_dtype(), 4)
+    return sizes
+
+
+def compressed_tensors_storage(config: dict[str, Any]) -> dict[str, str]:
+    """Layer name (or ``*`` for class targets) -> its grid, from compressed-tensors' config groups."""
+    storage = {}
+    for group in config.get("config_groups", {}).values():
+        weights = group.get("weights") or {}
+        grid = f"int{weights.get('num_bits')} {weights.get('strategy')}"
+        if weights.get("strategy") == "group":
+            grid += f" {weights.get('group_size')}"
+        grid += " sym" if weights.get("symmetric", True) else " asym"
+        for target in group.get("targets", []):
+            storage["*" if target == "Linear" else target] = grid
+    return storage
+
+
+def layer_storage(name: str, quantization: dict[str, Any], stored: set[str]) -> str:
+    method = quantization.get("quant_method")
+    if method == "compressed-tensors":
+        grids = compressed_tensors_storage(quantization)
+        if f"{name}.weight_packed" in stored or f"{name}.weight_scale" in stored:
+            return grids.get(name) or grids.get("*", "quantized")
+    if method == "bitsandbytes":
+        if any(key.startswith(f"{name}.weight.quant_state.") for key in stored):
+            return quantization.get("bnb_4bit_quant_type", "4bit")
+        if f"{name}.SCB" in stored or f"{name}.weight.SCB" in stored:
+            return "int8"
+    return "dense"
+
+
+def inspect_checkpoint(directory: Path) -> CheckpointSummary:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError("not a checkpoint directory: no config.json", str(directory))
+    raw_config = json.loads((directory / "config.json").read_text())
+    quantization = raw_config.get("quantization_config") or {}
+    sizes = tensor_bytes(directory)
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    skeleton = meta_model(config, infer_task(config))
+    stored = set(sizes)
+    layers = []
+    for name, module in skeleton.named_modules():
+        if isinstance(module, nn.Linear):
+            disk = sum(size for key, size in sizes.items() if key.startswith(name + "."))
+            if disk:  # a tied lm_head stores nothing of its own
+                layers.append(LayerSummary(name, layer_storage(name, quantization, stored), disk, 2 * module.weight.numel()))
+    unique = {id(p): p.numel() for p in skeleton.parameters()}
+    fmt = quantization.get("quant_method", "dense")
+    if fmt == "compressed-tensors":
+        fmt += f" ({quantization.get('format')})"
+    sparsity = (quantization.get("sparsity_config") or {}).get("sparsity_structure")
+    return CheckpointSummary(fmt, sum(sizes.values()), 2 * sum(unique.values()), layers, sparsity)
+
+
+def storage_groups(summary: CheckpointSummary) -> dict[str, list[LayerSummary]]:
+    groups: dict[str, list[LayerSummary]] = defaultdict(list)
+    for layer in summary.layers:
+        groups[layer.storage].append(layer)
+    return groups
