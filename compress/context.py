@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +35,12 @@ class LayerState:
     quant: QuantGrid | None = None
     """The grid the weights (the inliers, when there are outliers) lie on."""
     outliers: OutlierSplit | None = None
+    sparsity: str | None = None
+    """The zero pattern the weights hold: ``"unstructured"`` (any zeros) or ``"N:M"``, e.g.
+    ``"2:4"``: at most N nonzeros in every M consecutive weights of a row (along the input
+    dimension), the pattern semi-structured sparse kernels need. Writers record it in the
+    checkpoint's ``sparsity_config``; a later stage that changes the weights must keep the
+    pattern and carry this field over (``dataclasses.replace(state, quant=...)``)."""
 
 
 @dataclass
@@ -144,6 +150,16 @@ class Context:
     @property
     def sequential(self) -> bool:
         return self.recipe.run.mode == "sequential"
+
+    def update_layer(self, name: str, **changes: Any) -> LayerState:
+        """Record what a stage did to a layer, keeping what earlier stages recorded.
+
+        ``changes`` are LayerState fields; e.g. a quantizer after a pruner sets ``method``
+        and ``quant`` and the layer keeps its ``sparsity``.
+        """
+        previous = self.layers.get(name)
+        self.layers[name] = replace(previous, **changes) if previous else LayerState(**changes)
+        return self.layers[name]
 
     def data(self, name: str) -> list[torch.Tensor]:
         """The recipe's dataset ``name`` as token-id sequences (read once, then cached)."""

@@ -35,6 +35,8 @@ class Produces:
     activation_bits: int | None = None
     sparsity: str | None = None
     """``"unstructured"`` or an ``"N:M"`` pattern."""
+    outliers: bool = False
+    """Some weights are held apart from the main grid on a grid of their own (``OutlierSplit``)."""
 
 
 class MethodParams(BaseModel):

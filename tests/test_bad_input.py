@@ -213,3 +213,5 @@ def test_capabilities_refusals():
     assert "2:4" in group_only.refusal(Produces(sparsity="2:4"))
     assert "activation" in group_only.refusal(Produces(activation_bits=8))
     assert WriterCapabilities(weight_bits=frozenset()).refusal(Produces()) is None
+    assert "outlier" in WriterCapabilities().refusal(Produces(quant=QuantScheme(bits=4), outliers=True))
+    assert WriterCapabilities(outliers=True).refusal(Produces(quant=QuantScheme(bits=4), outliers=True)) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.context import Context
 from compress.quant import QuantScheme
 from compress.search import CandidateRequest, collect_candidates
 from compress_rtn.method import RoundToNearest, storage_bits
@@ -16,6 +17,8 @@ class FakeContext:
     def __init__(self, host):
         self.host = host
         self.layers = {}
+
+    update_layer = Context.update_layer
 
 
 def real_layer(tiny_lm_dir) -> nn.Linear:

@@ -67,6 +67,8 @@ class WriterCapabilities:
     symmetric_only: bool = False
     activation_quantization: bool = False
     sparsity: bool = False
+    outliers: bool = False
+    """Can store weights held apart from the main grid (kl_ptq's outliers)."""
 
     def refusal(self, produced: Produces) -> str | None:
         """Why this format cannot hold what a method produces, or None if it can."""
@@ -79,6 +81,8 @@ class WriterCapabilities:
                 return f"cannot store per-{scheme.granularity} scales (it stores: {', '.join(sorted(self.granularities))})"
             if self.symmetric_only and not scheme.symmetric:
                 return "stores symmetric grids only (no zero points)"
+        if produced.outliers and not self.outliers:
+            return "cannot store outlier weights held apart from the grid"
         if produced.activation_bits is not None and not self.activation_quantization:
             return "cannot store activation quantization"
         if produced.sparsity is not None and not self.sparsity:

@@ -20,6 +20,13 @@ weights can differ from the in-memory ones by that rounding (≤ 2^-9 relative i
 The model is not modified: a state dict is built whose quantized entries are replaced by
 the packed tensors (the others still alias the model's parameters), and saved with
 ``save_pretrained(state_dict=...)``.
+
+Sparse layers (``LayerState.sparsity``) are stored with their zeros, packed like any other
+weight when quantized (a zero is a grid point of every grid: code 0, or the zero point);
+their pattern is recorded as the library's ``dense`` ``SparsityCompressionConfig`` under
+``quantization_config.sparsity_config`` (see :mod:`compress.checkpoint.sparse`). vLLM
+reads weight-only quantized layers with a 2:4 ``sparsity_config`` through its ordinary
+WNA16 kernels (its 2:4 route needs 8-bit activations); transformers ignores the entry.
 """
 
 from __future__ import annotations
@@ -116,8 +123,9 @@ class CompressedTensorsWriter:
 
     Integer codes are packed into int32 by the compressed-tensors library; layers with
     different grids become separate config_groups; Linears left uncompressed (such as
-    lm_head) are listed in ``ignore``. Loads with transformers' compressed-tensors
-    integration and with vLLM.
+    lm_head) are listed in ``ignore``. Sparse layers keep their zeros and are listed in
+    ``sparsity_config`` (one structure per checkpoint). Loads with transformers'
+    compressed-tensors integration and with vLLM.
     """
 
     name = "compressed-tensors"
@@ -125,6 +133,7 @@ class CompressedTensorsWriter:
     capabilities = WriterCapabilities(
         weight_bits=frozenset(range(2, 9)),
         granularities=frozenset({"tensor", "channel", "group"}),
+        sparsity=True,
     )
     # The method's own grids are written: the checkpoint is the in-memory model (exactly for
     # float32 models; up to the bf16/fp16 rounding of the scales otherwise).
@@ -133,7 +142,10 @@ class CompressedTensorsWriter:
     def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
+        from compress.checkpoint.sparse import sparsity_config, write_sparsity_config
+
         model = context.model
+        sparsity = sparsity_config(model, context.layers)
         modules = dict(model.named_modules())
         grids = {name: state.quant for name, state in context.layers.items() if state.quant is not None}
         for name in grids:
@@ -156,5 +168,7 @@ class CompressedTensorsWriter:
             directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size
         )
         ModelCompressor(quantization_config=config).update_config(str(directory))
+        if sparsity is not None:
+            write_sparsity_config(directory, sparsity)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)

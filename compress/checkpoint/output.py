@@ -38,16 +38,34 @@ def output_directory(context: Context, recipe_file: Path, options: BaseModel, ov
 class DenseWriter:
     """Plain safetensors in the model's dtype, compressed weights stored dequantized.
 
-    Loads anywhere transformers does; takes as much space as the original.
+    Loads anywhere transformers does; takes as much space as the original. Sparse layers
+    (``LayerState.sparsity``) keep their zeros and are listed in the compressed-tensors
+    ``sparsity_config`` under config.json's ``quantization_config`` (format ``dense``, no
+    ``config_groups``): transformers loads the checkpoint as a plain model, and
+    ``compress.checkpoint.sparse`` can turn its 2:4 layers into semi-structured kernels.
+    Caveat: vLLM from 0.19 on (PR #36799) routes unquantized layers marked 2:4 to its
+    ``CompressedTensors24`` scheme, which now raises "Sparse24 models are no longer
+    supported by vLLM"; such a checkpoint serves in vLLM only without that entry.
     """
 
     name = "dense"
     Options = WriterOptions
-    capabilities = WriterCapabilities(sparsity=True)
+    capabilities = WriterCapabilities(sparsity=True, outliers=True)
     requantizes = False
 
     def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
+        from compress.checkpoint.sparse import sparse_layers
+
         model = context.model
+        sparsity = None
+        if sparse_layers(context.layers):
+            from compress.checkpoint.sparse import sparsity_config
+
+            sparsity = sparsity_config(model, context.layers)
         model.save_pretrained(directory, max_shard_size=context.recipe.output.max_shard_size)
+        if sparsity is not None:
+            from compress.checkpoint.sparse import write_sparsity_config
+
+            write_sparsity_config(directory, sparsity)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import Context, LayerState, OutlierSplit, StageRun
+from compress.context import Context, OutlierSplit, StageRun
 from compress.errors import UserError
 from compress.method import BlockMethod, BlockWork, Method, MethodParams, Produces
 from compress.quant import QuantGrid, QuantScheme, compute_grid
@@ -226,7 +226,8 @@ class GPTQ(BlockMethod):
         rtn_seconds = time.perf_counter() - started
 
         module.weight.data = result.weight.to(module.weight.dtype)
-        context.layers[name] = LayerState(
+        context.update_layer(
+            name,
             method=self.name,
             quant=result.grid.to("cpu"),
             outliers=None if outliers is None else OutlierSplit(outliers.mask, outliers.grid),

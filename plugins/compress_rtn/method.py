@@ -39,7 +39,7 @@ class RoundToNearest(LayerMethod):
 
     def compress_layer(self, context: Context, name: str, module: nn.Module) -> dict[str, Any]:
         state, error = quantize_layer(name, module, self.params)
-        context.layers[name] = state
+        context.update_layer(name, method=state.method, quant=state.quant)
         return {"bits": self.params.bits, "relative_error": error**0.5}
 
 
