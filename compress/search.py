@@ -7,6 +7,7 @@ under its budget and applies it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -40,6 +41,20 @@ class Candidate:
     """Relative squared weight error ‖W − Ŵ‖² / ‖W‖² of the variant (data-free estimate)."""
     apply: Callable[[nn.Module], LayerState] = field(repr=False)
     """Puts the variant's weights into the module (in place) and returns its LayerState."""
+
+
+def quantizer_settings(module: nn.Module, request: CandidateRequest, defaults: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the requested settings a weight quantizer can apply to ``module``.
+
+    ``bits`` must be requested; other settings take ``defaults`` when the request omits
+    them. Only Linear layers qualify, and only group sizes that divide their input width.
+    """
+    if not isinstance(module, nn.Linear) or "bits" not in request.settings:
+        return []
+    names = ["bits", *defaults]
+    values = [request.settings.get(name, defaults.get(name)) for name in names]
+    settings = [dict(zip(names, combination)) for combination in itertools.product(*values)]
+    return [s for s in settings if module.in_features % s.get("group_size", 1) == 0]
 
 
 def collect_candidates(context: Context, name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:

@@ -12,7 +12,7 @@ from compress.context import Context, LayerState, OutlierSplit
 from compress.errors import UserError
 from compress.method import LayerMethod, MethodParams, Produces
 from compress.quant import QuantGrid, QuantScheme, compute_grid
-from compress.search import Candidate, CandidateRequest
+from compress.search import Candidate, CandidateRequest, quantizer_settings
 
 SCALE_BITS = 16
 """Bits of one stored scale (fp16/bf16), as ``compress_rtn.method.storage_bits`` counts it."""
@@ -441,27 +441,20 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
 # candidates for search methods
 
 
-def kl_ptq_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate] | None:
+def kl_ptq_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:
     """kl_ptq variants of a Linear layer for each requested ``bits`` (and ``group_size``), with the
     default outlier settings (or ``outlier_fraction`` values when the request lists them)."""
-    if not isinstance(module, nn.Linear) or "bits" not in request.settings:
-        return None
     candidates = []
-    for bits in request.settings["bits"]:
-        for group_size in request.settings.get("group_size", [128]):
-            if module.in_features % group_size:
-                continue
-            for fraction in request.settings.get("outlier_fraction", [0.01]):
-                params = KLPTQParams(bits=bits, group_size=group_size, outlier_fraction=fraction)
-                result = quantize_layer(name, module.weight.data, params)
-                cost = sum(result.report_entries["storage_bits"].values())
-                error = result.report_entries["relative_error"] ** 2
+    for setting in quantizer_settings(module, request, {"group_size": [128], "outlier_fraction": [0.01]}):
+        params = KLPTQParams(**setting)
+        result = quantize_layer(name, module.weight.data, params)
+        cost = sum(result.report_entries["storage_bits"].values())
+        error = result.report_entries["relative_error"] ** 2
 
-                def apply(target: nn.Module, params: KLPTQParams = params) -> LayerState:
-                    applied = quantize_layer(name, target.weight.data, params)
-                    target.weight.data = applied.weight
-                    return applied.state()
+        def apply(target: nn.Module, params: KLPTQParams = params) -> LayerState:
+            applied = quantize_layer(name, target.weight.data, params)
+            target.weight.data = applied.weight
+            return applied.state()
 
-                setting = {"bits": bits, "group_size": group_size, "outlier_fraction": fraction}
-                candidates.append(Candidate(KLPTQ.name, setting, cost, error, apply))
+        candidates.append(Candidate(KLPTQ.name, setting, cost, error, apply))
     return candidates

@@ -9,7 +9,7 @@ from compress.context import Context, LayerState
 from compress.errors import UserError
 from compress.method import LayerMethod, Produces
 from compress.quant import QuantScheme, compute_grid
-from compress.search import Candidate, CandidateRequest
+from compress.search import Candidate, CandidateRequest, quantizer_settings
 
 
 class RoundToNearest(LayerMethod):
@@ -65,26 +65,21 @@ def storage_bits(weight: torch.Tensor, scheme: QuantScheme) -> int:
     return weight.numel() * scheme.bits + groups * (16 + (0 if scheme.symmetric else 8))
 
 
-def rtn_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate] | None:
+def rtn_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:
     """rtn variants of a Linear layer for each requested bit width (and group size)."""
-    if not isinstance(module, nn.Linear) or "bits" not in request.settings:
-        return None
     candidates = []
-    for bits in request.settings["bits"]:
-        for group_size in request.settings.get("group_size", [128]):
-            if module.in_features % group_size:
-                continue
-            scheme = QuantScheme(bits=bits, group_size=group_size)
-            trial = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device)
-            trial.weight.data = module.weight.data.clone()
-            _, error = quantize_layer(name, trial, scheme)
-            candidates.append(
-                Candidate(
-                    method=RoundToNearest.name,
-                    setting={"bits": bits, "group_size": group_size},
-                    cost=storage_bits(module.weight, scheme),
-                    error=error,
-                    apply=lambda target, scheme=scheme: quantize_layer(name, target, scheme)[0],
-                )
+    for setting in quantizer_settings(module, request, {"group_size": [128]}):
+        scheme = QuantScheme(**setting)
+        trial = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device)
+        trial.weight.data = module.weight.data.clone()
+        _, error = quantize_layer(name, trial, scheme)
+        candidates.append(
+            Candidate(
+                method=RoundToNearest.name,
+                setting=setting,
+                cost=storage_bits(module.weight, scheme),
+                error=error,
+                apply=lambda target, scheme=scheme: quantize_layer(name, target, scheme)[0],
             )
+        )
     return candidates
