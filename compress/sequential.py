@@ -150,10 +150,17 @@ def capture_block_inputs(
         captured.append((move(args, torch.device("cpu")), move(kwargs, torch.device("cpu"))))
         raise _StopForward
 
-    homes = [(module, model_device(module)) for module in outside_blocks(model, blocks_name)]
-    for module, _ in homes:
-        module.to(device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    # Modules outside the blocks go to the device only when the forward pass reaches them,
+    # so the ones after the first block (final norm, lm_head) never take device memory.
+    homes: list[tuple[nn.Module, torch.device]] = []
+
+    def onload(module: nn.Module, _args: tuple) -> None:
+        if not any(module is seen for seen, _ in homes):
+            homes.append((module, model_device(module)))
+            module.to(device)
+
+    handles = [module.register_forward_pre_hook(onload) for module in outside_blocks(model, blocks_name)]
+    handles.append(blocks[0].register_forward_pre_hook(catch, with_kwargs=True))
     try:
         for sample in samples:
             try:
@@ -161,7 +168,8 @@ def capture_block_inputs(
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for module, home in homes:
             module.to(home)
     return captured

@@ -169,3 +169,18 @@ def test_image_classifier_data_free_round_trip(host, tmp_path):
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=pixels).logits, context.model(pixel_values=pixels).logits)
+
+
+def test_capture_onloads_only_the_modules_before_the_first_block(tiny_lm_dir):
+    from compress.sequential import capture_block_inputs, find_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    moved = []
+    for name in ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"):
+        module = model.get_submodule(name)
+        original_to = module.to
+        module.to = lambda *args, _name=name, _to=original_to, **kwargs: (moved.append(_name), _to(*args, **kwargs))[1]
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, blocks_name, [torch.arange(16)], torch.device("cpu"))
+    assert len(inputs) == 1 and inputs[0][0][0].shape == (1, 16, 576)
+    assert set(moved) == {"model.embed_tokens", "model.rotary_emb"}  # there and back; lm_head never
