@@ -152,7 +152,8 @@ def plugin_host():
     return host
 
 
-def build_context(host, model, config, mode: str, device: torch.device):
+def build_context(host, model, config, mode: str, device: torch.device, stage: dict | None = None):
+    """A Context and a checked recipe for one stage (default: rtn with SCHEME) on an in-memory model."""
     from compress.checkpoint import LoadedModel
     from compress.context import Context, Report, environment_info
     from compress.recipe import Recipe
@@ -162,11 +163,11 @@ def build_context(host, model, config, mode: str, device: torch.device):
     recipe = Recipe.model_validate(
         {
             "model": "random-llama-3-8b",
-            "stages": [{"method": "rtn", **SCHEME}],
+            "stages": [stage or {"method": "rtn", **SCHEME}],
             "run": {"device": str(device), "mode": mode},
         }
     )
-    method_class = host.methods()["rtn"]
+    method_class = host.methods()[recipe.stages[0].method]
     method = method_class(method_class.Params.model_validate(recipe.stages[0].params))
     targets, ignore = list(method.default_targets), list(method.default_ignore)  # Linear, minus lm_head
     selected, unmatched = match_modules(model, targets, ignore)

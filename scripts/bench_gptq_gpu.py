@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT / "plugins", ROOT, ROOT / "scripts"):
@@ -47,7 +46,7 @@ for _path in (ROOT / "plugins", ROOT, ROOT / "scripts"):
 import torch  # noqa: E402
 
 from compress import hookimpl  # noqa: E402
-from bench_engine import StageClock, environment, gib, llama_config, random_model  # noqa: E402
+from bench_engine import StageClock, build_context, environment, gib, llama_config, random_model  # noqa: E402
 
 PARAMS = dict(bits=4, group_size=128, symmetric=True)
 FULL = dict(samples=128, seq_len=2048)
@@ -64,46 +63,6 @@ def plugin_host():
 
         host.register(compress_gptq, name="gptq")
     return host
-
-
-def build_context(host, model, config, device: torch.device):
-    from compress.checkpoint import LoadedModel
-    from compress.context import Context, Report, environment_info
-    from compress.recipe import Recipe
-    from compress.targets import match_modules
-    from compress.validate import PlannedStage
-
-    recipe = Recipe.model_validate(
-        {
-            "model": "random-llama-3-8b",
-            "stages": [{"method": "gptq", **PARAMS}],
-            "run": {"device": str(device), "mode": "sequential"},
-        }
-    )
-    method_class = host.methods()["gptq"]
-    method = method_class(method_class.Params.model_validate(recipe.stages[0].params))
-    targets, ignore = list(method.default_targets), list(method.default_ignore)  # Linear, minus lm_head
-    selected, unmatched = match_modules(model, targets, ignore)
-    assert not unmatched, unmatched
-    for name, module in selected.items():
-        method.check_layer(name, module)
-    checked = SimpleNamespace(
-        recipe=recipe, stages=[PlannedStage(method=method, targets=targets, ignore=ignore, target_names=list(selected))]
-    )
-    loaded = LoadedModel(model, None, config, "causal-lm", base_model="random-llama-3-8b")
-    report = Report(
-        model={
-            "name": recipe.model.name,
-            "base_model": loaded.base_model,
-            "task": loaded.task,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": "bfloat16",
-        },
-        environment=environment_info(device),
-    )
-    context = Context(host, recipe, loaded, None, device, report)
-    assert context.sequential
-    return context, checked
 
 
 def warm_up(device: torch.device) -> None:
@@ -153,7 +112,7 @@ def run_child(args) -> dict:
     clock = StageClock(device)
     host.register(Progress(clock), name="bench-progress")
     host.register(clock, name="bench-stage-clock")  # pluggy calls the last registered first: clock marks, then Progress prints
-    context, checked = build_context(host, model, config, device)
+    context, checked = build_context(host, model, config, "sequential", device, {"method": "gptq", **PARAMS})
     generator = torch.Generator().manual_seed(args.seed + 1)
     context._data["calibration"] = [
         torch.randint(0, config.vocab_size, (seq_len,), generator=generator) for _ in range(samples)
