@@ -328,7 +328,7 @@ def fmt_row(r: dict) -> str:
 
 def table(results: list[dict], wiki_tokens: int, code_tokens: int) -> str:
     head = ("| method | scheme | eff. bits | WikiText-2 ppl | WikiText-2 KL | Python code ppl | Python code KL "
-            f"| quantize wall (s) | peak RSS in run (GiB) |")
+            "| quantize wall (s) | peak RSS in run (GiB) |")
     return "\n".join([head, "|" + " --- |" * 9] + [fmt_row(r) for r in results])
 
 
