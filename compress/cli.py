@@ -173,13 +173,13 @@ def eval_command(
     names = list(metric_names) or [n for n, cls in registry.items() if task in cls.tasks]
     spec = DataSpec(path=data_path, samples=samples, seq_len=seq_len)
     source = host.data_sources()[spec.source]
-    sequences = source.load(spec, loaded[1].tokenizer)
+    evaluation_data = source.load(spec, loaded[1].tokenizer)
     results = evaluate(
         host,
         loaded[0].model,
         loaded[1].model,
         [MetricSpec(metric=name, data="eval") for name in names],
-        {"eval": (spec, sequences)},
+        {"eval": (spec, evaluation_data)},
         resolve_device(device),
     )
     console.print(evaluation_table(results))
@@ -210,14 +210,10 @@ def inspect_command(directory: Path, per_layer: bool) -> None:
 
 
 def load_model(host: Any, name: str) -> Any:
-    from compress.checkpoint import UNKNOWN_MODEL, loader_for
     from compress.recipe import ModelSpec
 
     spec = ModelSpec(name=name)
-    loader = loader_for(host.loaders().values(), spec)
-    if loader is None:
-        raise UserError(UNKNOWN_MODEL, name)
-    return loader.load(spec)
+    return host.loader_for(spec).load(spec)
 
 
 def main() -> None:

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from compress.distributed import local_rank
+from compress.recipe import ModelSpec
 
 if TYPE_CHECKING:
     from compress.checkpoint import LoadedModel, Loader
+    from compress.data import Sample
     from compress.host import PluginHost
     from compress.method import Method
     from compress.quant import QuantGrid
@@ -56,7 +58,11 @@ class StageRecord:
 
     name: str
     method: str
+    kind: str
+    """The method's kind: data-free, calibration, training or search."""
     params: dict[str, Any]
+    produces: dict[str, Any]
+    """What the method leaves in the layers (:meth:`compress.method.Produces.to_json`)."""
     seconds: float = 0.0
     peak_host_bytes: int = 0
     peak_device_bytes: int = 0
@@ -144,7 +150,13 @@ class Context:
     layers: dict[str, LayerState] = field(default_factory=dict)
     resume: bool = False
     """Training stages continue from their checkpoints (``compress apply --resume``)."""
-    _data: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    """Per-plugin state across stages, by key (by convention the method's name): a stage writes
+    ``context.state[key]``, a later one reads it. Methods declare the keys they write and read
+    (``Method.writes_state`` / ``reads_state``; ``compress recipe check`` refuses a read no earlier
+    stage writes). Training checkpoints hold it (pickled) and ``--resume`` restores it, tensors on
+    the host."""
+    _data: dict[str, list[Sample]] = field(default_factory=dict)
     _reference: nn.Module | None = None
 
     @property
@@ -173,13 +185,24 @@ class Context:
         self.layers[name] = replace(previous, **changes) if previous else LayerState(**changes)
         return self.layers[name]
 
-    def data(self, name: str) -> list[torch.Tensor]:
-        """The recipe's dataset ``name`` as token-id sequences (read once, then cached)."""
+    def data(self, name: str) -> list[Sample]:
+        """The recipe's dataset ``name`` as samples (:data:`compress.data.Sample`; read once, then cached)."""
         if name not in self._data:
             spec = self.recipe.data[name]
             source = self.host.data_sources()[spec.source]
             self._data[name] = source.load(spec, self.tokenizer)
         return self._data[name]
+
+    def load_model(self, spec: ModelSpec | str) -> nn.Module:
+        """Another model than the run's (a teacher, a reference checkpoint), on the host in eval mode.
+
+        ``spec`` is written like a recipe's ``model:`` (or is just its name) and is loaded by
+        the loader that would load it as a recipe's model; a UserError naming it when no
+        loader knows it. Each call loads afresh: keep what you need.
+        """
+        if isinstance(spec, str):
+            spec = ModelSpec(name=spec)
+        return self.host.loader_for(spec).load(spec).model.eval()
 
     def reference_model(self) -> nn.Module:
         """The original, uncompressed model, loaded again on first use (on the host)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.checkpoint.loaders import DirectoryLoader
 from compress.checkpoint.output import output_directory
 from compress.context import (
     Context,
@@ -18,15 +17,18 @@ from compress.context import (
     environment_info,
     resolve_device,
 )
+from compress.devices import onloaded
 from compress.distributed import is_main_process
 from compress.evaluate import evaluate
-from compress.quant.activations import quantized_inputs
 from compress.host import PluginHost
-from compress.hub import check_export, export_output
-from compress.recipe import ModelSpec
+from compress.hub import export_output
+from compress.method import BlockMethod, LayerMethod
+from compress.quant.activations import quantized_inputs
 from compress.resources import measure
-from compress.sequential import onloaded
-from compress.train import discard_checkpoints
+from compress.sequential import compress_blocks, compress_layers
+from compress.training.checkpoint import discard_checkpoints
+from compress.training.loop import train
+from compress.training.method import TrainingMethod
 from compress.validate import CheckedRecipe, PlannedStage
 
 
@@ -48,10 +50,10 @@ def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
 
 
 def run_stages(context: Context, checked: CheckedRecipe) -> None:
-    with measure(context.device) as usage:
-        with nullcontext() if context.sequential else onloaded(context.model, context.device):
-            for index, planned in enumerate(checked.stages):
-                run_stage(context, checked, index, planned)
+    whole = nullcontext() if context.sequential else onloaded(context.model, context.device)
+    with measure(context.device) as usage, whole:
+        for index, planned in enumerate(checked.stages):
+            run_stage(context, checked, index, planned)
     context.report.totals = {
         "seconds": usage.seconds,
         "peak_host_bytes": usage.peak_host_bytes,
@@ -63,16 +65,33 @@ def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: Pla
     stage = checked.recipe.stages[index]
     total = len(checked.stages)
     modules = dict(context.model.named_modules())
-    record = StageRecord(stage.label, planned.method.name, planned.method.params.model_dump(mode="json"))
-    run = StageRun(stage, planned.method, {n: modules[n] for n in planned.target_names}, record, index, total)
+    method = planned.method
+    record = StageRecord(
+        stage.label, method.name, method.kind, method.params.model_dump(mode="json"), method.produces().to_json()
+    )
+    run = StageRun(stage, method, {n: modules[n] for n in planned.target_names}, record, index, total)
     context.host.hook.compress_stage_start(context=context, stage=stage, index=index, total=total)
-    with measure(context.device) as usage:
-        planned.method.apply(context, run)
+    with measure(context.device) as usage, method.around_stage(context, run):
+        dispatch(context, run)
     record.seconds = usage.seconds
     record.peak_host_bytes = usage.peak_host_bytes
     record.peak_device_bytes = usage.peak_device_bytes
     context.report.stages.append(record)
     context.host.hook.compress_stage_end(context=context, stage=stage, record=record)
+
+
+def dispatch(context: Context, run: StageRun) -> None:
+    """Run a stage the way its method's base class says: the engine drives layer, block and
+    training methods; any other method runs itself (``Method.apply``)."""
+    method = run.method
+    if isinstance(method, TrainingMethod):
+        train(context, run, method)
+    elif isinstance(method, BlockMethod):
+        compress_blocks(context, run, method.compress_block)
+    elif isinstance(method, LayerMethod):
+        compress_layers(context, run, method.compress_layer)
+    else:
+        method.apply(context, run)
 
 
 def run_evaluation(context: Context, compressed: nn.Module) -> None:
@@ -88,6 +107,15 @@ def run_evaluation(context: Context, compressed: nn.Module) -> None:
         )
 
 
+def read_written(context: Context, directory: Path) -> nn.Module:
+    """The checkpoint just written to ``directory``, loaded like the recipe's model: by the
+    recipe's loader when it reads such a directory, else by the first loader that claims it,
+    with the recipe's model options (dtype, trust_remote_code) and the run's task."""
+    spec = context.recipe.model.model_copy(update={"name": str(directory), "task": context.task, "revision": None})
+    loader = context.loader if context.loader.claims(spec) else context.host.loader_for(spec)
+    return loader.load(spec).model.eval()
+
+
 def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool) -> None:
     """Evaluate what is written: the staged checkpoint itself when the format requantizes."""
     output = checked.recipe.output
@@ -96,11 +124,10 @@ def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool
     if output is None:
         run_evaluation(context, context.model)
         return
-    writer = context.host.writers()[output.format]
-    with output_directory(context, Path(checked.path), checked.writer_options, overwrite) as staging:
+    writer = checked.writer
+    with output_directory(context, writer, checked.writer_options, Path(checked.path), overwrite) as staging:
         if writer.requantizes and checked.recipe.evaluate:
-            written = DirectoryLoader().load(ModelSpec(name=str(staging), task=context.task)).model
-            run_evaluation(context, written)
+            run_evaluation(context, read_written(context, staging))
         else:
             run_evaluation(context, context.model)
 
@@ -113,7 +140,6 @@ def apply_recipe(
     In a multi-process run every process compresses and trains; only the first
     evaluates and writes.
     """
-    check_export(checked.recipe)
     torch.manual_seed(checked.recipe.run.seed)
     context = load_context(host, checked)
     context.resume = resume

@@ -7,26 +7,42 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
+
+from compress.data import IGNORE_INDEX, Batch, Sample, collate, model_inputs
 
 if TYPE_CHECKING:
     from compress.host import PluginHost
     from compress.recipe import DataSpec, MetricSpec
 
 
+class MetricParams(BaseModel):
+    """Parameters of a metric (the keys of its ``evaluate:`` entry besides ``metric`` and ``data``);
+    subclass it and describe every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Metric:
     """Accumulates over batches run through the original and the compressed model.
 
-    Subclasses set ``name``, ``tasks`` (the model tasks they apply to) and a docstring,
-    and implement ``update`` and ``result``.
+    Subclasses set ``name``, ``tasks`` (the model tasks they apply to), optionally ``Params``
+    (validated from the recipe entry, refused at ``compress recipe check`` when wrong) and a
+    docstring, and implement ``update`` and ``result``.
     """
 
     name: ClassVar[str]
     tasks: ClassVar[frozenset[str]]
+    Params: ClassVar[type[MetricParams]] = MetricParams
 
-    def update(self, original: Any, compressed: Any, input_ids: torch.Tensor) -> None:
-        """Take one batch: both models' outputs (``logits`` or ``last_hidden_state``)."""
+    def __init__(self, params: MetricParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def update(self, original: Any, compressed: Any, batch: Batch) -> None:
+        """Take one batch: both models' outputs (``logits`` or ``last_hidden_state``) and the
+        :data:`compress.data.Batch` they ran on, on the models' device."""
         raise NotImplementedError
 
     def result(self) -> dict[str, float]:
@@ -39,79 +55,101 @@ def next_token_log_probs(output: Any) -> torch.Tensor:
     return F.log_softmax(output.logits[:, :-1].float(), dim=-1)
 
 
+def next_token_labels(batch: Batch) -> torch.Tensor:
+    """Each position's next-token label (the batch's labels shifted left); :data:`IGNORE_INDEX`
+    where no token is scored (padding, prompts when only answers are)."""
+    return batch["labels"][:, 1:]
+
+
 class Perplexity(Metric):
-    """exp of the mean next-token negative log-likelihood over all evaluated tokens."""
+    """exp of the mean next-token negative log-likelihood over the labelled tokens."""
 
     name = "perplexity"
     tasks = frozenset({"causal-lm"})
 
-    def __init__(self) -> None:
+    def __init__(self, params: MetricParams | None = None) -> None:
+        super().__init__(params)
         self.nll = {"original": 0.0, "compressed": 0.0}
         self.tokens = 0
 
-    def update(self, original: Any, compressed: Any, input_ids: torch.Tensor) -> None:
-        labels = input_ids[:, 1:].to(original.logits.device)
+    def update(self, original: Any, compressed: Any, batch: Batch) -> None:
+        labels = next_token_labels(batch)
         for key, output in (("original", original), ("compressed", compressed)):
-            log_probs = next_token_log_probs(output)
-            self.nll[key] += -log_probs.gather(-1, labels.unsqueeze(-1)).sum().item()
-        self.tokens += labels.numel()
+            logits = output.logits[:, :-1].float()
+            self.nll[key] += F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
+        self.tokens += int((labels != IGNORE_INDEX).sum())
 
     def result(self) -> dict[str, float]:
         return {key: math.exp(total / self.tokens) for key, total in self.nll.items()}
 
 
 class KLDivergence(Metric):
-    """Mean over tokens of KL(original || compressed) of the next-token distributions, in nats."""
+    """Mean over labelled tokens of KL(original || compressed) of the next-token distributions, in nats."""
 
     name = "kl"
     tasks = frozenset({"causal-lm"})
 
-    def __init__(self) -> None:
+    def __init__(self, params: MetricParams | None = None) -> None:
+        super().__init__(params)
         self.total = 0.0
         self.tokens = 0
 
-    def update(self, original: Any, compressed: Any, input_ids: torch.Tensor) -> None:
+    def update(self, original: Any, compressed: Any, batch: Batch) -> None:
+        scored = next_token_labels(batch) != IGNORE_INDEX
         p_log = next_token_log_probs(original)
         q_log = next_token_log_probs(compressed)
         per_token = (p_log.exp() * (p_log - q_log)).sum(-1)
-        self.total += per_token.sum().item()
-        self.tokens += per_token.numel()
+        self.total += per_token[scored].sum().item()
+        self.tokens += int(scored.sum())
 
     def result(self) -> dict[str, float]:
         return {"compressed": self.total / self.tokens}
 
 
+class TopKParams(MetricParams):
+    k: int = Field(1, gt=0, description="agreement when the original's top token is among the compressed model's k")
+
+
 class Top1Agreement(Metric):
-    """Fraction of positions where both models predict the same most likely next token."""
+    """Fraction of labelled positions where the original model's most likely next token is the
+    compressed model's most likely one (with ``k``: among its ``k`` most likely)."""
 
     name = "top1"
     tasks = frozenset({"causal-lm"})
+    Params = TopKParams
+    params: TopKParams
 
-    def __init__(self) -> None:
+    def __init__(self, params: TopKParams | None = None) -> None:
+        super().__init__(params)
         self.same = 0
         self.count = 0
 
-    def update(self, original: Any, compressed: Any, input_ids: torch.Tensor) -> None:
-        agree = original.logits.argmax(-1) == compressed.logits.argmax(-1)
-        self.same += int(agree.sum())
-        self.count += agree.numel()
+    def update(self, original: Any, compressed: Any, batch: Batch) -> None:
+        scored = next_token_labels(batch) != IGNORE_INDEX
+        best = original.logits[:, :-1].argmax(-1, keepdim=True)
+        candidates = compressed.logits[:, :-1].topk(self.params.k, dim=-1).indices
+        agree = (candidates == best).any(-1)
+        self.same += int(agree[scored].sum())
+        self.count += int(scored.sum())
 
     def result(self) -> dict[str, float]:
         return {"compressed": self.same / self.count}
 
 
 class EmbeddingCosine(Metric):
-    """Mean cosine similarity of the mean-pooled final hidden states (sentence embeddings)."""
+    """Mean cosine similarity of the mean-pooled final hidden states (sentence embeddings), padding excluded."""
 
     name = "cosine"
     tasks = frozenset({"encoder"})
 
-    def __init__(self) -> None:
+    def __init__(self, params: MetricParams | None = None) -> None:
+        super().__init__(params)
         self.total = 0.0
         self.count = 0
 
-    def update(self, original: Any, compressed: Any, input_ids: torch.Tensor) -> None:
-        pooled = [out.last_hidden_state.float().mean(dim=1) for out in (original, compressed)]
+    def update(self, original: Any, compressed: Any, batch: Batch) -> None:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = [(out.last_hidden_state.float() * mask).sum(1) / mask.sum(1) for out in (original, compressed)]
         cosine = F.cosine_similarity(*pooled, dim=-1)
         self.total += cosine.sum().item()
         self.count += cosine.numel()
@@ -127,25 +165,39 @@ BUILTIN_METRICS: tuple[type[Metric], ...] = (Perplexity, KLDivergence, Top1Agree
 def compare_models(
     original: nn.Module,
     compressed: nn.Module,
-    sequences: list[torch.Tensor],
+    samples: list[Sample],
     metrics: list[Metric],
     device: torch.device,
     batch_size: int = 4,
 ) -> None:
-    """Run both models over ``sequences`` batch by batch and feed every metric."""
+    """Run both models over ``samples``, ``batch_size`` at a time through :func:`compress.data.collate`,
+    and feed every metric.
+
+    Padding is masked (``attention_mask``) and unlabelled, so the value of the pad token does
+    not matter: a batch gives what its samples give one at a time.
+    """
     homes = [next(original.parameters()).device, next(compressed.parameters()).device]
     original.to(device)
     compressed.to(device)
     try:
-        for start in tqdm(range(0, len(sequences), batch_size), desc="evaluate", unit="batch", leave=False):
-            input_ids = torch.stack(sequences[start : start + batch_size]).to(device)
-            reference_output = original(input_ids=input_ids)
-            compressed_output = compressed(input_ids=input_ids)
+        for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", leave=False):
+            batch = {key: value.to(device) for key, value in collate(samples[start : start + batch_size], 0).items()}
+            reference_output = original(**model_inputs(batch))
+            compressed_output = compressed(**model_inputs(batch))
             for metric in metrics:
-                metric.update(reference_output, compressed_output, input_ids)
+                metric.update(reference_output, compressed_output, batch)
     finally:
         original.to(homes[0])
         compressed.to(homes[1])
+
+
+def metric_key(spec: MetricSpec) -> str:
+    """The report's key of an ``evaluate:`` entry: ``name``, ``name(k=5)`` with parameters,
+    and ``:data`` appended for data other than ``evaluation``."""
+    key = spec.metric
+    if spec.params:
+        key += "(" + ", ".join(f"{name}={value}" for name, value in spec.params.items()) + ")"
+    return key if spec.data == "evaluation" else f"{key}:{spec.data}"
 
 
 def evaluate(
@@ -153,26 +205,32 @@ def evaluate(
     original: nn.Module,
     compressed: nn.Module,
     metric_specs: list[MetricSpec],
-    datasets: dict[str, tuple[DataSpec, list[torch.Tensor]]],
+    datasets: dict[str, tuple[DataSpec, list[Sample]]],
     device: torch.device,
 ) -> dict[str, dict[str, Any]]:
-    """Every metric on its dataset: ``{key: {original?, compressed, data, tokens, seq_len}}``.
+    """Every metric on its dataset: ``{key: {original?, compressed, data, samples, tokens, seq_len}}``.
 
-    The key is the metric's name for the ``evaluation`` dataset and ``name:data`` for others,
-    so one metric on several datasets (forget and retain sets) keeps every result.
+    The key is :func:`metric_key`, so one metric on several datasets (forget and retain sets)
+    or with several parameter sets keeps every result. ``tokens`` counts the real (unpadded)
+    input tokens.
     """
     metric_classes = host.metrics()
     results: dict[str, dict[str, Any]] = {}
     for data_name in dict.fromkeys(spec.data for spec in metric_specs):
-        spec, sequences = datasets[data_name]
-        metrics = [metric_classes[m.metric]() for m in metric_specs if m.data == data_name]
-        compare_models(original, compressed, sequences, metrics, device)
-        for metric in metrics:
-            key = metric.name if data_name == "evaluation" else f"{metric.name}:{data_name}"
-            results[key] = {
+        spec, samples = datasets[data_name]
+        entries = [m for m in metric_specs if m.data == data_name]
+        metrics = []
+        for entry in entries:
+            metric_class = metric_classes[entry.metric]
+            metrics.append(metric_class(metric_class.Params.model_validate(entry.params)))
+        compare_models(original, compressed, samples, metrics, device)
+        tokens = sum(sample["input_ids"].numel() for sample in samples if "input_ids" in sample)
+        for entry, metric in zip(entries, metrics):
+            results[metric_key(entry)] = {
                 **metric.result(),
                 "data": str(spec.path),
-                "tokens": len(sequences) * spec.seq_len,
+                "samples": len(samples),
+                "tokens": tokens,
                 "seq_len": spec.seq_len,
             }
     return results

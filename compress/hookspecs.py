@@ -17,7 +17,8 @@ Lifecycle hooks are events: every implementation is called, return values are ig
 (progress bars, logging and the summary table are plugins built on them).
 
 Plugins are found through the ``compress`` entry-point group; ``compress plugins`` lists
-them with the hooks each implements, and the ones that failed to load.
+them with the hooks each implements, and the ones that failed to load. A plugin imports
+the classes and helpers these hooks hand around from :mod:`compress.api`.
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def compress_register_data_sources(register: Callable[[Any], None]) -> None:
     :param register: call ``register(source)`` with an object that follows
         :class:`compress.data.DataSource`: a ``name`` (the recipe's ``source:``),
         ``check(spec)`` raising :class:`compress.errors.UserError` for a bad spec (a
-        missing file) and ``load(spec, tokenizer)`` returning a list of token-id
-        tensors.
+        missing file, an option the source does not support) and ``load(spec, tokenizer)``
+        returning a list of samples (:data:`compress.data.Sample`: ``input_ids`` or
+        ``pixel_values``, ``labels``, extras of the source's own), which every consumer
+        batches with :func:`compress.data.collate`.
     """
 
 
@@ -113,9 +116,11 @@ def compress_register_metrics(register: Callable[[type], None]) -> None:
 
     :param register: call ``register(metric_class)``; the class follows
         :class:`compress.evaluate.Metric`: a ``name``, the model ``tasks`` it applies
-        to, and ``update(original, compressed, input_ids)`` / ``result()`` that accumulate
-        over batches of evaluation data run through the original and the compressed
-        model.
+        to, optionally ``Params`` (a :class:`compress.evaluate.MetricParams` subclass
+        validating the ``evaluate:`` entry's other keys), and
+        ``update(original, compressed, batch)`` / ``result()`` that accumulate over
+        batches (:data:`compress.data.Batch`) of evaluation data run through the original
+        and the compressed model.
     """
 
 

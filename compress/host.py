@@ -5,22 +5,36 @@ Environment switches:
 - ``COMPRESS_LOAD_PLUGINS=a,b`` loads only the named entry points (an empty value loads
   none of them; the default plugins inside ``compress`` always load).
 - ``COMPRESS_TRACE=1`` prints every hook call and its result to stderr.
+
+A plugin states the plugin API versions it works with in its entry-point module,
+``compress_api = ">=2,<3"`` (a version specifier, as a string literal). The host reads
+that line from the module's source before importing it and refuses a plugin whose range
+excludes :data:`compress.api.API_VERSION`, so a plugin written for another API is
+reported as broken, naming both versions, instead of failing on its imports.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from compress import hookspecs
 from compress.distributed import is_main_process
 from compress.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from compress.checkpoint import Loader
+    from compress.recipe import ModelSpec
 
 ENTRY_POINT_GROUP = "compress"
 DEFAULT_PLUGINS = (
@@ -39,6 +53,52 @@ class BrokenPlugin:
 
     name: str
     error: str
+    requires_api: str | None = None
+    """The plugin API versions the plugin asked for, when it was refused for asking others."""
+
+
+class APIMismatch(Exception):
+    """A plugin declares ``compress_api`` versions that exclude this host's (or an unreadable range)."""
+
+    def __init__(self, message: str, required: str) -> None:
+        super().__init__(message)
+        self.required = required
+
+
+def required_api(module_name: str) -> str | None:
+    """The ``compress_api = "..."`` an entry-point module declares, read from its source
+    without running it; None when it declares nothing (or is not a Python source file)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_bytes(), spec.origin)
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if any(isinstance(target, ast.Name) and target.id == "compress_api" for target in targets):
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return value.value
+            raise APIMismatch(f"compress_api must be a string literal ({spec.origin}:{node.lineno})", ast.unparse(value))
+    return None
+
+
+def check_api(required: str) -> None:
+    """Raise :class:`APIMismatch` unless this host's API version is in the range ``required``."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import Version
+
+    from compress.api import API_VERSION
+
+    try:
+        accepted = SpecifierSet(required)
+    except InvalidSpecifier:
+        raise APIMismatch(f"compress_api {required!r} is not a version range (e.g. '>=2,<3')", required) from None
+    if Version(API_VERSION) not in accepted:
+        raise APIMismatch(f"requires compress API {required}, but this compress has API {API_VERSION}", required)
 
 
 class PluginHost:
@@ -71,10 +131,17 @@ class PluginHost:
             if self.pm.get_plugin(entry_point.name) is not None:
                 continue
             try:
+                required = required_api(entry_point.module)
+                if required is not None:
+                    check_api(required)
                 plugin = entry_point.load()
                 self.pm.register(plugin, name=entry_point.name)
                 self._check_hook_names(entry_point.name)
-            except Exception as error:  # one broken plugin must not stop the others
+            except APIMismatch as error:
+                self._report_broken(entry_point.name, str(error), error.required)
+                continue
+            # one broken plugin must not stop the others
+            except Exception as error:  # noqa: BLE001
                 self._report_broken(entry_point.name, f"{type(error).__name__}: {error}")
                 continue
             if entry_point.dist is not None:
@@ -95,8 +162,8 @@ class PluginHost:
                 plugin, f"unknown hook {', '.join(unknown)}{hint}"
             ) from None
 
-    def _report_broken(self, name: str, message: str) -> None:
-        self.broken.append(BrokenPlugin(name, message))
+    def _report_broken(self, name: str, message: str, requires_api: str | None = None) -> None:
+        self.broken.append(BrokenPlugin(name, message, requires_api))
         warnings.warn(f"plugin {name!r} is broken: {message}", stacklevel=3)
 
     def register(self, plugin: object, name: str | None = None) -> None:
@@ -148,7 +215,7 @@ class PluginHost:
             impl.function(**{name: value for name, value in kwargs.items() if name in impl.argnames})
         except UserError:
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             self._report_broken(impl.plugin_name, f"{hook_name} raised {type(error).__name__}: {error}")
 
     def methods(self) -> dict[str, type]:
@@ -165,6 +232,22 @@ class PluginHost:
 
     def metrics(self) -> dict[str, type]:
         return self._registry("metric", "compress_register_metrics", lambda cls: cls.name)
+
+    def loader_for(self, spec: ModelSpec) -> Loader:
+        """The first registered loader that claims ``spec``: how every model (the recipe's, a
+        teacher, a written checkpoint read back) is loaded. UserError naming it when none does."""
+        from compress.checkpoint import UNKNOWN_MODEL, loader_for
+
+        loader = loader_for(self.loaders().values(), spec)
+        if loader is None:
+            raise UserError(UNKNOWN_MODEL, spec.name)
+        return loader
+
+    def refused_for_api(self) -> str:
+        """Why plugins refused for their API versions are missing, as a suffix for an unknown-name message."""
+        return "".join(
+            f"; plugin {broken.name!r} is not loaded ({broken.error})" for broken in self.broken if broken.requires_api
+        )
 
 
 _host: PluginHost | None = None

@@ -6,14 +6,17 @@ A method declares how it runs through the class it derives from:
   layer; the engine streams the layers' blocks through the device.
 - :class:`BlockMethod` (sequential calibration): ``compress_block`` is called for every
   transformer block with the inputs that the already-compressed earlier blocks produce.
-- :class:`compress.train.TrainingMethod` (training): supplies a ``loss`` for the shared
-  training loop, which trains the targeted layers (through their grids and masks when an
-  earlier stage compressed them).
+- :class:`compress.training.method.TrainingMethod` (training): supplies a ``loss`` for the
+  shared training loop, which trains the targeted layers (through their grids and masks
+  when an earlier stage compressed them).
 - :class:`Method` with its own ``apply`` (search/allocation).
+
+The engine dispatches on that class; this module imports nothing from the engine.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -44,6 +47,15 @@ class Produces:
     outliers: bool = False
     """Some weights are held apart from the main grid on a grid of their own (``OutlierSplit``)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """As report.json records it for each stage."""
+        return {
+            "quant": None if self.quant is None else self.quant.model_dump(mode="json"),
+            "activation_bits": self.activation_bits,
+            "sparsity": self.sparsity,
+            "outliers": self.outliers,
+        }
+
 
 class MethodParams(BaseModel):
     """Parameters of a method; subclass it and describe every field."""
@@ -65,6 +77,11 @@ class Method:
     supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     needs_data: ClassVar[tuple[str, ...]] = ()
     """Names of ``data:`` entries the method reads (e.g. ``("calibration",)``)."""
+    writes_state: ClassVar[tuple[str, ...]] = ()
+    """Keys of ``context.state`` the method writes for later stages (e.g. ``("allocate",)``)."""
+    reads_state: ClassVar[tuple[str, ...]] = ()
+    """Keys of ``context.state`` the method reads; ``compress recipe check`` refuses the stage
+    when no earlier stage writes one of them."""
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
@@ -99,7 +116,17 @@ class Method:
         at ``compress recipe check``. The default: nothing a writer needs to know of."""
         return Produces()
 
+    def around_stage(self, context: Context, run: StageRun) -> AbstractContextManager[None]:
+        """A context manager the engine enters before the stage runs and leaves after it, also
+        when it fails: check what only the loaded model can tell, hold and release caches.
+
+        The default does nothing.
+        """
+        return nullcontext()
+
     def apply(self, context: Context, run: StageRun) -> None:
+        """Run the stage of a method that is none of :class:`LayerMethod`, :class:`BlockMethod`
+        or ``TrainingMethod`` (search, allocation); the engine runs those itself."""
         raise NotImplementedError(f"method {self.name!r} does not implement apply()")
 
 
@@ -112,25 +139,35 @@ class LayerMethod(Method):
         """Compress ``module`` in place (it is on the compute device) and return what to report."""
         raise NotImplementedError
 
-    def apply(self, context: Context, run: StageRun) -> None:
-        from compress.sequential import compress_layers
-
-        compress_layers(context, run, self.compress_layer)
-
 
 @dataclass
 class BlockWork:
-    """One block of a sequential calibration stage, on the compute device."""
+    """One block of a sequential calibration stage, on the compute device.
+
+    A target outside the repeated blocks (``lm_head``, a classifier) comes after the blocks
+    as a work of its own: ``block`` is the target itself, ``index`` counts on from the
+    last block, ``inputs`` are what the model with its compressed blocks feeds it.
+    """
 
     name: str
+    """The block's qualified name (``model.layers.3``), or the target's outside the blocks."""
     index: int
     block: nn.Module
     targets: dict[str, nn.Module]
     """Targeted layers inside the block, by their qualified names."""
     inputs: list[tuple[tuple, dict]]
-    """The block's positional and keyword arguments, one entry per calibration sample,
-    as produced by the already-compressed earlier blocks (on the host in sequential mode)."""
+    """The block's positional and keyword arguments, one entry per calibration sample, on
+    the host, as produced by the already-compressed earlier blocks."""
     device: torch.device
+    original_inputs: list[tuple[tuple, dict]] | None = None
+    """Only for a method with ``needs_original_inputs``: the block's arguments as the model
+    as it was when the stage started (before this stage changed any block) produces them,
+    one entry per calibration sample, on the host. None otherwise."""
+    output_gradients: list[torch.Tensor] | None = None
+    """Only for a method with ``needs_output_gradients``: per calibration sample, the
+    gradient of the method's ``output_loss`` with respect to this block's output (hidden
+    states), on the host, computed on the model as it was when the stage started. None
+    otherwise, and for targets outside the blocks."""
 
 
 class BlockMethod(Method):
@@ -138,12 +175,21 @@ class BlockMethod(Method):
 
     kind: ClassVar[MethodKind] = "calibration"
     needs_data: ClassVar[tuple[str, ...]] = ("calibration",)
+    needs_original_inputs: ClassVar[bool] = False
+    """Keep a second input stream, the uncompressed one, in ``BlockWork.original_inputs``
+    (one more copy of the block inputs on the host, two while a block runs)."""
+    needs_output_gradients: ClassVar[bool] = False
+    """Fill ``BlockWork.output_gradients`` with the gradients of :meth:`output_loss`: one
+    gradient pass over the calibration data before the first block (see
+    ``compress.api.block_output_gradients``)."""
 
     def compress_block(self, context: Context, work: BlockWork) -> dict[str, dict[str, Any]]:
         """Compress the targeted layers of ``work.block`` in place; return per-layer reports."""
         raise NotImplementedError
 
-    def apply(self, context: Context, run: StageRun) -> None:
-        from compress.sequential import compress_blocks
-
-        compress_blocks(context, run, self.compress_block)
+    def output_loss(self, context: Context, output: Any, batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        """With ``needs_output_gradients``: the scalar loss of one calibration sample, from the
+        model's ``output`` on ``batch`` (that sample as a batch of one, on the device); ``index``
+        is the sample's position in ``context.data("calibration")``. E.g. cross-entropy with
+        ``batch["labels"]``, or KL to the original model's outputs."""
+        raise NotImplementedError(f"method {self.name!r} sets needs_output_gradients but has no output_loss()")

@@ -2,7 +2,9 @@
 
 One card, built from what ``report.json`` and ``recipe.yaml`` hold: ``compress apply``
 writes it from the run's report, ``compress push`` rebuilds it from the directory when
-the README.md is missing.
+the README.md is missing. The report records each stage's method as it ran (name, kind,
+what it produces), so the card describes the run whether or not its methods are installed
+where the card is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from pydantic import ValidationError
 
 from compress.errors import UserError
 
 if TYPE_CHECKING:
+    from compress.checkpoint import Writer
     from compress.context import Context
     from compress.host import PluginHost
 
@@ -39,8 +41,8 @@ TEMPLATE = """---
 
 ## Stages
 
-| # | stage | method | layers | time (s) |
-| --- | --- | --- | --- | --- |
+| # | stage | method | kind | layers | time (s) |
+| --- | --- | --- | --- | --- | --- |
 {{ stages_table }}
 
 ## Evaluation
@@ -84,48 +86,41 @@ def pipeline_tag(architecture: str | None, task: str) -> str | None:
         return PIPELINE_TAGS.get(task)
 
 
-def base_model_relation(host: PluginHost, stages: list[dict[str, Any]], output_format: str | None) -> str | None:
+def recipe_output_format(recipe_text: str) -> str:
+    """The output format a recipe file names (``dense`` when it names none)."""
+    return ((yaml.safe_load(recipe_text) or {}).get("output") or {}).get("format", "dense")
+
+
+def base_model_relation(stages: list[dict[str, Any]], requantizing_format: bool) -> str | None:
     """``quantized`` when a stage or the output format quantizes, ``finetune`` when a stage trains.
 
-    Asked of the installed methods (``Method.produces()``, ``kind``); a stage whose method
-    is not installed here, or whose recorded parameters it no longer accepts, counts for neither.
+    Read from each stage's recorded ``kind`` and ``produces``; a stage recorded without
+    them (a report of an older compress) counts for neither.
     """
-    methods = host.methods()
-    writer = host.writers().get(output_format) if output_format else None
-    quantized = bool(writer is not None and writer.requantizes)
-    trained = False
-    for stage in stages:
-        method_class = methods.get(stage["method"])
-        if method_class is None:
-            continue
-        try:
-            params = method_class.Params.model_validate(stage["params"])
-        except ValidationError:  # recorded by another version of the method
-            continue
-        produces = method_class(params).produces()
-        quantized = quantized or produces.quant is not None or produces.activation_bits is not None
-        trained = trained or method_class.kind == "training"
+    produced = [stage.get("produces") or {} for stage in stages]
+    quantized = requantizing_format or any(p.get("quant") or p.get("activation_bits") for p in produced)
+    trained = any(stage.get("kind") == "training" for stage in stages)
     return "quantized" if quantized else "finetune" if trained else None
 
 
 def build_card(
-    host: PluginHost, report: dict[str, Any], recipe_text: str, architecture: str | None
+    report: dict[str, Any], recipe_text: str, architecture: str | None, writer: Writer | None
 ) -> ModelCard:
-    """The card for a run: ``report`` as report.json holds it, the recipe file's text as run."""
-    recipe = yaml.safe_load(recipe_text) or {}
-    output_format = (recipe.get("output") or {}).get("format", "dense")
+    """The card for a run: ``report`` as report.json holds it, the recipe file's text as run,
+    the output format's writer (None when it is not installed here)."""
+    output_format = recipe_output_format(recipe_text)
     base_model = report["model"]["base_model"]
     stages = report["stages"]
     methods = sorted({stage["method"] for stage in stages})
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation=base_model_relation(host, stages, output_format),
+        base_model_relation=base_model_relation(stages, bool(writer is not None and writer.requantizes)),
         library_name="transformers",
         pipeline_tag=pipeline_tag(architecture, report["model"]["task"]),
         tags=["compress", *methods, *([output_format] if output_format != "dense" else [])],
     )
     stages_table = "\n".join(
-        f"| {i + 1} | {s['name']} | {s['method']} | {len(s['layers'])} | {s['seconds']:.1f} |"
+        f"| {i + 1} | {s['name']} | {s['method']} | {s.get('kind', '')} | {len(s['layers'])} | {s['seconds']:.1f} |"
         for i, s in enumerate(stages)
     )
     return ModelCard.from_template(
@@ -139,9 +134,9 @@ def build_card(
     )
 
 
-def model_card(context: Context, recipe_text: str) -> ModelCard:
+def model_card(context: Context, writer: Writer, recipe_text: str) -> ModelCard:
     """The card ``compress apply`` writes into its output directory."""
-    return build_card(context.host, context.report.to_json(), recipe_text, type(context.model).__name__)
+    return build_card(context.report.to_json(), recipe_text, type(context.model).__name__, writer)
 
 
 def directory_card(host: PluginHost, directory: Path) -> ModelCard:
@@ -152,4 +147,5 @@ def directory_card(host: PluginHost, directory: Path) -> ModelCard:
     except json.JSONDecodeError as error:
         raise UserError(f"unreadable JSON: {error}", str(directory)) from None
     architecture = (config.get("architectures") or [None])[0]
-    return build_card(host, report, (directory / "recipe.yaml").read_text(encoding="utf-8"), architecture)
+    recipe_text = (directory / "recipe.yaml").read_text(encoding="utf-8")
+    return build_card(report, recipe_text, architecture, host.writers().get(recipe_output_format(recipe_text)))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress.errors import Location, UserError
+from compress.errors import Location, UserError, did_you_mean
 
 Key = tuple[str | int, ...]
 
@@ -36,7 +36,7 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    """A named dataset: calibration, training or evaluation text."""
+    """A named dataset: calibration, training or evaluation data."""
 
     path: Path = Field(description="file to read (relative paths are from the working directory)")
     source: str = Field("text", description="data source plugin that reads the file")
@@ -45,6 +45,23 @@ class DataSpec(Strict):
     field: str | None = Field(
         None, description="jsonl: the key holding the text (default text); chat: the messages (default messages)"
     )
+    prompt_field: str | None = Field(
+        None, description="jsonl: the key holding a prompt; a sample is the prompt followed by the answer_field's text"
+    )
+    answer_field: str | None = Field(None, description="jsonl: the key holding the answer to prompt_field")
+    loss_on: Literal["all", "answers"] = Field(
+        "all",
+        description="the tokens that are labels, which next-token losses and metrics read: all, or "
+        "answers only (chat: the assistant turns; jsonl: answer_field)",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_and_answer(self) -> DataSpec:
+        if (self.prompt_field is None) != (self.answer_field is None):
+            raise ValueError("prompt_field and answer_field go together")
+        if self.prompt_field is not None and self.field is not None:
+            raise ValueError("field is the whole text; give it or prompt_field and answer_field, not both")
+        return self
 
 
 class Stage(BaseModel):
@@ -97,9 +114,17 @@ class RunSpec(Strict):
         return value
 
 
-class MetricSpec(Strict):
+class MetricSpec(BaseModel):
+    """An ``evaluate:`` entry: a metric, the data it reads, and the metric's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
     metric: str
     data: str = "evaluation"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class HubExport(Strict):
@@ -206,13 +231,19 @@ def parse_recipe_file(path: Path) -> LocatedRecipe:
     return LocatedRecipe(path, raw, marks)
 
 
-def pydantic_error(error: ValidationError, located: LocatedRecipe, prefix: Key = ()) -> UserError:
-    """The first problem of a pydantic error as a located one-line UserError."""
+def pydantic_error(
+    error: ValidationError, located: LocatedRecipe, prefix: Key = (), keys: list[str] | None = None
+) -> UserError:
+    """The first problem of a pydantic error as a located one-line UserError.
+
+    ``keys`` are the valid keys of the mapping at ``prefix``, for a did-you-mean on an unknown one.
+    """
     first = error.errors()[0]
     key = prefix + tuple(part for part in first["loc"] if not str(part).startswith("function-"))
     if first["type"] == "extra_forbidden":
         field = key[-1]
-        return UserError(f"unknown key {field!r}", _key_where(located, key))
+        hint = did_you_mean(str(field), keys) if keys and len(key) == len(prefix) + 1 else ""
+        return UserError(f"unknown key {field!r}{hint}", _key_where(located, key))
     if first["type"] == "missing":
         return UserError(f"missing required key {key[-1]!r}", located.where(key[:-1]))
     dotted = ".".join(str(part) for part in key)

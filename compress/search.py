@@ -47,14 +47,16 @@ def quantizer_settings(module: nn.Module, request: CandidateRequest, defaults: d
     """Every combination of the requested settings a weight quantizer can apply to ``module``.
 
     ``bits`` must be requested; other settings take ``defaults`` when the request omits
-    them. Only Linear layers qualify, and only group sizes that divide their input width.
+    them. Only Linear layers qualify, and only group sizes that divide their input width
+    (``None``, per output channel, fits every layer).
     """
     if not isinstance(module, nn.Linear) or "bits" not in request.settings:
         return []
     names = ["bits", *defaults]
     values = [request.settings.get(name, defaults.get(name)) for name in names]
     settings = [dict(zip(names, combination)) for combination in itertools.product(*values)]
-    return [s for s in settings if module.in_features % s.get("group_size", 1) == 0]
+    # group_size None is one scale per output channel: every width qualifies
+    return [s for s in settings if module.in_features % (s.get("group_size") or 1) == 0]
 
 
 def collect_candidates(context: Context, name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:

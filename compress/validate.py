@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from compress.checkpoint import UNKNOWN_MODEL, loader_for
+from compress.checkpoint import Loader, Writer
 from compress.checkpoint.loaders import meta_model
 from compress.errors import UserError, did_you_mean
 from compress.host import PluginHost
+from compress.hub import check_export
 from compress.method import Method
-from compress.recipe import LocatedRecipe, Recipe, load_recipe, pydantic_error
+from compress.quant.grid import check_group_width
+from compress.recipe import LocatedRecipe, Recipe, Stage, load_recipe, pydantic_error
 from compress.targets import invalid_patterns, match_modules
 
 
@@ -37,9 +38,11 @@ class CheckedRecipe:
     path: Path
     recipe: Recipe
     located: LocatedRecipe
-    loader: Any
+    loader: Loader
     task: str
     stages: list[PlannedStage]
+    writer: Writer | None
+    """The output format's writer, resolved once here (None when the recipe writes nothing)."""
     writer_options: BaseModel | None
     """The output writer's validated options (None when the recipe writes nothing)."""
 
@@ -53,14 +56,15 @@ def build_method(host: PluginHost, recipe: Recipe, located: LocatedRecipe, index
     methods = host.methods()
     if stage.method not in methods:
         raise located.error(
-            f"unknown method {stage.method!r}{did_you_mean(stage.method, list(methods))}",
+            f"unknown method {stage.method!r}{did_you_mean(stage.method, list(methods))}{host.refused_for_api()}",
             ("stages", index, "method"),
         )
     method_class = methods[stage.method]
     try:
         params = method_class.Params.model_validate(stage.params)
     except ValidationError as error:
-        raise pydantic_error(error, located, ("stages", index)) from None
+        keys = [*method_class.Params.model_fields, *Stage.model_fields]
+        raise pydantic_error(error, located, ("stages", index), keys) from None
     method = method_class(params)
     try:
         method.check_data(recipe.data)
@@ -82,6 +86,7 @@ def check_stage_targets(
     if unmatched:
         key = ("stages", index, "targets", targets.index(unmatched[0])) if stage.targets else ("stages", index)
         raise located.error(f"target {unmatched[0]!r} matches no module of the model", key)
+    quant = method.produces().quant
     for name, module in selected.items():
         if not isinstance(module, method.supported_modules):
             kinds = ", ".join(cls.__name__ for cls in method.supported_modules)
@@ -90,13 +95,15 @@ def check_stage_targets(
                 ("stages", index, "targets"),
             )
         try:
+            if quant is not None:
+                check_group_width(quant, module.weight[0].numel(), name)
             method.check_layer(name, module)
         except UserError as error:
             raise located.error(f"{error.where}: {error.message}", ("stages", index)) from None
     return PlannedStage(method, targets, ignore, list(selected))
 
 
-def check_format_holds(writer: Any, methods: list[Method], recipe: Recipe, located: LocatedRecipe) -> None:
+def check_format_holds(writer: Writer, methods: list[Method], recipe: Recipe, located: LocatedRecipe) -> None:
     """Refuse a recipe whose stages produce what the output format cannot store."""
     for index, method in enumerate(methods):
         reason = writer.capabilities.refusal(method.produces())
@@ -112,6 +119,11 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
     recipe, located = load_recipe(path)
     methods = [build_method(host, recipe, located, index) for index in range(len(recipe.stages))]
     for index, method in enumerate(methods):
+        written = {key for earlier in methods[:index] for key in earlier.writes_state}
+        for key in method.reads_state:
+            if key not in written:
+                message = f"method {method.name!r} reads state {key!r}, which no earlier stage writes"
+                raise located.error(message, ("stages", index))
         try:
             method.check_previous_stages(methods[:index])
         except UserError as error:
@@ -127,8 +139,11 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
         try:
             sources[spec.source].check(spec)
         except UserError as error:
+            if error.where is None:
+                raise located.error(error.message, ("data", name)) from None
             raise located.error(f"{error.message}: {error.where}", ("data", name, "path")) from None
 
+    writer = writer_options = None
     if recipe.output is not None:
         writers = host.writers()
         if recipe.output.format not in writers:
@@ -136,22 +151,35 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
                 f"unknown output format {recipe.output.format!r}{did_you_mean(recipe.output.format, list(writers))}",
                 ("output", "format"),
             )
+        writer = writers[recipe.output.format]
         try:
-            writer_options = writers[recipe.output.format].Options.model_validate(recipe.output.options)
+            writer_options = writer.Options.model_validate(recipe.output.options)
         except ValidationError as error:
             raise pydantic_error(error, located, ("output",)) from None
         if recipe.output.dir.exists() and not overwrite:
             raise located.error(
                 f"output directory {recipe.output.dir} exists (pass --overwrite to replace it)", ("output", "dir")
             )
+    try:
+        check_export(recipe)
+    except UserError as error:
+        raise located.error(error.message, ("export", "hub")) from None
 
-    loader = loader_for(host.loaders().values(), recipe.model)
-    if loader is None:
-        raise located.error(f"model {recipe.model.name!r}: {UNKNOWN_MODEL}", model_key(located))
+    try:
+        loader = host.loader_for(recipe.model)
+    except UserError as error:
+        raise located.error(f"model {recipe.model.name!r}: {error.message}", model_key(located)) from None
     try:
         config, task = loader.load_config(recipe.model)
     except UserError as error:
         raise located.error(f"{error.message}: {error.where}" if error.where else error.message, model_key(located)) from None
+    for name, spec in recipe.data.items():
+        check_model = getattr(sources[spec.source], "check_model", None)  # optional for a data source
+        try:
+            if check_model is not None:
+                check_model(spec, task, config)
+        except UserError as error:
+            raise located.error(error.message, ("data", name)) from None
 
     metrics = host.metrics()
     for index, spec in enumerate(recipe.evaluate):
@@ -163,9 +191,14 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
             raise located.error(f"metric {spec.metric!r} does not apply to a {task} model", ("evaluate", index))
         if spec.data not in recipe.data:
             raise located.error(f"metric {spec.metric!r} reads data {spec.data!r}, which data: lacks", ("evaluate", index))
+        params_class = metrics[spec.metric].Params
+        try:
+            params_class.model_validate(spec.params)
+        except ValidationError as error:
+            raise pydantic_error(error, located, ("evaluate", index), [*params_class.model_fields, "data"]) from None
 
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
-    if recipe.output is not None:
-        check_format_holds(host.writers()[recipe.output.format], methods, recipe, located)
-    return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer_options if recipe.output else None)
+    if writer is not None:
+        check_format_holds(writer, methods, recipe, located)
+    return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options)

@@ -10,20 +10,22 @@ x 512 tokens, training wall time, tokens/s and peak GPU memory.
 
 The written recipes are also what the multi-GPU comparison runs::
 
-    python scripts/bench_distill.py --out OUT                   # the table
+    python -m scripts.bench_distill --out OUT                   # the table
     accelerate launch --num_processes 2 -m compress apply OUT/recipes/forward_kl-2gpu.yaml
     python -m compress apply OUT/recipes/forward_kl-1gpu.yaml
-    python scripts/bench_distill.py --compare OUT/runs/forward_kl-1gpu OUT/runs/forward_kl-2gpu
+    python -m scripts.bench_distill --compare OUT/runs/forward_kl-1gpu OUT/runs/forward_kl-2gpu
 
 ``--plot OUT/bench_distill.json curves.png`` draws the loss curves (needs matplotlib).
 ``--compare`` prints both loss curves, their largest gap relative to the step-to-step
-noise of the one-GPU curve, and the speed-up. The two recipes have the same global batch
-(``--batch-size``, 16): all of it per step on one GPU, half per GPU on two.
+noise of the one-GPU curve, and the speed-up. The two recipes are the same run
+(``batch_size`` is the global batch, ``--batch-size``, 16, split over the GPUs); only their
+output directories differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def write_recipes(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     for name, loss in LOSSES.items():
         recipes[name] = recipe(args, name, loss, batch, out)
     recipes["forward_kl-1gpu"] = recipe(args, "forward_kl-1gpu", LOSSES["forward_kl"], batch, out)
-    recipes["forward_kl-2gpu"] = recipe(args, "forward_kl-2gpu", LOSSES["forward_kl"], batch // 2, out)
+    recipes["forward_kl-2gpu"] = recipe(args, "forward_kl-2gpu", LOSSES["forward_kl"], batch, out)
     paths = {}
     for name, content in recipes.items():
         paths[name] = out / "recipes" / f"{name}.yaml"
@@ -128,7 +130,7 @@ def compare(one: Path, two: Path) -> None:
     curve_a, curve_b = dict(a["loss_curve"]), dict(b["loss_curve"])
     steps = sorted(curve_a.keys() & curve_b.keys())
     gaps = [abs(curve_a[s] - curve_b[s]) for s in steps]
-    noise = [abs(curve_a[s] - curve_a[t]) for s, t in zip(steps, steps[1:])]
+    noise = [abs(curve_a[s] - curve_a[t]) for s, t in itertools.pairwise(steps)]
     print("| step | 1 GPU loss | 2 GPU loss |\n| ---: | ---: | ---: |")
     for step in steps:
         print(f"| {step} | {curve_a[step]:.4f} | {curve_b[step]:.4f} |")

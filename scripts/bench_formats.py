@@ -33,8 +33,8 @@ the sparse output checked against the dense one. On the CPU that part is skipped
 
 Usage::
 
-    python scripts/bench_formats.py                 # CUDA when present: batch 1 and 16, 128 new tokens, 2:4 kernels
-    python scripts/bench_formats.py --device cpu    # CPU: batch 1 and 4, 16 new tokens, no 2:4 part
+    python -m scripts.bench_formats                 # CUDA when present: batch 1 and 16, 128 new tokens, 2:4 kernels
+    python -m scripts.bench_formats --device cpu    # CPU: batch 1 and 4, 16 new tokens, no 2:4 part
 
 Results are printed as markdown tables and written as JSON to ``--json`` or, when the
 environment variable OUT is set, to ``$OUT/bench_formats.json``. Needs
@@ -47,23 +47,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import logging
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "plugins", ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_engine import environment as engine_environment  # noqa: E402
+from scripts.common import environment as common_environment
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _DropMessage(logging.Filter):
@@ -147,11 +145,11 @@ def write_checkpoints(names: list[str], workdir: Path, reuse: bool = False) -> d
             "run": {"device": "cpu"},  # rtn is data-free and the model is small
         }
         recipe_file = workdir / "recipes" / f"{name}.yaml"
-        if reuse and (out_dir / "config.json").is_file() and recipe_file.is_file():
-            if yaml.safe_load(recipe_file.read_text()) == recipe:
-                print(f"[write] {name}: reusing {out_dir}", flush=True)
-                written[name] = {"dir": out_dir, "seconds": None, "recipe": recipe}
-                continue
+        reusable = reuse and (out_dir / "config.json").is_file() and recipe_file.is_file()
+        if reusable and yaml.safe_load(recipe_file.read_text()) == recipe:
+            print(f"[write] {name}: reusing {out_dir}", flush=True)
+            written[name] = {"dir": out_dir, "seconds": None, "recipe": recipe}
+            continue
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
         start = time.perf_counter()
@@ -236,13 +234,13 @@ def linear_classes(model) -> dict[str, int]:
 def generate_speed(model, tokenizer, device, batch: int, new_tokens: int, reps: int) -> dict:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device).repeat(batch, 1)
     mask = torch.ones_like(ids)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-    )
+    kwargs = {
+        "attention_mask": mask,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.eos_token_id,
+    }
     model.generate(ids, **{**kwargs, "max_new_tokens": min(4, new_tokens), "min_new_tokens": min(4, new_tokens)})
     seconds, out = [], None
     for _ in range(reps):
@@ -364,8 +362,8 @@ def bench_semi_structured(device: torch.device, token_counts: list[int], reps: i
             y_sparse = F.linear(x, sparse_w)
             error = ((y_sparse.float() - y_dense.float()).abs().max() / y_dense.float().abs().max()).item()
             per_graph = max(1, min(200, int(2e10 // (2 * tokens * in_features * out_features) + 1)))
-            t_dense, m_dense = time_call(lambda: F.linear(x, dense_w), device, reps, per_graph)
-            t_sparse, m_sparse = time_call(lambda: F.linear(x, sparse_w), device, reps, per_graph)
+            t_dense, m_dense = time_call(lambda x=x, w=dense_w: F.linear(x, w), device, reps, per_graph)
+            t_sparse, m_sparse = time_call(lambda x=x, w=sparse_w: F.linear(x, w), device, reps, per_graph)
             flops = 2 * tokens * in_features * out_features
             row = {
                 "layer": label,
@@ -403,8 +401,8 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """bench_engine's environment, plus the CPU, torch's threads and the format libraries."""
-    info = engine_environment(str(device))
+    """The common environment record, plus the CPU, torch's threads and the format libraries."""
+    info = common_environment(str(device))
     info.update(cpu=cpu_model(), torch_threads=torch.get_num_threads())
     for package in ("compressed_tensors", "bitsandbytes", "safetensors", "accelerate"):
         try:
@@ -584,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or (Path(os.environ["OUT"]) / "bench_formats.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python scripts/bench_formats.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m scripts.bench_formats " + " ".join(argv if argv is not None else sys.argv[1:])
         payload = {
             "environment": env,
             "command": command.strip(),

@@ -2,10 +2,10 @@
 LLM Compressor's, on the same random model and the same calibration tokens.
 
 A random-weight model with Llama-3-8B's published shape (the model of
-``scripts/bench_engine.py``: hidden 4096, intermediate 14336, 32 heads, 8 kv heads, vocab
+``scripts.common``: hidden 4096, intermediate 14336, 32 heads, 8 kv heads, vocab
 128256, untied embeddings, bf16, N(0, 0.02) weights) is quantized by the ``gptq`` method
-(4 bits, symmetric, groups of 128, blocks of 128, 1% dampening, no activation ordering,
-every Linear except lm_head) with ``run.mode: sequential`` (one decoder layer on the GPU
+(4 bits, symmetric, groups of 128, blocks of 128, 1% dampening, activation ordering off
+unless ``--act-order``, every Linear except lm_head) with ``run.mode: sequential`` (one decoder layer on the GPU
 at a time) through ``compress.engine.run_stages``. Calibration data is 128 sequences of
 2048 random token ids, injected directly into the context (``context._data``), so no
 tokenizer or data file is needed. Random weights and random tokens give honest timings
@@ -21,21 +21,25 @@ that the CUDA-graph and fused column loops give exactly the eager loop's result 
 layers (symmetric, asymmetric, inherited grid with frozen outliers), and that bf16 Hessian
 products (``low_precision_products``) match the float32 ones to accumulation rounding.
 
-When ``llmcompressor`` is importable, LLM Compressor's ``GPTQModifier`` (W4 g128
-symmetric, block 128, dampening 0.01, no actorder, ignore lm_head) runs in the same
+When ``llmcompressor`` is importable, LLM Compressor's ``GPTQModifier`` (the same
+settings: W4 g128 symmetric, block 128, dampening 0.01, ``actorder`` given explicitly as
+None, or ``"static"`` with ``--act-order``, since the modifier's own default is
+``"static"``; ignore lm_head) runs in the same
 invocation through its ``sequential`` pipeline on the same random model (same seed) and
 the same calibration tensors, fed as a DataLoader to the pipeline ``oneshot`` would use
 (``Oneshot.apply_recipe_modifiers``; model loading and the dataset pre-processing are
 skipped, as the data is already token ids). Its time per decoder layer comes from the
 moments each decoder layer is first called. llmcompressor imports ``datasets`` for type
 hints only; where ``datasets`` is missing a stand-in module is registered so the import
-succeeds (no dataset code runs here). Each run is a subprocess of its own, so peak
+succeeds (no dataset code runs here). Each run records the settings it ran with (for LLM
+Compressor read back from a quantized layer's scheme after the run), printed before the
+table and in its ``settings`` column. Each run is a subprocess of its own, so peak
 memories are its own.
 
 Usage (GPU, after ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl .whl-lc/*.whl``)::
 
-    PYTHONPATH=/tmp/site:. python scripts/bench_gptq_gpu.py --layers 4
-    python scripts/bench_gptq_gpu.py --tiny --device cpu   # a small model on the CPU (logic check)
+    PYTHONPATH=/tmp/site:.:plugins python -m scripts.bench_gptq_gpu --layers 4
+    python -m scripts.bench_gptq_gpu --tiny --device cpu   # a small model on the CPU (logic check)
 
 ``--unfused`` (no fused Triton column loop), ``--eager`` (no CUDA graphs) and
 ``--fp32-products`` (Hessian products through float32 copies and TF32) select the slower
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -62,15 +67,10 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "plugins", ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import torch
 
-import torch  # noqa: E402
-
-from compress import hookimpl  # noqa: E402
-from bench_engine import (  # noqa: E402
+from compress import hookimpl
+from scripts.common import (
     StageClock,
     build_context,
     environment,
@@ -80,9 +80,11 @@ from bench_engine import (  # noqa: E402
     random_model,
 )
 
-PARAMS = dict(bits=4, group_size=128, symmetric=True)
-FULL = dict(samples=128, seq_len=2048)
-TINY = dict(samples=8, seq_len=128)
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"bits": 4, "group_size": 128, "symmetric": True, "block_size": 128, "percdamp": 0.01}
+"""The settings both tools run with; activation ordering is off unless ``--act-order``."""
+FULL = {"samples": 128, "seq_len": 2048}
+TINY = {"samples": 8, "seq_len": 128}
 
 
 def warm_up(device: torch.device) -> None:
@@ -146,7 +148,7 @@ def graph_check(device: torch.device) -> dict:
     inherited = QuantScheme(bits=3, group_size=64)
     grid = compute_grid(weight * 0.9, inherited)
     mask = weight.abs() > weight.abs().quantile(0.95)
-    frozen = dict(grid=grid, frozen=mask, frozen_values=torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight)))
+    frozen = {"grid": grid, "frozen": mask, "frozen_values": torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight))}
     cases = {
         "g128": (QuantScheme(bits=4, group_size=128), {}),
         "g64-asym": (QuantScheme(bits=3, group_size=64, symmetric=False), {}),
@@ -178,6 +180,22 @@ def hessian_check(device: torch.device) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
+def ours_settings(params) -> dict:
+    """The settings our gptq stage ran with, in the same keys as LLM Compressor's record."""
+    return {"bits": params.bits, "symmetric": params.symmetric, "group_size": params.group_size,
+            # act_order with groups is static groups: every group's grid computed up front
+            "act_order": "static" if params.act_order else "off", "block_size": params.block_size,
+            "dampening": params.percdamp}
+
+
+def describe(settings: dict) -> str:
+    """One line: the weight grid, activation ordering, block size and dampening of a run."""
+    groups = f"groups of {settings['group_size']}" if settings["group_size"] else "per channel"
+    kind = "symmetric" if settings["symmetric"] else "asymmetric"
+    return (f"W{settings['bits']} {kind}, {groups}, act-order {settings['act_order']}, "
+            f"block {settings['block_size']}, dampening {settings['dampening']}")
+
+
 def run_ours(args) -> dict:
     from compress.engine import run_stages
 
@@ -187,11 +205,11 @@ def run_ours(args) -> dict:
     clock = StageClock(device)
     host.register(Progress(clock), name="bench-progress")
     host.register(clock, name="bench-stage-clock")  # pluggy calls the last registered first: clock marks, then Progress prints
-    stage = {"method": "gptq", **PARAMS, "cuda_graphs": not args.eager,
+    stage = {"method": "gptq", **SETTINGS, "act_order": args.act_order, "cuda_graphs": not args.eager,
              "fused_column_loop": not args.unfused, "low_precision_products": not args.fp32_products}
     context, checked = build_context(host, model, config, "sequential", device, stage)
     samples = calibration(args, config)
-    context._data["calibration"] = samples
+    context._data["calibration"] = [{"input_ids": ids, "labels": ids} for ids in samples]  # compress.data.Sample
     names = checked.stages[0].target_names
     first, last = names[0], names[-1]
     modules = dict(model.named_modules())
@@ -216,8 +234,8 @@ def run_ours(args) -> dict:
         hessian = mine[0]["hessian_seconds"] if mine else 0.0
         solve = sum(v["seconds"] for v in mine)
         rtn = sum(v["rtn_seconds"] for v in mine)
-        per_block.append(dict(seconds=total, hessian=hessian, solve=solve, rtn_reference=rtn,
-                              rest=total - hessian - solve - rtn))
+        per_block.append({"seconds": total, "hessian": hessian, "solve": solve, "rtn_reference": rtn,
+                              "rest": total - hessian - solve - rtn})
 
     checks: dict = {
         "all_on_host": all(p.device.type == "cpu" for p in model.parameters()),
@@ -255,6 +273,7 @@ def run_ours(args) -> dict:
         "parameters": params,
         "decoder_layers": config.num_hidden_layers,
         "linear_layers_quantized": len(layers),
+        "settings": ours_settings(checked.stages[0].method.params),
         "calibration": {"samples": len(samples), "seq_len": len(samples[0])},
         "build_seconds": build_seconds,
         "stage_seconds": record.seconds,
@@ -312,10 +331,12 @@ def run_llmcompressor(args) -> dict:
     config, model, build_seconds, params = build(args)
     samples = calibration(args, config)
     loader = DataLoader(samples, batch_size=1, collate_fn=lambda batch: {"input_ids": torch.stack(batch)})
-    weights = QuantizationArgs(num_bits=PARAMS["bits"], type="int", symmetric=PARAMS["symmetric"], strategy="group",
-                               group_size=PARAMS["group_size"])
+    weights = QuantizationArgs(num_bits=SETTINGS["bits"], type="int", symmetric=SETTINGS["symmetric"],
+                               strategy="group", group_size=SETTINGS["group_size"])
+    # GPTQModifier's own default is actorder "static": it is always given explicitly here
     modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                            ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder=None)
+                            ignore=["lm_head"], block_size=SETTINGS["block_size"],
+                            dampening_frac=SETTINGS["percdamp"], actorder="static" if args.act_order else None)
     # oneshot() minus loading the model from a path and tokenizing a dataset
     shot = Oneshot.__new__(Oneshot)
     shot.model = model
@@ -345,9 +366,15 @@ def run_llmcompressor(args) -> dict:
     for handle in handles:
         handle.remove()
     marks = [starts[i] for i in sorted(starts)] + [ended]
-    seconds = [b - a for a, b in zip(marks, marks[1:])]
-    quantized = [n for n, m in model.named_modules() if hasattr(m, "weight_scale")]
+    seconds = [b - a for a, b in itertools.pairwise(marks)]
+    quantized = [m for m in model.modules() if hasattr(m, "weight_scale")]
     expected = 7 * config.num_hidden_layers
+    applied = quantized[0].quantization_scheme.weights  # the settings after the modifier resolved them
+    actorder = getattr(applied.actorder, "value", applied.actorder)
+    settings = {"bits": applied.num_bits, "symmetric": applied.symmetric,
+                "group_size": applied.group_size if applied.strategy == "group" else None,
+                "act_order": actorder or "off", "block_size": modifier.block_size,
+                "dampening": modifier.dampening_frac}
     result = {
         "run": f"llmcompressor {llmcompressor.__version__} GPTQModifier",
         "device": str(device),
@@ -362,6 +389,7 @@ def run_llmcompressor(args) -> dict:
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layer_seconds": seconds,
         "median_seconds": {"seconds": statistics.median(seconds)},
+        "settings": settings,
         "modifier": repr(modifier)[:1000],
         "checks": {"ok": len(quantized) == expected and len(seconds) == config.num_hidden_layers,
                    "layers_quantized": len(quantized), "layers_expected": expected},
@@ -372,7 +400,8 @@ def run_llmcompressor(args) -> dict:
 
 def table(results: list[dict]) -> str:
     head = (
-        "| run | column loop | layers | calibration | per layer, median (s) | Hessians (s) | GPTQ solves (s) | RTN baseline (s) "
+        "| run | settings | column loop | layers | calibration | per layer, median (s) | Hessians (s) | GPTQ solves (s) "
+        "| RTN baseline (s) "
         "| forward + moves (s) | stage (s) | peak GPU allocated (GiB) | peak GPU reserved (GiB) | peak host RSS (GiB) "
         "| check |"
     )
@@ -381,7 +410,8 @@ def table(results: list[dict]) -> str:
         m, c = r["median_seconds"], r["calibration"]
         split = [f"{m[k]:.2f}" if k in m else "–" for k in ("hessian", "solve", "rtn_reference", "rest")]
         lines.append(
-            f"| {r['run']} | {', '.join(r['checks'].get('column_loop', ['–']))} | {r['decoder_layers']} | {c['samples']} × {c['seq_len']} | {m['seconds']:.2f} | "
+            f"| {r['run']} | {describe(r['settings'])} | {', '.join(r['checks'].get('column_loop', ['–']))} "
+            f"| {r['decoder_layers']} | {c['samples']} × {c['seq_len']} | {m['seconds']:.2f} | "
             + " | ".join(split)
             + f" | {r['stage_seconds']:.1f} | {gib(r['peak_device_bytes'])} | {gib(r['peak_device_reserved_bytes'])} "
             f"| {gib(r['peak_host_rss_bytes'])} | {'ok' if r['checks']['ok'] else 'FAILED'} |"
@@ -392,14 +422,14 @@ def table(results: list[dict]) -> str:
 def child(args, which: str) -> dict | None:
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--result", str(result_file)]
+        command = [sys.executable, "-m", "scripts.bench_gptq_gpu", "--child", which, "--result", str(result_file)]
         command += ["--device", args.device, "--seed", str(args.seed), "--threads", str(args.threads)]
         command += ["--tiny"] if args.tiny else []
         command += [flag for flag, on in (("--eager", args.eager), ("--unfused", args.unfused),
-                                          ("--fp32-products", args.fp32_products)) if on]
+                                          ("--fp32-products", args.fp32_products), ("--act-order", args.act_order)) if on]
         for flag, value in (("--layers", args.layers), ("--samples", args.samples), ("--seq-len", args.seq_len)):
             command += [flag, str(value)] if value is not None else []
-        code = subprocess.run(command).returncode
+        code = subprocess.run(command, cwd=ROOT, check=False).returncode
         if not result_file.exists():
             print(f"the {which} run failed (exit {code})", file=sys.stderr)
             return None
@@ -419,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unfused", action="store_true", help="ours without the fused Triton column loop")
     parser.add_argument("--fp32-products", action="store_true",
                         help="ours with float32 copies (TF32) for the Hessian products, not bf16 ones")
+    parser.add_argument("--act-order", action="store_true",
+                        help="both tools with activation ordering, static groups (ours act_order: true, "
+                        "LLM Compressor actorder: static); default: off in both")
     parser.add_argument("--no-llmcompressor", action="store_true", help="skip LLM Compressor's run")
     parser.add_argument("--json", type=Path, default=None, help="results file (default $OUT/bench_gptq_gpu.json)")
     parser.add_argument("--child", choices=["ours", "llmcompressor"], help=argparse.SUPPRESS)
@@ -445,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     shape = "tiny Llama" if args.tiny else "Llama-3-8B shape"
-    print(f"\nGPTQ W4 g128 symmetric, sequential, {shape}, {results[0]['decoder_layers']} decoder layers, "
+    print(f"\nGPTQ, sequential, {shape}, {results[0]['decoder_layers']} decoder layers, "
           f"{results[0]['parameters'] / 1e9:.2f}B parameters, bf16, device {args.device}"
           + (f" ({env['gpu']})" if "gpu" in env else ""))
+    for r in results:
+        print(f"{r['run']}: {describe(r['settings'])}")
     print(table(results))
     for r in results:
         print(f"{r['run']}: per layer (s) " + ", ".join(f"{s:.2f}" for s in r["layer_seconds"]))
@@ -466,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or (Path(os.environ["OUT"]) / "bench_gptq_gpu.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python scripts/bench_gptq_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m scripts.bench_gptq_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
         out.write_text(json.dumps({"environment": env, "command": command.strip(), "results": results}, indent=2) + "\n")
         print(f"wrote {out}")
     return 0 if all(r["checks"]["ok"] for r in results) else 1

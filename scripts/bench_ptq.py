@@ -34,8 +34,12 @@ stream, no special tokens, cut into consecutive non-overlapping windows); calibr
 
 Usage::
 
-    python scripts/bench_ptq.py --lc-python /work/venv-lc/bin/python
-    python scripts/bench_ptq.py --configs rtn,gptq --bits 4 --calib-samples 4 --eval-samples 1  # quick check
+    python -m scripts.bench_ptq --lc-python /work/venv-lc/bin/python
+    python -m scripts.bench_ptq --configs rtn,gptq --bits 4 --calib-samples 4 --eval-samples 1  # quick check
+
+LLM Compressor's children run ``python -m scripts.bench_ptq`` with the other venv's
+interpreter from the repository root: this module imports only the standard library at
+the top, and ``scripts/__init__.py`` nothing.
 
 The markdown table is printed; JSON goes to ``--json`` or ``$OUT/bench_ptq.json``.
 """
@@ -64,7 +68,7 @@ OURS = ("rtn", "kl_ptq", "gptq", "kl_ptq+gptq")
 LLMC = ("llmc-rtn", "llmc-gptq")
 CONFIGS = OURS + LLMC
 CODE_FILES = ("textwrap.py", "functools.py", "argparse.py", "json/decoder.py", "collections/__init__.py")
-GPTQ_SETTINGS = dict(block_size=128, percdamp=0.01, act_order=False)
+GPTQ_SETTINGS = {"block_size": 128, "percdamp": 0.01, "act_order": False}
 
 
 def model_dir() -> Path:
@@ -168,7 +172,6 @@ def recipe_text(config: str, bits: int, calib: dict) -> str:
 def run_ours(args) -> dict:
     import torch
 
-    sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
     from compress.engine import apply_recipe
     from compress.host import PluginHost
     from compress.validate import check_recipe
@@ -237,8 +240,8 @@ def run_llmc(args) -> dict:
             config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=GPTQ_SETTINGS["block_size"],
             dampening_frac=GPTQ_SETTINGS["percdamp"], actorder=None,
         )
-        kwargs = dict(dataset=calib, num_calibration_samples=len(windows), max_seq_length=len(windows[0]),
-                      shuffle_calibration_samples=False)
+        kwargs = {"dataset": calib, "num_calibration_samples": len(windows), "max_seq_length": len(windows[0]),
+                      "shuffle_calibration_samples": False}
     else:
         modifier = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     with RSSSampler() as usage:
@@ -282,18 +285,20 @@ def code_text(scratch: Path) -> tuple[Path, list[str]]:
 
 
 def windows_of(path: Path, samples: int, seq_len: int, tokenizer):
-    sys.path[:0] = [str(ROOT)]
+    """The token windows (1-D tensors) the ``text`` data source makes of ``path``."""
     from compress.data import TextFileSource
     from compress.recipe import DataSpec
 
-    return TextFileSource().load(DataSpec(path=path, samples=samples, seq_len=seq_len), tokenizer)
+    loaded = TextFileSource().load(DataSpec(path=path, samples=samples, seq_len=seq_len), tokenizer)
+    return [sample["input_ids"] for sample in loaded]
 
 
 def environment(lc_python: str | None) -> dict:
     import torch
     import transformers
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
     info = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -306,7 +311,7 @@ def environment(lc_python: str | None) -> dict:
     if lc_python:
         code = ("import llmcompressor, compressed_tensors, torch, transformers, platform; print(platform.python_version(),"
                 " llmcompressor.__version__, compressed_tensors.__version__, torch.__version__, transformers.__version__)")
-        out = subprocess.run([lc_python, "-c", code], capture_output=True, text=True).stdout.split()
+        out = subprocess.run([lc_python, "-c", code], capture_output=True, text=True, check=False).stdout.split()
         if len(out) == 5:
             info["llmcompressor_env"] = dict(zip(("python", "llmcompressor", "compressed_tensors", "torch",
                                                   "transformers"), out))
@@ -386,12 +391,12 @@ def main(argv=None) -> int:
         for config in configs:
             weights, result_file = scratch / f"{config}-w{bits}.safetensors", scratch / f"{config}-w{bits}.json"
             python = args.lc_python if config in LLMC else sys.executable
-            command = [python, str(Path(__file__).resolve()), "--child", config, "--bits", str(bits),
+            command = [python, "-m", "scripts.bench_ptq", "--child", config, "--bits", str(bits),
                        "--scratch", str(scratch), "--weights", str(weights), "--result", str(result_file),
                        "--calib", json.dumps(calib), "--windows", str(scratch / "calib.pt"),
                        "--threads", str(args.threads)]
             t0 = time.perf_counter()
-            code = subprocess.run(command).returncode
+            code = subprocess.run(command, cwd=ROOT, check=False).returncode
             if code or not result_file.exists():
                 print(f"{config} W{bits}: child failed (exit {code})", file=sys.stderr, flush=True)
                 results.append({"config": config, "bits": bits, "failed": code})
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
     out = args.json or (Path(os.environ["OUT"]) / "bench_ptq.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python scripts/bench_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m scripts.bench_ptq " + " ".join(argv if argv is not None else sys.argv[1:])
         out.write_text(json.dumps({"environment": env, "command": command.strip(), "code_files": code_files,
                                    "calibration": calib, "eval_samples": args.eval_samples,
                                    "results": results}, indent=2) + "\n")

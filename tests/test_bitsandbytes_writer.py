@@ -118,7 +118,7 @@ def test_round_trip_through_transformers(context, tmp_path, options, tolerance, 
     assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == kind
     assert type(reloaded.lm_head).__name__ == "Linear"  # ignored by default
 
-    ids = context.data("evaluation")[0].unsqueeze(0)
+    ids = context.data("evaluation")[0]["input_ids"].unsqueeze(0)
     got = logits(reloaded, ids)
     expected = logits(reference(context, parsed), ids)
     original = logits(context.model, ids)

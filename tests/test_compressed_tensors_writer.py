@@ -56,7 +56,7 @@ def assert_round_trip(context, out: Path, dequantize: bool = False) -> None:
     before = {name: value.clone() for name, value in context.model.state_dict().items()}
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
     reloaded = AutoModelForCausalLM.from_pretrained(out, **extra).eval()
-    ids = context.data("evaluation")[0].unsqueeze(0)
+    ids = context.data("evaluation")[0]["input_ids"].unsqueeze(0)
     expected = logits(context.model, ids)
     assert torch.equal(logits(reloaded, ids), expected)
     # the writer left the in-memory model as it was
@@ -192,7 +192,7 @@ def test_bfloat16_model_stores_bfloat16_scales(host, write_recipe, tmp_path, tin
     stored = tensors(out)
     modules = dict(context.model.named_modules())
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = context.data("evaluation")[0].unsqueeze(0)
+    ids = context.data("evaluation")[0]["input_ids"].unsqueeze(0)
     expected, got = logits(context.model, ids).float(), logits(reloaded, ids).float()  # decompresses
     difference = (got - expected).abs().max().item()
     print(f"bf16 max logit difference {difference:.4f} (logit range {expected.abs().max().item():.1f})")

@@ -1,4 +1,4 @@
-"""Plugin discovery: entry points, broken plugins, the load switch, tracing, duplicates."""
+"""Plugin discovery: entry points, broken plugins, API versions, the load switch, tracing, duplicates."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from compress.api import API_VERSION, UserError
 from compress.cli import cli
-from compress.errors import UserError
 from compress.host import PluginHost
 
 GOOD = '''
 from compress import hookimpl
-from compress.method import LayerMethod
+from compress.api import LayerMethod
+
+compress_api = ">=2,<3"
 
 
 class Identity(LayerMethod):
@@ -43,25 +45,116 @@ MODULES = {
 }
 
 
-@pytest.fixture
-def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A real distribution on sys.path with one good and three broken entry points."""
-    site = tmp_path / "site"
+def install(site: Path, monkeypatch: pytest.MonkeyPatch, modules: dict[str, str], entry_points: dict[str, str]) -> Path:
+    """A real distribution on sys.path: ``modules`` (name to source) and its ``compress`` entry points."""
     site.mkdir()
-    for module, source in MODULES.items():
+    for module, source in modules.items():
         (site / f"{module}.py").write_text(source)
     dist_info = site / "fake_compress_plugins-1.2.3.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-compress-plugins\nVersion: 1.2.3\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[compress]\n"
-        "good = compress_good_plugin\n"
-        "import-error = compress_import_error_plugin\n"
-        "misspelled = compress_misspelled_plugin\n"
-        "raising = compress_raising_plugin\n"
-    )
+    lines = "".join(f"{name} = {module}\n" for name, module in entry_points.items())
+    (dist_info / "entry_points.txt").write_text(f"[compress]\n{lines}")
     monkeypatch.syspath_prepend(str(site))
     return site
+
+
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One good and three broken entry points."""
+    return install(
+        tmp_path / "site",
+        monkeypatch,
+        MODULES,
+        {
+            "good": "compress_good_plugin",
+            "import-error": "compress_import_error_plugin",
+            "misspelled": "compress_misspelled_plugin",
+            "raising": "compress_raising_plugin",
+        },
+    )
+
+
+FUTURE = '''
+from compress import hookimpl
+from compress.api import NameOfALaterAPI  # importing this plugin here would fail
+
+compress_api = ">=3,<4"
+
+
+@hookimpl
+def compress_register_methods(register):
+    register(NameOfALaterAPI)
+'''
+
+
+@pytest.fixture
+def api_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A plugin for this API, one for a later API, two whose range is unreadable and one that is not Python."""
+    return install(
+        tmp_path / "site",
+        monkeypatch,
+        {
+            "compress_good_plugin": GOOD,
+            "compress_future_plugin": FUTURE,
+            "compress_unreadable_range_plugin": 'compress_api: str = "2.0 or newer"\n',
+            "compress_computed_range_plugin": 'compress_api = ">=" + "2"\n',
+            "compress_syntax_error_plugin": "def broken(:\n",
+        },
+        {
+            "good": "compress_good_plugin",
+            "future": "compress_future_plugin",
+            "unreadable": "compress_unreadable_range_plugin",
+            "computed": "compress_computed_range_plugin",
+            "syntax-error": "compress_syntax_error_plugin",
+        },
+    )
+
+
+FUTURE_REFUSED = f"requires compress API >=3,<4, but this compress has API {API_VERSION}"
+
+
+def test_a_plugin_for_another_api_version_is_refused_before_it_is_imported(api_plugins):
+    import sys
+
+    with pytest.warns(UserWarning) as warned:
+        host = loaded_host()
+    assert sorted(str(warning.message).split(":")[0] for warning in warned) == [
+        "plugin 'computed' is broken",
+        "plugin 'future' is broken",
+        "plugin 'syntax-error' is broken",
+        "plugin 'unreadable' is broken",
+    ]
+    broken = {plugin.name: plugin for plugin in host.broken}
+    assert broken["future"].error == FUTURE_REFUSED
+    assert broken["future"].requires_api == ">=3,<4"
+    assert "compress_future_plugin" not in sys.modules
+    assert broken["unreadable"].error == "compress_api '2.0 or newer' is not a version range (e.g. '>=2,<3')"
+    assert broken["computed"].error.startswith("compress_api must be a string literal (")
+    assert broken["computed"].error.endswith("compress_computed_range_plugin.py:1)")
+    assert broken["syntax-error"].error.startswith("SyntaxError: ")
+    assert broken["syntax-error"].requires_api is None
+    assert "identity" in host.methods()  # ">=2,<3" admits this API
+    assert set(broken) == {"computed", "future", "syntax-error", "unreadable"}
+
+
+def test_plugins_command_and_a_recipe_name_both_versions(api_plugins, tmp_path):
+    from compress import host as host_module
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: smollm2-135m-instruct\nstages:\n  - method: future_quant\n")
+    host_module.reset_host()
+    try:
+        with pytest.warns(UserWarning):
+            listed = CliRunner().invoke(cli, ["plugins"])
+        checked = CliRunner().invoke(cli, ["recipe", "check", str(recipe)])  # the same host, loaded once
+    finally:
+        host_module.reset_host()
+    assert f"broken future: {FUTURE_REFUSED}" in listed.output
+    assert checked.exit_code == 2
+    assert checked.output.startswith(f"error: {recipe}:3:13: unknown method 'future_quant'")
+    assert f"; plugin 'future' is not loaded ({FUTURE_REFUSED})" in checked.output
+    assert len(checked.output.strip().splitlines()) == 1
 
 
 def loaded_host() -> PluginHost:
@@ -70,10 +163,14 @@ def loaded_host() -> PluginHost:
     return host
 
 
+def host_and_methods() -> tuple[PluginHost, dict[str, type]]:
+    host = loaded_host()
+    return host, host.methods()
+
+
 def test_broken_plugins_are_reported_and_the_others_load(installed):
     with pytest.warns(UserWarning) as warned:
-        host = loaded_host()
-        methods = host.methods()
+        host, methods = host_and_methods()
     assert {"identity", "rtn"} <= set(methods)
     broken = {plugin.name: plugin.error for plugin in host.broken}
     assert broken["import-error"] == "RuntimeError: missing dependency xyz"
@@ -169,3 +266,18 @@ def test_registration_hooks_called_once_per_host(monkeypatch):
     host.metrics()
     host.metrics()
     assert calls == [1]
+
+
+def test_load_model_resolves_through_the_loaders_and_names_an_unknown_model(tmp_path):
+    import torch
+
+    from compress.api import Context
+
+    host = loaded_host()
+    context = Context(host, recipe=None, loaded=None, loader=None, device=torch.device("cpu"), report=None)
+    with pytest.raises(UserError, match=r"^no-such-model: not a built-in model name, a directory"):
+        context.load_model("no-such-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="config.json"):  # the directory loader claimed it and found no model
+        context.load_model(str(empty))

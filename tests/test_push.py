@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from compress.cli import cli
 from compress.errors import UserError
-from compress.hub import push
+from compress.hub import LOGIN_HINT, push
 from compress.recipe import HubExport
 from tests.hub_server import HubServer
 
@@ -187,6 +187,19 @@ def test_recipe_export_without_token_fails_before_the_run(run_recipe, no_token: 
     with pytest.raises(UserError, match="no Hugging Face token"):
         run_recipe({**RECIPE, "export": {"hub": {"repo_id": "someone/x"}}})
     assert not (tmp_path / "out-0").exists()
+
+
+def test_recipe_check_refuses_an_export_without_token(tiny_model_dir: Path, no_token: None, tmp_path: Path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tiny_model_dir}\n"
+        "stages:\n  - {method: rtn, bits: 4, group_size: 64}\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+        "export:\n  hub: {repo_id: someone/x}\n"
+    )
+    result = CliRunner().invoke(cli, ["recipe", "check", str(recipe)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {recipe}:6:8: no Hugging Face token: {LOGIN_HINT}"]
 
 
 @pytest.mark.parametrize(

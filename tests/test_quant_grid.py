@@ -4,12 +4,16 @@ Hand examples use scales that are powers of two so every expected value is exact
 float32 and can be compared with ``torch.equal``.
 """
 
+import re
+
 import pydantic
 import pytest
 import torch
 
 from compress.errors import UserError
 from compress.quant import QuantGrid, QuantScheme, compute_grid
+from compress.quant.params import QuantParams
+from compress.validate import check_recipe
 
 F32 = torch.float32
 
@@ -179,8 +183,10 @@ def test_bits_outside_range_rejected(bits):
 def test_group_size_rules():
     assert QuantScheme(bits=4).group_size == 128
     assert QuantScheme(bits=4, granularity="channel").group_size is None
+    # null means per output channel, the same in every quantizer's parameters
+    assert QuantScheme(bits=4, group_size=None) == QuantScheme(bits=4, granularity="channel")
     with pytest.raises(pydantic.ValidationError, match="group_size is required"):
-        QuantScheme(bits=4, group_size=None)
+        QuantScheme(bits=4, granularity="group", group_size=None)
     with pytest.raises(pydantic.ValidationError, match="only allowed"):
         QuantScheme(bits=4, granularity="tensor", group_size=32)
     with pytest.raises(pydantic.ValidationError):
@@ -281,3 +287,35 @@ def test_shapes_and_to():
         assert moved.scheme == scheme and torch.equal(moved.scale, grid.scale)
         assert torch.equal(moved.zero_point, grid.zero_point)
     assert compute_grid(w, QuantScheme(bits=4, group_size=8)).to("cpu").zero_point is None
+
+
+QUANTIZERS = ["rtn", "gptq", "kl_ptq"]
+
+
+@pytest.mark.parametrize("method", QUANTIZERS)
+def test_every_quantizer_extends_one_parameter_set(host, method):
+    params_class = host.methods()[method].Params
+    assert issubclass(params_class, QuantParams)
+    # the same keys mean the same grid in every method
+    assert params_class(bits=4, group_size=None).scheme() == QuantScheme(bits=4, granularity="channel")
+    assert params_class(bits=3, group_size=32, symmetric=False).scheme() == QuantScheme(
+        bits=3, group_size=32, symmetric=False
+    )
+    assert params_class(bits=4).scheme().group_size == 128
+
+
+def test_quantizers_refuse_granularities_they_do_not_implement(host, write_recipe):
+    stages = [{"method": "kl_ptq", "bits": 4, "granularity": "tensor"}]
+    with pytest.raises(UserError, match=r"recipe.yaml:\d+:\d+: .*granularity 'tensor' is not available here"):
+        check_recipe(host, write_recipe(stages=stages))
+
+
+@pytest.mark.parametrize("method", QUANTIZERS)
+def test_group_width_is_checked_once_at_recipe_check(host, write_recipe, method):
+    """One check for every quantizer, from the scheme the stage produces: one line naming the layer."""
+    with pytest.raises(UserError) as error:
+        check_recipe(host, write_recipe(stages=[{"method": method, "bits": 4, "group_size": 100}]))
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.search(r"recipe\.yaml:\d+:\d+: model\.layers\.0\.self_attn\.q_proj: group_size 100 does not divide "
+                     r"the input width 576$", message), message

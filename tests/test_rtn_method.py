@@ -49,8 +49,11 @@ def test_candidates_trade_storage_for_error(host, tiny_lm_dir):
 
 def test_candidates_skip_group_sizes_that_do_not_divide(host, tiny_lm_dir):
     layer = real_layer(tiny_lm_dir)  # input width 1536 = 12 x 128, not a multiple of 1000
-    request = CandidateRequest(settings={"bits": [4], "group_size": [1000, 128]}, methods=frozenset({"rtn"}))
-    assert [c.setting["group_size"] for c in collect_candidates(FakeContext(host), "x", layer, request)] == [128]
+    request = CandidateRequest(settings={"bits": [4], "group_size": [1000, 128, None]}, methods=frozenset({"rtn"}))
+    candidates = collect_candidates(FakeContext(host), "x", layer, request)
+    assert [c.setting["group_size"] for c in candidates] == [128, None]
+    # None: one scale per output channel, as group_size: null means in every quantizer
+    assert candidates[1].apply(layer).quant.scale.shape == (layer.weight.shape[0], 1)
 
 
 def test_methods_filter(host, tiny_lm_dir):

@@ -108,7 +108,7 @@ def assert_library_parses(out: Path, context) -> None:
 
 def assert_zeros_survive(context, out: Path) -> AutoModelForCausalLM:
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = context.data("evaluation")[0].unsqueeze(0)
+    ids = context.data("evaluation")[0]["input_ids"].unsqueeze(0)
     with torch.no_grad():  # the first forward decompresses packed layers
         assert torch.equal(reloaded(input_ids=ids).logits, context.model(input_ids=ids).logits)
     modules = dict(reloaded.named_modules())

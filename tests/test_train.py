@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ from compress.engine import apply_recipe
 from compress.errors import UserError
 from compress.quant import QuantScheme, compute_grid
 from compress.straight_through import straight_through
-from compress.train import TrainingMethod, TrainParams, collate, learning_rate_factor
+from compress.training.loop import learning_rate_factor
+from compress.training.method import TrainingMethod, TrainParams
 from compress.validate import check_recipe
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 
@@ -31,11 +33,11 @@ class NextToken(TrainingMethod):
     def prepare(self, context, run, device):
         self.calls = 0
 
-    def loss(self, model, batch):
+    def loss(self, model, batches):
         self.calls += 1
         if self.calls == self.interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
-        loss = model(**batch).loss
+        loss = model(**batches["train"]).loss
         if self.calls == self.diverge_at:
             loss = loss * float("nan")
         return loss, {}
@@ -161,43 +163,12 @@ def test_training_set_smaller_than_a_batch_fails_at_recipe_check(train_host, wri
         check_recipe(train_host, recipe)
 
 
-def test_collate_pads_and_masks_labels():
-    batch = collate([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
-
-
 def test_schedule_warms_up_then_decays_to_zero():
     params = TrainParams(steps=10, warmup_steps=2, schedule="cosine")
     factors = [learning_rate_factor(params, step) for step in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
-    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
     assert learning_rate_factor(params, 10) == pytest.approx(0.0)
-
-
-def test_jsonl_and_chat_sources(tmp_path, tiny_lm_dir):
-    from transformers import AutoTokenizer
-
-    from compress.data import ChatSource, JsonLinesSource
-    from compress.recipe import DataSpec
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text('{"text": "hello world"}\n\n{"text": "a much longer line of text here"}\n')
-    samples = JsonLinesSource().load(DataSpec(path=texts, samples=2, seq_len=4), tokenizer)
-    assert samples[0].tolist() == tokenizer("hello world", add_special_tokens=False).input_ids
-    assert len(samples[1]) == 4
-    with pytest.raises(UserError, match="has 2 records, fewer than samples = 3"):
-        JsonLinesSource().load(DataSpec(path=texts, samples=3), tokenizer)
-
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    (sample,) = ChatSource().load(DataSpec(path=chats, samples=1), tokenizer)
-    assert "<|im_start|>assistant" in tokenizer.decode(sample)
-    chats.write_text('{"messages": "hi"}\n')
-    with pytest.raises(UserError, match="list of {role, content} messages"):
-        ChatSource().load(DataSpec(path=chats, samples=1), tokenizer)
 
 
 def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path):
@@ -212,7 +183,7 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path
             data={"train": {"path": str(WIKITEXT_VALID), "samples": 16, "seq_len": 32}},
             stages=[
                 {"method": "rtn", "bits": 3, "group_size": 64},
-                {"method": "distill", "steps": 4, "batch_size": 4 // processes, "lr": 1e-4, "log_every": 1,
+                {"method": "distill", "steps": 4, "batch_size": 4, "lr": 1e-4, "log_every": 1,
                  "latent_weights": "original"},
             ],
             output={"dir": str(tmp_path / f"out{processes}")},

@@ -26,7 +26,7 @@ def assert_round_trip(context, out) -> None:
     the same order and dtype, so both sides compute the same numbers.
     """
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = context.data("evaluation")[0].unsqueeze(0)
+    ids = context.data("evaluation")[0]["input_ids"].unsqueeze(0)
     with quantized_inputs(context.model, context.layers):
         expected = logits(context.model, ids)
     weight_only = logits(context.model, ids)

@@ -104,7 +104,8 @@ class Writer(Protocol):
     Options: type[WriterOptions]
     requantizes: bool
     """True when the written weights differ from the in-memory model's (the format applies
-    its own quantization, like bitsandbytes); evaluation then reads the checkpoint back."""
+    its own quantization, like bitsandbytes); evaluation then reads the checkpoint back,
+    with the recipe's loader when it reads directories (else the first loader claiming one)."""
 
     def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
         """Fill ``directory`` (an empty temporary directory) with weights, config and tokenizer.

@@ -124,6 +124,10 @@ class DirectoryLoader:
                 str(directory),
             )
         tokenizer = load_tokenizer(directory, task, trust_remote_code=spec.trust_remote_code)
+        if tokenizer is None and task == "image-classification":
+            from compress.images import default_image_processor
+
+            tokenizer = default_image_processor(config)
         return LoadedModel(model.eval(), tokenizer, config, task, base_model=directory.name)
 
 

@@ -10,15 +10,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from compress.checkpoint import WriterCapabilities, WriterOptions
+from compress.checkpoint import Writer, WriterCapabilities, WriterOptions
 from compress.checkpoint.atomic import atomic_directory
 from compress.context import Context
 from compress.modelcard import model_card
 
 
 @contextmanager
-def output_directory(context: Context, recipe_file: Path, options: BaseModel, overwrite: bool) -> Iterator[Path]:
-    """Write the checkpoint into a staging directory and yield it.
+def output_directory(
+    context: Context, writer: Writer, options: BaseModel, recipe_file: Path, overwrite: bool
+) -> Iterator[Path]:
+    """Write the checkpoint with ``writer`` into a staging directory and yield it.
 
     The caller may read the checkpoint back (evaluation); afterwards recipe.yaml,
     report.json and the model card are added, with the report as it is then, and the
@@ -26,13 +28,12 @@ def output_directory(context: Context, recipe_file: Path, options: BaseModel, ov
     """
     output = context.recipe.output
     assert output is not None
-    writer = context.host.writers()[output.format]
     with atomic_directory(output.dir, overwrite=overwrite) as staging:
         writer.write(context, staging, options)
         yield staging
         shutil.copyfile(recipe_file, staging / "recipe.yaml")
         (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
-        model_card(context, recipe_file.read_text()).save(staging / "README.md")
+        model_card(context, writer, recipe_file.read_text()).save(staging / "README.md")
 
 
 class DenseWriter:

@@ -1,5 +1,6 @@
 from compress import hookimpl
 from compress.data import ChatSource, JsonLinesSource, TextFileSource
+from compress.images import ImageFolderSource
 
 
 @hookimpl
@@ -7,3 +8,4 @@ def compress_register_data_sources(register):
     register(TextFileSource())
     register(JsonLinesSource())
     register(ChatSource())
+    register(ImageFolderSource())

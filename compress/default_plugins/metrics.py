@@ -1,8 +1,9 @@
 from compress import hookimpl
 from compress.evaluate import BUILTIN_METRICS
+from compress.images import IMAGE_METRICS
 
 
 @hookimpl
 def compress_register_metrics(register):
-    for metric in BUILTIN_METRICS:
+    for metric in BUILTIN_METRICS + IMAGE_METRICS:
         register(metric)

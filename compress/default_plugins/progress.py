@@ -82,12 +82,14 @@ def compress_run_end(context):
 
 def evaluation_table(evaluation):
     table = Table(title="evaluation")
-    for column in ("metric", "data", "tokens", "original", "compressed"):
+    for column in ("metric", "data", "size", "original", "compressed"):
         table.add_column(column)
     for name, result in evaluation.items():
         original = result.get("original")
+        # data without tokens (images) is counted in samples
+        size = f"{result['tokens']} ({result['seq_len']}/seq)" if result["tokens"] else f"{result['samples']} samples"
         table.add_row(
-            name, result["data"], f"{result['tokens']} ({result['seq_len']}/seq)",
+            name, result["data"], size,
             "" if original is None else f"{original:.4f}", f"{result['compressed']:.4f}",
         )
     return table

@@ -1,5 +1,5 @@
 """Quantization primitives shared by the quantizers."""
 
-from compress.quant.grid import QuantGrid, QuantScheme, compute_grid
+from compress.quant.grid import QuantGrid, QuantScheme, check_group_width, compute_grid, weight_matrix
 
-__all__ = ["QuantGrid", "QuantScheme", "compute_grid"]
+__all__ = ["QuantGrid", "QuantScheme", "check_group_width", "compute_grid", "weight_matrix"]

@@ -70,26 +70,29 @@ class QuantScheme(SignedCodes, BaseModel):
     group_size: int | None = Field(
         128,
         gt=0,
-        description="Input columns per group when granularity is 'group'; "
-        "must divide the layer's input width. Leave unset for other granularities.",
+        description="Input columns per group when granularity is 'group'; must divide the input width "
+        "of every targeted layer (checked at `compress recipe check`). null: one scale per output "
+        "channel, the same as granularity: channel.",
     )
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_default_group_size(cls, data: Any) -> Any:
-        # The default group_size only applies to group granularity.
-        if (
-            isinstance(data, dict)
-            and data.get("granularity", "group") != "group"
-            and "group_size" not in data
-        ):
+    def _group_size_follows_granularity(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "granularity" not in data and "group_size" in data and data["group_size"] is None:
+            return {**data, "granularity": "channel"}
+        # the default group_size only applies to group granularity
+        if data.get("granularity", "group") != "group" and "group_size" not in data:
             return {**data, "group_size": None}
         return data
 
     @model_validator(mode="after")
     def _check_group_size(self) -> Self:
         if self.granularity == "group" and self.group_size is None:
-            raise ValueError("group_size is required when granularity is 'group'")
+            raise ValueError(
+                "group_size is required when granularity is 'group' (group_size: null means granularity: channel)"
+            )
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(
                 f"group_size is only allowed when granularity is 'group', "
@@ -197,6 +200,28 @@ class QuantGrid:
         return self.scale[:, groups], zero_point
 
 
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as the 2-D ``(out, in)`` matrix that grids and solvers work on (a view).
+
+    A Linear's weight as it is; a convolution's ``(out, in, *kernel)`` as ``(out, in * kernel
+    size)``, each row one output channel's filter in the order ``nn.Unfold`` lays out an
+    input patch (channel-major), so the weight matrix times the unfolded input is the
+    convolution. Write results back with ``.view_as(weight)``.
+    """
+    return weight.flatten(1)
+
+
+def check_group_width(scheme: QuantScheme, width: int, name: str | None = None) -> None:
+    """Raise UserError (naming layer ``name``) when ``scheme``'s groups do not tile ``width`` input columns.
+
+    The one width check of every quantizer: ``compress recipe check`` applies it to each
+    targeted layer of a stage whose ``Produces.quant`` is ``scheme``, and the grid
+    computations apply it to the weights they are given.
+    """
+    if scheme.granularity == "group" and width % scheme.group_size:
+        raise UserError(f"group_size {scheme.group_size} does not divide the input width {width}", name)
+
+
 def compute_grid(
     weight: torch.Tensor, scheme: QuantScheme, name: str | None = None
 ) -> QuantGrid:
@@ -209,12 +234,8 @@ def compute_grid(
     elif scheme.granularity == "channel":
         min_val, max_val = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     else:
-        group_size, width = scheme.group_size, w.shape[1]
-        if width % group_size:
-            raise UserError(
-                f"group_size {group_size} does not divide the input width {width}", name
-            )
-        groups = w.unflatten(1, (width // group_size, group_size))
+        check_group_width(scheme, w.shape[1], name)
+        groups = w.unflatten(1, (w.shape[1] // scheme.group_size, scheme.group_size))
         min_val, max_val = groups.amin(-1), groups.amax(-1)
     min_val, max_val = min_val.clamp(max=0), max_val.clamp(min=0)
 

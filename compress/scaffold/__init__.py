@@ -1,10 +1,10 @@
 """``compress plugins new NAME``: a third-party plugin distribution, ready to install.
 
 The files come from the templates in ``template/`` (package data), with ``${...}``
-placeholders (:class:`string.Template`) filled from the distribution name: a
-pyproject.toml declaring the ``compress`` entry point, a package with one working
-data-free method, a test using the fixtures of :mod:`compress.pytest_plugin`, a recipe
-and a README.
+placeholders (:class:`string.Template`) filled from the distribution name and the plugin
+API version: a pyproject.toml declaring the ``compress`` entry point, a package with one
+working data-free method importing only :mod:`compress.api`, a test using the fixtures of
+:mod:`compress.pytest_plugin`, a recipe and a README.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
 
+from compress.api import API_VERSION
 from compress.checkpoint.atomic import atomic_directory
 from compress.errors import UserError
 
@@ -57,6 +58,12 @@ def plugin_names(distribution: str) -> PluginNames:
     return PluginNames(distribution, package, entry_point, f"{entry_point}_magnitude")
 
 
+def api_range() -> str:
+    """The plugin API versions a new plugin declares it works with: this compress's major version."""
+    major = int(API_VERSION.split(".")[0])
+    return f">={major},<{major + 1}"
+
+
 def _render(source: Traversable, destination: Path, names: PluginNames) -> None:
     for item in source.iterdir():
         target_name = names.package if item.name == "package" else item.name.removesuffix(TEMPLATE_SUFFIX)
@@ -64,7 +71,7 @@ def _render(source: Traversable, destination: Path, names: PluginNames) -> None:
             (destination / target_name).mkdir()
             _render(item, destination / target_name, names)
         else:
-            text = Template(item.read_text(encoding="utf-8")).substitute(asdict(names))
+            text = Template(item.read_text(encoding="utf-8")).substitute(asdict(names), compress_api=api_range())
             (destination / target_name).write_text(text, encoding="utf-8")
 
 

@@ -9,6 +9,8 @@ mapped to scales and zero points with compressed-tensors' conventions.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -16,11 +18,21 @@ from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compress.context import Context, StageRun
-from compress.errors import UserError
-from compress.method import BlockMethod, BlockWork, Method, MethodParams, Produces
-from compress.quant.activations import ActivationQuant, ActivationScheme, activation_qparams, input_quantizer
-from compress.sequential import move
+from compress.api import (
+    ActivationQuant,
+    ActivationScheme,
+    BlockMethod,
+    BlockWork,
+    Context,
+    Method,
+    MethodParams,
+    Produces,
+    StageRun,
+    UserError,
+    activation_qparams,
+    input_quantizer,
+    move,
+)
 
 
 class ActivationScalesParams(MethodParams):
@@ -70,9 +82,10 @@ class ActivationScales(BlockMethod):
     def produces(self) -> Produces:
         return Produces(activation_bits=self.params.bits)
 
-    def apply(self, context: Context, run: StageRun) -> None:
+    @contextmanager
+    def around_stage(self, context: Context, run: StageRun) -> Iterator[None]:
         try:
-            super().apply(context, run)
+            yield
         finally:
             self._stop_quantizing()
 

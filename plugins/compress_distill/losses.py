@@ -11,7 +11,9 @@ Conventions, the same for every loss:
 * Temperature: the loss at T is ``T**2 * loss(student / T, teacher / T)`` at T = 1
   (Hinton et al. 2015: the gradients of softened targets shrink as 1/T**2, so the factor
   keeps a loss weight meaningful across temperatures). T = 1 leaves every loss as
-  its paper defines it.
+  its paper defines it. ``pld`` is the exception, as its paper defines it: T softens only
+  the teacher's ranking weights; the student's likelihood uses its raw logits, and there
+  is no T**2 factor.
 * Direction: "forward" is KL(teacher || student), "reverse" is KL(student || teacher).
 * Arithmetic is float32 whatever the logits' dtype.
 * The teacher is not differentiated (its logits are detached).
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.errors import UserError, did_you_mean
+from compress.api import UserError, did_you_mean
 
 PerPosition = Callable[[Tensor, Tensor], Tensor]
 
@@ -187,33 +189,47 @@ def skew_reverse_kl(
     )
 
 
-def _alpha_terms(log_q: Tensor, log_p: Tensor, alpha: float, clip: float) -> tuple[Tensor, Tensor]:
-    """Per position: the alpha-divergence D_alpha(p || q) and AlphaNet's surrogate.
+@dataclass
+class _AlphaTerms:
+    """Per position: the alpha-divergence, its value with the importance weight clipped, and
+    AlphaNet's surrogate (whose gradient is the clipped gradient)."""
+
+    value: Tensor
+    clipped: Tensor
+    surrogate: Tensor
+
+
+def _alpha_terms(log_q: Tensor, log_p: Tensor, alpha: float, clip: float) -> _AlphaTerms:
+    """D_alpha(p || q), AlphaNet's clipped value of it and its surrogate (``f_divergence`` in
+    AlphaNet's ``loss_ops.py``).
 
     ``D_alpha(p || q) = sum q f(p / q)`` with ``f(w) = (w^alpha - 1) / (alpha (alpha - 1))``
     (alpha = 1: KL(p || q); alpha = 0: KL(q || p)). Its gradient is
     ``-(1 / alpha) sum q w^alpha grad log q`` (``-sum q log w grad log q`` at alpha = 0), so the
     surrogate ``-sum stopgrad(q rho(w)) log q`` with ``rho(w) = w^alpha / alpha`` has exactly
-    that gradient; AlphaNet clips the importance weight ``w^alpha`` (w at alpha = 0) at
-    ``clip`` to bound the gradient's variance (its code skips the clip at alpha = 1; here
-    every alpha is clipped alike).
+    that gradient. As AlphaNet's code does, the importance weight ``w^alpha`` (w at alpha = 0)
+    is clipped at ``clip`` in the surrogate and in the clipped value, except at alpha = 1,
+    where ``q w = p`` is bounded already and nothing is clipped.
     """
     log_w = log_p - log_q
     q = log_q.exp()
     if alpha == 0.0:
         value = _kl(log_q, log_p)
         rho = log_w.clamp_max(math.log(clip))
+        clipped = -(q * rho).sum(-1)
     elif alpha == 1.0:
-        value = _kl(log_p, log_q)
-        rho = log_w.exp().clamp_max(clip)
+        value = clipped = _kl(log_p, log_q)
+        rho = log_w.exp()
     else:
         # q f(w) written as (p^a q^(1-a) - q - a (p - q)) / (a (a - 1)): the added term sums
         # to zero and makes every class's term non-negative (f is convex with f(1) = f'(1) = 0).
-        mixed = torch.exp(alpha * log_p + (1 - alpha) * log_q)
-        value = (mixed - q - alpha * (log_p.exp() - q)).sum(-1) / (alpha * (alpha - 1))
+        shift = -q - alpha * (log_p.exp() - q)
+        scale = alpha * (alpha - 1)
+        value = (torch.exp(alpha * log_p + (1 - alpha) * log_q) + shift).sum(-1) / scale
+        clipped = (torch.exp((alpha * log_w).clamp_max(math.log(clip)) + log_q) + shift).sum(-1) / scale
         rho = (alpha * log_w).exp().clamp_max(clip) / alpha
     surrogate = -((q * rho).detach() * log_q).sum(-1)
-    return value, surrogate
+    return _AlphaTerms(value, clipped, surrogate)
 
 
 def _value_with_gradient_of(value: Tensor, surrogate: Tensor) -> Tensor:
@@ -234,12 +250,13 @@ def alpha_divergence(
     Wang et al., "AlphaNet: Improved Training of Supernets with Alpha-Divergence", ICML
     2021. alpha = 1 is forward KL, alpha = 0 reverse KL. The value is the divergence; the
     gradient is AlphaNet's, with the importance weight ``(p / q)^alpha`` clipped at ``clip``
-    (``float('inf')`` for the exact gradient).
+    (``float('inf')`` for the exact gradient; alpha = 1, forward KL, is never clipped).
     """
     _require(clip > 0, "alpha_divergence", f"clip must be positive, not {clip}")
 
     def per_position(log_q: Tensor, log_p: Tensor) -> Tensor:
-        return _value_with_gradient_of(*_alpha_terms(log_q, log_p, alpha, clip))
+        terms = _alpha_terms(log_q, log_p, alpha, clip)
+        return _value_with_gradient_of(terms.value, terms.surrogate)
 
     return _divergence(per_position, student, teacher, mask, temperature)
 
@@ -253,22 +270,26 @@ def adaptive_alpha_divergence(
     alpha_max: float = 1.0,
     clip: float = 5.0,
 ) -> Tensor:
-    """AlphaNet's adaptive alpha-divergence: ``max(D_alpha_min, D_alpha_max)`` at each position.
+    """AlphaNet's adaptive alpha-divergence: the larger of D_alpha_min and D_alpha_max at each position.
 
     Wang et al., ICML 2021. A negative alpha_min penalizes a student that over-estimates
     the teacher's uncertainty, a positive alpha_max one that under-estimates it; taking
     the larger of the two at each position covers both. Defaults are the paper's (-1, 1,
-    clip 5). Gradients are AlphaNet's clipped surrogate (see :func:`alpha_divergence`).
+    clip 5). As in AlphaNet's code (``AdaptiveLossSoft``), the larger one is chosen on the
+    clipped values (see :func:`_alpha_terms`): with a finite ``clip`` a position whose
+    alpha_min divergence is large only through importance weights above the clip takes the
+    alpha_max branch. The value is the chosen branch's divergence, unclipped; the gradient
+    is its clipped surrogate (see :func:`alpha_divergence`). ``clip: .inf`` chooses on the
+    exact divergences.
     """
     _require(alpha_min < alpha_max, "adaptive_alpha", f"alpha_min ({alpha_min}) must be below alpha_max ({alpha_max})")
     _require(clip > 0, "adaptive_alpha", f"clip must be positive, not {clip}")
 
     def per_position(log_q: Tensor, log_p: Tensor) -> Tensor:
-        low_value, low_surrogate = _alpha_terms(log_q, log_p, alpha_min, clip)
-        high_value, high_surrogate = _alpha_terms(log_q, log_p, alpha_max, clip)
-        low = low_value > high_value
+        low, high = _alpha_terms(log_q, log_p, alpha_min, clip), _alpha_terms(log_q, log_p, alpha_max, clip)
+        take_low = low.clipped > high.clipped
         return _value_with_gradient_of(
-            torch.where(low, low_value, high_value), torch.where(low, low_surrogate, high_surrogate)
+            torch.where(take_low, low.value, high.value), torch.where(take_low, low.surrogate, high.surrogate)
         )
 
     return _divergence(per_position, student, teacher, mask, temperature)
@@ -352,22 +373,24 @@ def pld(
     The teacher-optimal ranking puts the true label first (``labels``, shape ``[...]``;
     without labels, or where a label is -100, the teacher's top class) and the other
     classes after it in decreasing teacher logit. The loss is the Plackett-Luce negative
-    log-likelihood of that ranking under the student's logits, each choice weighted by the
-    teacher's probability of the chosen class:
-    ``sum_k p_teacher(pi_k) * (logsumexp(s[pi_k:]) - s[pi_k])``. Adding a constant to either
-    model's logits changes nothing; the first term is a weighted cross-entropy on the label.
+    log-likelihood of that ranking under the student's raw logits ``s``, each choice weighted
+    by the teacher's probability of the chosen class at temperature T:
+    ``sum_k softmax(t / T)(pi_k) * (logsumexp(s[pi_k:]) - s[pi_k])``, as in the paper's
+    appendix: T shapes only the weights (the ranking does not depend on it) and there is no
+    T**2 factor. Adding a constant to either model's logits changes nothing; the first term
+    is a weighted cross-entropy on the label.
     """
-    s = student.float() / temperature
-    t = teacher.detach().float() / temperature
+    s = student.float()
+    t = teacher.detach().float()
     order_key = t
     if labels is not None:
         first = torch.where(labels == -100, t.argmax(-1), labels).unsqueeze(-1)
         order_key = t.scatter(-1, first, math.inf)
     ranking = order_key.argsort(dim=-1, descending=True)
     ranked = s.gather(-1, ranking)
-    weight = t.softmax(-1).gather(-1, ranking)
+    weight = (t / temperature).softmax(-1).gather(-1, ranking)
     remaining = ranked.flip(-1).logcumsumexp(-1).flip(-1)
-    return temperature**2 * masked_mean((weight * (remaining - ranked)).sum(-1), mask)
+    return masked_mean((weight * (remaining - ranked)).sum(-1), mask)
 
 
 def dhkd(student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:

@@ -8,13 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from compress.context import Context, StageRun
-from compress.errors import UserError
-from compress.recipe import ModelSpec
-from compress.sequential import onloaded
-from compress.train import Batch, TrainingMethod, TrainParams
+from compress.api import Batch, Context, ModelSpec, StageRun, TrainingMethod, TrainParams, UserError, onloaded
 from compress_distill.losses import LOSSES, HiddenProjection, LossSpec, layer_map, lookup_loss, top_k_logits
-
 
 
 class LossTerm(BaseModel):
@@ -105,7 +100,7 @@ class Distill(TrainingMethod):
         self._onloads = ExitStack()
 
     def prepare(self, context: Context, run: StageRun, device: torch.device) -> None:
-        teacher = context.reference_model() if self.params.teacher is None else self._load_teacher(context)
+        teacher = context.reference_model() if self.params.teacher is None else context.load_model(self.params.teacher)
         if not all(self._is_hidden(term) for term in self.params.losses):
             check_same_vocabulary(context.model, teacher)
         self.teacher = self._onloads.enter_context(onloaded(teacher, device)).eval().requires_grad_(False)
@@ -118,15 +113,6 @@ class Distill(TrainingMethod):
                             context.model.config.hidden_size, teacher.config.hidden_size
                         )
         self.projections.to(device)
-
-    def _load_teacher(self, context: Context) -> nn.Module:
-        from compress.checkpoint import loader_for
-
-        spec = self.params.teacher
-        loader = loader_for(context.host.loaders().values(), spec)
-        if loader is None:
-            raise UserError(f"no loader knows the teacher {spec.name!r}", f"stage {self.name}")
-        return loader.load(spec).model
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.projections.parameters())
@@ -145,7 +131,8 @@ class Distill(TrainingMethod):
             return term.layers
         return layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = batches["train"]
         hidden = any(self._is_hidden(term) for term in self.params.losses)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         student = model(**inputs, output_hidden_states=hidden)

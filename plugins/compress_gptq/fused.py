@@ -35,7 +35,7 @@ def launcher(device: torch.device) -> Launcher | None:
         return None
     try:
         from compress_gptq.fused_triton import columns as kernel
-    except Exception:  # no Triton, or one this code does not compile with: the caller keeps its loop
+    except Exception:  # noqa: BLE001 - no Triton, or one this code does not compile with: the caller keeps its loop
         return None
 
     def launch(kernels: ColumnKernels, start: int, stop: int, width: int) -> None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from compress.sequential import on_device
+from compress.api import on_device
 
 ROWS_PER_CHUNK = 1024
 """Rows of a weight handled at once when measuring errors through H (bounds temporaries)."""
@@ -177,12 +178,12 @@ def collect_hessians(
             block(*args, **kwargs)
             shared: dict[tuple, list[str]] = {}
             for name, x in seen.items():
-                shared.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(name)
+                shared.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), _patches(layers[name])), []).append(name)
             if not groups:
                 groups = list(shared.values())
             for names in shared.values():
                 x = seen[names[0]]
-                flat = x.reshape(-1, x.shape[-1])
+                flat = input_rows(layers[names[0]], x)
                 state = hessians.get(names[0])
                 if state is None:
                     width = flat.shape[1]
@@ -202,6 +203,23 @@ def collect_hessians(
     for state in {id(state): state for state in hessians.values()}.values():
         state.matrix.mul_(2.0 / state.samples)
     return hessians, groups
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight matrix multiplies (``compress.api.weight_matrix``): a Linear's
+    input vectors; a Conv2d's input patches, unfolded with its kernel, dilation, padding and
+    stride as the reference code's ``add_batch`` does (``nn.Unfold``)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).flatten(0, 1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _patches(module: nn.Module) -> tuple | None:
+    """What besides the input tensor decides a layer's rows: a convolution's unfolding."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size, module.dilation, module.padding, module.stride
+    return None
 
 
 def h_norm(delta: torch.Tensor, H: torch.Tensor) -> float:

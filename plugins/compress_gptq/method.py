@@ -5,40 +5,43 @@ solve in ``solve.py``."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Self
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from compress.context import Context, OutlierSplit, StageRun
-from compress.errors import UserError
-from compress.method import BlockMethod, BlockWork, Method, MethodParams, Produces
-from compress.quant import QuantGrid, QuantScheme, compute_grid
+from compress.api import (
+    BlockMethod,
+    BlockWork,
+    Context,
+    Method,
+    OutlierSplit,
+    Produces,
+    QuantGrid,
+    QuantParams,
+    QuantScheme,
+    StageRun,
+    UserError,
+    compute_grid,
+    weight_matrix,
+)
 from compress_gptq.hessian import Hessian, collect_hessians, h_norms
 from compress_gptq.solve import KernelCache, inverse_factor, output_error, quantize_in_place
 
 
-class GPTQParams(MethodParams):
-    """Parameters of ``gptq``."""
+class GPTQParams(QuantParams):
+    """Parameters of ``gptq``: the weight grid (per output channel or per group) and the solve's.
 
-    bits: int = Field(
-        ge=2,
-        le=8,
-        description="Bits per weight (2-8); signed codes in [-2**(bits-1), 2**(bits-1)-1] "
-        "(compressed-tensors conventions, the same grid as the reference code's).",
-    )
-    group_size: int | None = Field(
-        128,
-        gt=0,
-        description="Input columns per group (each group of a row has its own scale); must divide "
-        "the layer's input width. null: one scale per output channel (the reference code's "
-        "groupsize -1), computed from the whole weight before quantization.",
-    )
-    symmetric: bool = Field(
-        True,
-        description="Symmetric grids centred on 0 with no zero point; false adds an int8 zero point.",
-    )
+    Per-channel grids (``group_size: null``) are computed once from the whole weight before
+    the solve, as the reference code does for ``groupsize -1``; group grids from the updated
+    weights, group by group (or all up front with ``act_order``).
+    """
+
+    granularities = ("channel", "group")
+
     block_size: int = Field(
         128,
         gt=0,
@@ -63,7 +66,8 @@ class GPTQParams(MethodParams):
         description="'compute': GPTQ computes its grids (from the updated weights, group by group). "
         "'inherit': use the grid an earlier stage (e.g. kl_ptq) left in the layer's state; its "
         "scheme must match bits/symmetric/group_size. Weights an earlier stage held apart as "
-        "outliers keep their values and absorb no compensation.",
+        "outliers keep their values and absorb no compensation. After a stage that holds outliers "
+        "apart (kl_ptq), 'compute' is refused: it would put them back on the one grid.",
     )
     target: Literal["current", "original"] | None = Field(
         None,
@@ -97,16 +101,6 @@ class GPTQParams(MethodParams):
         "Falls back to the float32 copy when the mixed-dtype matmul is unavailable. No effect on CPU.",
     )
 
-    @model_validator(mode="after")
-    def _scheme_is_valid(self) -> Self:
-        self.scheme()
-        return self
-
-    def scheme(self) -> QuantScheme:
-        if self.group_size is None:
-            return QuantScheme(bits=self.bits, symmetric=self.symmetric, granularity="channel")
-        return QuantScheme(bits=self.bits, symmetric=self.symmetric, granularity="group", group_size=self.group_size)
-
 
 class GPTQ(BlockMethod):
     """GPTQ: post-training weight quantization with second-order error compensation.
@@ -133,41 +127,51 @@ class GPTQ(BlockMethod):
 
     name = "gptq"
     Params = GPTQParams
+    supported_modules = (nn.Linear, nn.Conv2d)
 
     def check_layer(self, name: str, module: nn.Module) -> None:
-        group_size = self.params.group_size
-        if group_size is not None and module.in_features % group_size:
-            raise UserError(
-                f"group_size {group_size} does not divide the input width {module.in_features}", name
-            )
+        """Convolutions are solved on their unfolded input patches: plain ones only."""
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros"
+        ):
+            raise UserError("gptq handles Conv2d layers with groups 1 and numeric zero padding only", name)
 
     def produces(self) -> Produces:
         return Produces(quant=self.params.scheme())
 
     def check_previous_stages(self, previous: list[Method]) -> None:
-        """Raise UserError when ``grid: inherit`` has no earlier stage leaving a compatible grid."""
-        if self.params.grid != "inherit":
+        """Raise UserError when ``grid: inherit`` has no earlier stage leaving a compatible grid, or
+        when ``grid: compute`` follows a stage that holds outliers apart (they would be requantized
+        onto the one grid GPTQ computes, silently)."""
+        leaving = [(index, method) for index, method in enumerate(previous) if method.produces().quant is not None]
+        if self.params.grid == "compute":
+            if leaving and leaving[-1][1].produces().outliers:
+                index, method = leaving[-1]
+                raise UserError(
+                    f"stage {len(previous) + 1} (gptq, grid: compute) would put the outliers stage {index + 1} "
+                    f"({method.name}) holds apart back on one grid: set grid: inherit"
+                )
             return
         scheme = self.params.scheme()
-        schemes = [method.produces().quant for method in previous]
-        schemes = [s for s in schemes if s is not None]
-        if not schemes:
+        if not leaving:
             raise UserError("gptq with grid: inherit needs an earlier stage that leaves a quantization grid")
-        if schemes[-1] != scheme:
+        inherited = leaving[-1][1].produces().quant
+        if inherited != scheme:
             raise UserError(
-                f"gptq with grid: inherit has {_describe(scheme)}, but the earlier stage leaves {_describe(schemes[-1])}"
+                f"gptq with grid: inherit has {_describe(scheme)}, but the earlier stage leaves {_describe(inherited)}"
             )
 
     def __init__(self, params: GPTQParams) -> None:
         super().__init__(params)
         self._kernels = KernelCache(cuda_graphs=params.cuda_graphs, fused=params.fused_column_loop)
 
-    def apply(self, context: Context, run: StageRun) -> None:
+    @contextmanager
+    def around_stage(self, context: Context, run: StageRun) -> Iterator[None]:
         if self.params.grid == "inherit":  # fail before any calibration pass
             for name in run.targets:
-                inherited_grid(context, name, self.params.scheme(), run.targets[name].weight.shape)
+                inherited_grid(context, name, self.params.scheme(), weight_matrix(run.targets[name].weight).shape)
         try:
-            super().apply(context, run)
+            yield
         finally:
             self._kernels.clear()
 
@@ -247,7 +251,7 @@ class GPTQ(BlockMethod):
             offset += layer.rows
             weight = result.weight[rows]
             error = output_error(result, factor, layer.target(), rows)
-            layer.module.weight.data = weight.to(layer.module.weight.dtype)
+            layer.module.weight.data = weight.to(layer.module.weight.dtype).reshape(layer.module.weight.shape)
             zero_point = None if result.grid.zero_point is None else result.grid.zero_point[rows]
             context.update_layer(
                 layer.name,
@@ -285,11 +289,11 @@ class _Layer:
         self.context, self.name, self.module, self.target_kind = context, name, module, target_kind
         self.rows = module.weight.shape[0]
         self.device = module.weight.device
-        self.current = module.weight.data
+        self.current = weight_matrix(module.weight.data)
         self.grid = self.outliers = self.frozen = None
         self._target: torch.Tensor | None = None
         if inherit:
-            self.grid = inherited_grid(context, name, scheme, module.weight.shape).to(self.device)
+            self.grid = inherited_grid(context, name, scheme, self.current.shape).to(self.device)
             self.outliers = context.layers[name].outliers
             if self.outliers is not None:
                 self.frozen = self.outliers.mask.to(self.device)
@@ -300,7 +304,8 @@ class _Layer:
         if self.target_kind == "current":
             return self.current
         if self._target is None:
-            target = dict(self.context.reference_model().named_modules())[self.name].weight.data.to(self.device)
+            original = dict(self.context.reference_model().named_modules())[self.name].weight.data
+            target = weight_matrix(original).to(self.device)
             if not torch.isfinite(target).all():
                 raise UserError("the original weights contain NaN or inf", self.name)
             self._target = target

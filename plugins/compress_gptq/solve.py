@@ -22,13 +22,13 @@ solved as one weight.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from compress.errors import UserError
-from compress.quant import QuantGrid, QuantScheme, compute_grid
+from compress.api import QuantGrid, QuantScheme, UserError, check_group_width, compute_grid
 from compress_gptq import fused as fused_loop
 
 
@@ -142,9 +142,7 @@ def output_error(result: GPTQResult, factor: InverseFactor, target: torch.Tensor
 def _check(W: torch.Tensor, scheme: QuantScheme, name: str | None) -> None:
     if not torch.isfinite(W).all():
         raise UserError("weights contain NaN or inf", name)
-    group_size = scheme.group_size if scheme.granularity == "group" else None
-    if group_size is not None and W.shape[1] % group_size:
-        raise UserError(f"group_size {group_size} does not divide the input width {W.shape[1]}", name)
+    check_group_width(scheme, W.shape[1], name)
 
 
 @torch.no_grad()
@@ -227,7 +225,7 @@ def _segments(i1: int, i2: int, group_size: int | None) -> list[tuple[int, int]]
         return [(0, i2 - i1)]
     cuts = [c - i1 for c in range(i1, i2) if c % group_size == 0 and c > i1]
     bounds = [0, *cuts, i2 - i1]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _column_params(grid: QuantGrid, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -356,7 +354,7 @@ class ColumnKernels:
             try:
                 self.fused(self, start, stop, width)
                 return
-            except Exception as error:  # compile or launch failure: nothing was written yet
+            except Exception as error:  # noqa: BLE001 - compile or launch failure: nothing was written yet
                 self.fused = None
                 warnings.warn(f"gptq: the fused column loop failed ({error}); using the unfused loop")
         graph = self._graphs.get((start, stop, width))

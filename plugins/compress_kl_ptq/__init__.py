@@ -3,6 +3,8 @@
 from compress import hookimpl
 from compress_kl_ptq.method import KLPTQ, kl_ptq_candidates
 
+compress_api = ">=2,<3"
+
 
 @hookimpl
 def compress_register_methods(register):

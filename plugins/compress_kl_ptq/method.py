@@ -8,11 +8,22 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import Context, LayerState, OutlierSplit
-from compress.errors import UserError
-from compress.method import LayerMethod, MethodParams, Produces
-from compress.quant import QuantGrid, QuantScheme, compute_grid
-from compress.search import Candidate, CandidateRequest, quantizer_settings
+from compress.api import (
+    Candidate,
+    CandidateRequest,
+    Context,
+    LayerMethod,
+    LayerState,
+    OutlierSplit,
+    Produces,
+    QuantGrid,
+    QuantParams,
+    QuantScheme,
+    UserError,
+    check_group_width,
+    compute_grid,
+    quantizer_settings,
+)
 
 SCALE_BITS = 16
 """Bits of one stored scale (fp16/bf16), as ``compress_rtn.method.storage_bits`` counts it."""
@@ -22,26 +33,12 @@ DITHER_POINTS = 8
 """Points per weight with which the histogram estimator spreads a level over its cell."""
 
 
-class KLPTQParams(MethodParams):
-    """Parameters of ``kl_ptq``."""
+class KLPTQParams(QuantParams):
+    """Parameters of ``kl_ptq``: the inlier grid (per group, or per output channel with
+    ``group_size: null``; the outlier grid has the same granularity) and the outlier split."""
 
-    bits: int = Field(
-        ge=2,
-        le=8,
-        description="Bits per inlier weight (2-8); codes are signed integers in "
-        "[-2**(bits-1), 2**(bits-1)-1], compressed-tensors conventions.",
-    )
-    group_size: int = Field(
-        128,
-        gt=0,
-        description="Input columns per group; each group of a row has its own inlier scale "
-        "(and its own outlier scale). Must divide the layer's input width.",
-    )
-    symmetric: bool = Field(
-        True,
-        description="Symmetric grids centred on 0 with no zero point; false adds an int8 "
-        "zero point per group (to both the inlier and the outlier grid).",
-    )
+    granularities = ("channel", "group")
+
     outlier_fraction: float | None = Field(
         0.01,
         ge=0.0,
@@ -117,11 +114,13 @@ class KLPTQParams(MethodParams):
             raise ValueError("give exactly one of outlier_fraction and outlier_lambda")
         return self
 
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(bits=self.bits, symmetric=self.symmetric, group_size=self.group_size)
-
     def outlier_scheme(self) -> QuantScheme:
-        return QuantScheme(bits=self.outlier_bits, symmetric=self.symmetric, group_size=self.group_size)
+        """The outliers' grid: ``outlier_bits`` wide, the inlier grid's granularity."""
+        return self.scheme().model_copy(update={"bits": self.outlier_bits})
+
+    def group_width(self, columns: int) -> int:
+        """Input columns that share a scale in a layer ``columns`` wide (all of them per channel)."""
+        return columns if self.group_size is None else self.group_size
 
 
 class KLPTQ(LayerMethod):
@@ -140,10 +139,10 @@ class KLPTQ(LayerMethod):
     exactly: a tie of equal magnitudes at the threshold, which no lambda can split, is split
     deterministically (by position within a group; in torch.topk's order per layer).
 
-    Two grids. Inliers are quantized per group of group_size input columns on a bits-bit grid
-    whose scale comes from the group's inliers only; outliers on a grid of their own
-    (outlier_bits, default 8: AdpQ's mixed precision), its scale from the group's outliers
-    only. Both follow compressed-tensors conventions (signed codes, round half to even). No
+    Two grids. Inliers are quantized per group of group_size input columns (per output channel
+    with group_size: null) on a bits-bit grid whose scale comes from the group's inliers only;
+    outliers on a grid of their own (outlier_bits, default 8: AdpQ's mixed precision), its
+    scale from the group's outliers only. Both follow compressed-tensors conventions (signed codes, round half to even). No
     inlier is clipped: every inlier lies within half a step of its group's scale.
 
     KL-guided grid choice. The papers' claim is that separating the outliers keeps the
@@ -179,12 +178,6 @@ class KLPTQ(LayerMethod):
 
     name = "kl_ptq"
     Params = KLPTQParams
-
-    def check_layer(self, name: str, module: nn.Module) -> None:
-        if module.in_features % self.params.group_size:
-            raise UserError(
-                f"group_size {self.params.group_size} does not divide the input width {module.in_features}", name
-            )
 
     def produces(self) -> Produces:
         return Produces(quant=self.params.scheme(), outliers=True)
@@ -318,8 +311,9 @@ def split_outliers(weight: torch.Tensor, params: KLPTQParams) -> tuple[torch.Ten
         mask = torch.zeros_like(magnitudes, dtype=torch.bool)
         mask[top.indices[:count]] = True
         return mask.view_as(w), lam
-    groups = group_view(w, params.group_size)
-    count = round(params.outlier_fraction * params.group_size)
+    width = params.group_width(w.shape[1])
+    groups = group_view(w, width)
+    count = round(params.outlier_fraction * width)
     lam = lambda_for_count(groups.abs(), count)  # (rows, n_groups)
     return top_count_mask(groups.abs(), count).flatten(-2), lam
 
@@ -336,7 +330,8 @@ def top_count_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
 def tight_symmetric_scale(values: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Smallest scale per group that keeps every value within half a step: the positive side may
     reach (qmax + 1/2)·scale and the negative side (qmin − 1/2)·scale."""
-    groups = group_view(values.float(), scheme.group_size)
+    width = scheme.group_size if scheme.granularity == "group" else values.shape[-1]
+    groups = group_view(values.float(), width)
     positive = groups.amax(-1).clamp_min(0) / (scheme.qmax + 0.5)
     negative = (-groups.amin(-1)).clamp_min(0) / (0.5 - scheme.qmin)
     return torch.maximum(positive, negative)
@@ -365,9 +360,10 @@ def effective_bits(
     rows, columns = shape
     weights = rows * columns
     per_group = SCALE_BITS + (0 if params.symmetric else ZERO_POINT_BITS)
-    groups = weights // params.group_size
+    width = params.group_width(columns)
+    groups = weights // width
     outliers = int(mask.sum())
-    groups_with_outliers = int(group_view(mask, params.group_size).any(-1).sum())
+    groups_with_outliers = int(group_view(mask, width).any(-1).sum())
     if outliers == 0:
         index = 0
     elif params.outlier_index == "csr":
@@ -390,8 +386,7 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
         raise UserError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}", name)
     if not torch.isfinite(weight).all():
         raise UserError("weights contain NaN or inf", name)
-    if weight.shape[1] % params.group_size:
-        raise UserError(f"group_size {params.group_size} does not divide the input width {weight.shape[1]}", name)
+    check_group_width(params.scheme(), weight.shape[1], name)
     w = weight.detach().float()
     scheme, outlier_scheme = params.scheme(), params.outlier_scheme()
     mask, lam = split_outliers(w, params)

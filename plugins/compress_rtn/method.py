@@ -6,16 +6,26 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import Context, LayerState
-from compress.errors import UserError
-from compress.method import LayerMethod, Produces
-from compress.quant import QuantScheme, compute_grid
-from compress.quant.activations import ActivationQuant, ActivationScheme
-from compress.search import Candidate, CandidateRequest, quantizer_settings
+from compress.api import (
+    ActivationQuant,
+    ActivationScheme,
+    Candidate,
+    CandidateRequest,
+    Context,
+    LayerMethod,
+    LayerState,
+    Produces,
+    QuantParams,
+    QuantScheme,
+    UserError,
+    compute_grid,
+    quantizer_settings,
+    weight_matrix,
+)
 
 
-class RTNParams(QuantScheme):
-    """Parameters of ``rtn``: the weight grid and, optionally, dynamic input quantization."""
+class RTNParams(QuantParams):
+    """Parameters of ``rtn``: the weight grid (every granularity) and, optionally, dynamic input quantization."""
 
     activations: ActivationScheme | None = Field(
         None,
@@ -29,10 +39,6 @@ class RTNParams(QuantScheme):
         if self.activations is not None and not self.activations.dynamic:
             raise ValueError("rtn uses no data: static activation scales need an activation_scales stage")
         return self
-
-    def weight_scheme(self) -> QuantScheme:
-        """The weight grid alone."""
-        return QuantScheme(**self.model_dump(exclude={"activations"}))
 
 
 class RoundToNearest(LayerMethod):
@@ -51,18 +57,12 @@ class RoundToNearest(LayerMethod):
 
     name = "rtn"
     Params = RTNParams
+    supported_modules = (nn.Linear, nn.Conv2d)
 
     def __init__(self, params: QuantScheme) -> None:
         # a plain QuantScheme (rtn built in code, e.g. by tests) quantizes the weights only
         super().__init__(params if isinstance(params, RTNParams) else RTNParams(**params.model_dump()))
-        self.scheme = self.params.weight_scheme()
-
-    def check_layer(self, name: str, module: nn.Module) -> None:
-        scheme = self.scheme
-        if scheme.granularity == "group" and module.in_features % scheme.group_size:
-            raise UserError(
-                f"group_size {scheme.group_size} does not divide the input width {module.in_features}", name
-            )
+        self.scheme = self.params.scheme()
 
     def produces(self) -> Produces:
         activations = self.params.activations
@@ -81,8 +81,8 @@ def quantize_layer(name: str, module: nn.Module, scheme: QuantScheme) -> tuple[L
     weight = module.weight.data
     if not torch.isfinite(weight).all():
         raise UserError("weights contain NaN or inf", name)
-    grid = compute_grid(weight, scheme, name)
-    quantized = grid.fake_quantize(weight)
+    grid = compute_grid(weight_matrix(weight), scheme, name)
+    quantized = grid.fake_quantize(weight_matrix(weight)).view_as(weight)
     error = (quantized.float() - weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-24)
     module.weight.data = quantized
     return LayerState(method=RoundToNearest.name, quant=grid.to("cpu")), error.item()

@@ -94,6 +94,6 @@ def test_distilled_model_is_written_as_compressed_tensors_and_reloads_exactly(ho
     out = tmp_path / "out"
     assert '"format": "pack-quantized"' in (out / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = context.data("train")[0].unsqueeze(0)
+    ids = context.data("train")[0]["input_ids"].unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, context.model(input_ids=ids).logits)

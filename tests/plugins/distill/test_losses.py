@@ -161,6 +161,18 @@ def test_pld_closed_forms():
     assert close(pld(student, teacher, labels=torch.tensor([-100])), expected)
 
 
+def test_pld_temperature_softens_only_the_teacher_weights():
+    """The paper's appendix: raw student log-likelihood, weights softmax(t / T), no T**2."""
+    student, teacher = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 0.0]])
+    w0 = math.e / (math.e + 1)  # softmax([2, 0] / 2)[0]
+    assert close(pld(student, teacher, temperature=2.0, labels=torch.tensor([0])), w0 * (math.log(math.e + math.e**3) - 1))
+    # three classes, label 1, T = 2: ranking (1, 0, 2), weights softmax([1.5, 0.5, 1.0])
+    student, teacher = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[3.0, 1.0, 2.0]])
+    z = math.exp(1.5) + math.exp(0.5) + math.exp(1.0)
+    expected = math.exp(0.5) / z * (math.log(1 + math.e + math.e**2) - 1) + math.exp(1.5) / z * math.log(1 + math.e**2)
+    assert close(pld(student, teacher, temperature=2.0, labels=torch.tensor([1])), expected)
+
+
 def test_dhkd_closed_form():
     # Per class KL(Bernoulli(1/2) || Bernoulli(sigmoid(gap / T))), summed; T**2 in front.
     student, teacher = torch.tensor([[1.0, -1.0, 0.5]]), torch.tensor([[0.0, 0.0, 0.5]])
@@ -262,10 +274,58 @@ def test_adaptive_alpha_gradient_equals_the_true_gradient_before_clipping():
 def test_alphanet_clipping_changes_the_gradient_not_the_value():
     student, teacher = pair(12, scale=4.0)
     student.requires_grad_(True)
-    exact = adaptive_alpha_divergence(student, teacher, clip=math.inf)
-    clipped = adaptive_alpha_divergence(student, teacher, clip=1.5)
+    exact = alpha_divergence(student, teacher, alpha=-1.0, clip=math.inf)
+    clipped = alpha_divergence(student, teacher, alpha=-1.0, clip=1.5)
     assert close(exact, clipped)
     assert gradient(clipped, student).norm() < gradient(exact, student).norm()
+
+
+def alphanet_adaptive_loss(student: torch.Tensor, teacher: torch.Tensor, alpha_min: float, alpha_max: float,
+                           clip: float) -> torch.Tensor:
+    """AlphaNet's AdaptiveLossSoft (facebookresearch/AlphaNet, loss_ops.py), rewritten from its formulas:
+    per position, f_divergence's clipped value picks the branch and the loss is that branch's surrogate."""
+
+    def f_divergence(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        q = student.softmax(-1).detach()
+        log_q = student.log_softmax(-1)
+        ratio = teacher.softmax(-1) / q
+        if abs(alpha) < 1e-3:
+            ratio = ratio.clamp(0, clip)
+            f, base, rho = -ratio.log(), 0.0, ratio.log() - 1
+        elif abs(alpha - 1) < 1e-3:
+            f, base, rho = ratio * ratio.log(), 0.0, ratio
+        else:
+            weight = ratio.pow(alpha).clamp(0, clip)
+            f, base = weight / alpha / (alpha - 1), 1 / alpha / (alpha - 1)
+            rho = weight / alpha + base
+        return (q * (f - base)).sum(-1), -(q * rho * log_q).sum(-1)
+
+    (left, left_grad), (right, right_grad) = f_divergence(alpha_min), f_divergence(alpha_max)
+    return torch.where(left > right, left_grad, right_grad).mean()
+
+
+@pytest.mark.parametrize(("alpha_min", "alpha_max"), [(-1.0, 1.0), (-0.5, 0.5), (0.0, 2.0)])
+def test_adaptive_alpha_gradient_equals_alphanet_code(alpha_min, alpha_max):
+    student, teacher = pair(17, (4, 6, 9), scale=4.0)  # wide logits: many weights above the clip
+    student.requires_grad_(True)
+    ours = adaptive_alpha_divergence(student, teacher, alpha_min=alpha_min, alpha_max=alpha_max, clip=5.0)
+    theirs = alphanet_adaptive_loss(student, teacher, alpha_min, alpha_max, clip=5.0)
+    torch.testing.assert_close(gradient(ours, student), gradient(theirs, student), rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_alpha_chooses_its_branch_on_clipped_values():
+    """p = (0.6, 0.399, 0.001), q = (0.9, 0.05, 0.05): D_-1 = 1.43 exceeds D_1 = KL(p || q) = 0.58 only
+    through the weight q/p = 50 of the last class; clipped at 5 it is 0.30, so forward KL is the branch."""
+    p, q = (0.6, 0.399, 0.001), (0.9, 0.05, 0.05)
+    chi = (sum(b * b / a for a, b in zip(p, q)) - 1) / 2
+    forward = sum(a * math.log(a / b) for a, b in zip(p, q))
+    clipped_chi = sum(b * (min(b / a, 5.0) - 1) for a, b in zip(p, q)) / 2
+    assert clipped_chi < forward < chi
+    student, teacher = logits_of(*q).requires_grad_(True), logits_of(*p)
+    ours = adaptive_alpha_divergence(student, teacher)
+    assert close(ours, forward)
+    torch.testing.assert_close(gradient(ours, student), gradient(forward_kl(student, teacher), student))
+    assert close(adaptive_alpha_divergence(student, teacher, clip=math.inf), chi)  # exact choice: the larger one
 
 
 # --- sparse teacher, temperature ---------------------------------------------------------------
@@ -295,7 +355,7 @@ def test_top_k_keeps_the_top_probabilities_and_spreads_the_rest():
         top_k_logits(teacher, 0)
 
 
-@pytest.mark.parametrize("name", LOGIT_LOSSES)
+@pytest.mark.parametrize("name", [name for name in LOGIT_LOSSES if name != "pld"])  # pld: its own test above
 def test_temperature_scales_the_logits_and_multiplies_by_its_square(name):
     function = LOSSES[name].function
     student, teacher = pair(15)

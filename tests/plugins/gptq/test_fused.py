@@ -34,7 +34,7 @@ def assert_same(a, b):
 def test_fused_loop_equals_the_unfused_loop_bitwise(emulated, symmetric, act_order, granularity, group_size, block_size):
     weight, H = correlated_problem(ROWS, 384, seed=5)
     scheme = QuantScheme(bits=3, symmetric=symmetric, granularity=granularity, group_size=group_size)
-    options = dict(block_size=block_size, act_order=act_order)
+    options = {"block_size": block_size, "act_order": act_order}
     unfused = gptq_quantize(weight, H, scheme, **options, kernels=KernelCache())
     result = gptq_quantize(weight, H, scheme, **options, kernels=KernelCache(fused=True))
     assert result.column_loop == "triton" and unfused.column_loop == "eager"
@@ -48,7 +48,7 @@ def test_fused_loop_keeps_frozen_outliers_of_an_inherited_grid(emulated, act_ord
     grid = compute_grid(weight * 0.9, scheme)
     mask = weight.abs() > weight.abs().quantile(0.95)
     kept = torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight))
-    options = dict(grid=grid, frozen=mask, frozen_values=kept, act_order=act_order, block_size=128)
+    options = {"grid": grid, "frozen": mask, "frozen_values": kept, "act_order": act_order, "block_size": 128}
     unfused = gptq_quantize(weight, H, scheme, **options, kernels=KernelCache())
     result = gptq_quantize(weight, H, scheme, **options, kernels=KernelCache(fused=True))
     assert result.column_loop == "triton"

@@ -4,6 +4,7 @@ grids, act_order) and end-to-end runs on the two-layer SmolLM2."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -251,7 +252,7 @@ def test_fast_solve_equals_the_reference_with_inherited_grid_and_frozen_outliers
     grid = compute_grid(weight * 0.9, scheme)
     mask = weight.abs() > weight.abs().quantile(0.95)
     kept = torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight))
-    options = dict(grid=grid, frozen=mask, frozen_values=kept, act_order=act_order, block_size=96)
+    options = {"grid": grid, "frozen": mask, "frozen_values": kept, "act_order": act_order, "block_size": 96}
     expected, _, _ = reference_gptq(weight, H, scheme, **options)
     assert torch.equal(gptq_quantize(weight, H, scheme, **options).weight, expected)
 
@@ -385,9 +386,20 @@ def test_check_previous_stages():
     inherit.check_previous_stages([RoundToNearest(QuantScheme(bits=4, group_size=64))])
 
 
-def test_group_size_not_dividing_the_width_fails_at_recipe_check(host, write_recipe):
-    with pytest.raises(UserError, match="group_size 100 does not divide the input width 576"):
-        check_recipe(host, write_recipe(stages=[gptq_stage(group_size=100)]))
+def test_compute_after_outliers_is_refused_at_recipe_check(host, write_recipe):
+    """kl_ptq holds outliers apart; gptq computing its own grid would put them back on it silently."""
+    kl_ptq = {"method": "kl_ptq", "bits": 4, "group_size": 64}
+    with pytest.raises(UserError) as error:
+        check_recipe(host, write_recipe(stages=[kl_ptq, gptq_stage()], evaluate=[], output=None))
+    assert re.fullmatch(
+        r".*recipe\.yaml:\d+:\d+: stage 2 \(gptq, grid: compute\) would put the outliers stage 1 \(kl_ptq\) "
+        r"holds apart back on one grid: set grid: inherit",
+        str(error.value),
+    ), str(error.value)
+    # a later stage that leaves a grid of its own (rtn) replaces the split: computing is fine again
+    rtn = {"method": "rtn", "bits": 4, "group_size": 64}
+    check_recipe(host, write_recipe(stages=[kl_ptq, rtn, gptq_stage()], evaluate=[], output=None))
+    check_recipe(host, write_recipe(stages=[kl_ptq, gptq_stage(grid="inherit")], evaluate=[], output=None))
 
 
 def test_nan_weights_fail_naming_the_layer(host, write_recipe, tiny_lm_dir, tmp_path):

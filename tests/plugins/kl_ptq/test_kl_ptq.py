@@ -177,8 +177,9 @@ def test_method_sets_layer_state(real_layers):
 
 def test_bad_layers_are_named():
     method = KLPTQ(KLPTQParams(bits=3, group_size=64))
-    with pytest.raises(UserError, match="group_size 64 does not divide"):
-        method.check_layer("model.odd", nn.Linear(100, 8))
+    with pytest.raises(UserError, match="group_size 64 does not divide the input width 100") as error:
+        quantize_layer("model.odd", torch.randn(8, 100), method.params)
+    assert error.value.where == "model.odd"
     layer = nn.Linear(64, 4, bias=False)
     layer.weight.data[1, 3] = float("nan")
     with pytest.raises(UserError, match="NaN") as error:
@@ -187,6 +188,27 @@ def test_bad_layers_are_named():
     layer.weight.data[1, 3] = float("inf")
     with pytest.raises(UserError, match="NaN or inf"):
         method.compress_layer(FakeContext(), "model.bad", layer)
+
+
+def test_per_channel_grids_with_group_size_null(real_layers):
+    """group_size: null is one scale per output channel for both grids, as in rtn and gptq."""
+    weight = real_layers["model.layers.1.self_attn.k_proj"]
+    params = KLPTQParams(bits=3, group_size=None)
+    assert params.scheme() == QuantScheme(bits=3, granularity="channel")
+    result = quantize_layer("k", weight, params)
+    assert result.grid.scheme == params.scheme() and result.grid.scale.shape == (weight.shape[0], 1)
+    assert result.outlier_grid.scheme == QuantScheme(bits=8, granularity="channel")
+    assert int(result.mask.sum()) == round(0.01 * weight.numel())
+    # every inlier is on its row's grid, every outlier on the outlier grid
+    inliers = result.grid.fake_quantize(result.weight)
+    assert torch.equal(inliers[~result.mask], result.weight[~result.mask])
+    outliers = result.outlier_grid.fake_quantize(result.weight)
+    assert torch.equal(outliers[result.mask], result.weight[result.mask])
+    by_group = quantize_layer("k", weight, KLPTQParams(bits=3, group_size=weight.shape[1]))
+    assert torch.equal(result.weight, by_group.weight)  # one group as wide as the row: the same numbers
+    assert result.report()["effective_bits"] == by_group.report()["effective_bits"]
+    with pytest.raises(ValueError, match="granularity 'tensor' is not available"):
+        KLPTQParams(bits=3, granularity="tensor")
 
 
 def test_params_are_strict():

@@ -1,0 +1,104 @@
+"""The public plugin API: everything a plugin imports from compress, in one module.
+
+A plugin imports this module and the ``compress.hookimpl`` marker, nothing else of
+``compress`` (``tests/test_architecture.py`` holds the built-in plugins and the scaffold
+to that). The names in ``__all__`` keep their meaning within one major version of
+:data:`API_VERSION`; a plugin states the versions it works with in its entry-point module
+(``compress_api = ">=2,<3"``) and the host refuses it, naming both versions, when its own
+version is outside that range.
+
+This module and the modules it imports are contract modules: they import nothing from the
+engine, checkpoint IO or the CLI, so importing a plugin stays cheap. The one name that
+needs checkpoint IO, :class:`DirectoryLoader` (for loaders that delegate to it), is
+imported on first use.
+"""
+
+from typing import Any
+
+from compress.blocks import hidden_states, with_hidden_states
+from compress.checkpoint import LoadedModel, WriterCapabilities, WriterOptions
+from compress.context import Context, LayerState, OutlierSplit, StageRecord, StageRun
+from compress.data import IGNORE_INDEX, Sample, collate, model_inputs
+from compress.devices import move, on_device, onloaded, settle
+from compress.errors import UserError, did_you_mean
+from compress.evaluate import Metric, MetricParams, next_token_labels, next_token_log_probs
+from compress.gradients import OutputLoss, block_output_gradients
+from compress.method import BlockMethod, BlockWork, LayerMethod, Method, MethodKind, MethodParams, Produces
+from compress.quant import QuantGrid, QuantScheme, check_group_width, compute_grid, weight_matrix
+from compress.quant.activations import ActivationQuant, ActivationScheme, activation_qparams, input_quantizer
+from compress.quant.params import QuantParams
+from compress.recipe import DataSpec, ModelSpec, load_recipe
+from compress.scoring import Scorer
+from compress.search import Candidate, CandidateRequest, collect_candidates, quantizer_settings
+from compress.training.method import Batch, TrainingMethod, TrainParams
+
+API_VERSION = "2.0"
+"""The version of this API: the major number changes when a name is removed or changes
+meaning, the minor number when names are added."""
+
+__all__ = [
+    "API_VERSION",
+    "IGNORE_INDEX",
+    "ActivationQuant",
+    "ActivationScheme",
+    "Batch",
+    "BlockMethod",
+    "BlockWork",
+    "Candidate",
+    "CandidateRequest",
+    "Context",
+    "DataSpec",
+    "DirectoryLoader",  # noqa: F822 (module __getattr__, imported on first use)
+    "LayerMethod",
+    "LayerState",
+    "LoadedModel",
+    "Method",
+    "MethodKind",
+    "MethodParams",
+    "Metric",
+    "MetricParams",
+    "ModelSpec",
+    "OutlierSplit",
+    "OutputLoss",
+    "Produces",
+    "QuantGrid",
+    "QuantParams",
+    "QuantScheme",
+    "Sample",
+    "Scorer",
+    "StageRecord",
+    "StageRun",
+    "TrainParams",
+    "TrainingMethod",
+    "UserError",
+    "WriterCapabilities",
+    "WriterOptions",
+    "activation_qparams",
+    "block_output_gradients",
+    "check_group_width",
+    "collate",
+    "collect_candidates",
+    "compute_grid",
+    "did_you_mean",
+    "hidden_states",
+    "input_quantizer",
+    "load_recipe",
+    "model_inputs",
+    "move",
+    "next_token_labels",
+    "next_token_log_probs",
+    "on_device",
+    "onloaded",
+    "quantizer_settings",
+    "settle",
+    "weight_matrix",
+    "with_hidden_states",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DirectoryLoader":  # imports transformers: only for the loaders that ask for it
+        from compress.checkpoint.loaders import DirectoryLoader
+
+        return DirectoryLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""Scoring a model against a reference on a named dataset, for methods that compare many
+variants (search, allocation): KL, top-1 agreement, accuracy, or any registered metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from compress.blocks import block_outputs, device_batch, hidden_states, skipping_blocks
+from compress.errors import UserError, did_you_mean
+from compress.evaluate import Metric, metric_key
+from compress.recipe import MetricSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from compress.context import Context
+
+
+class Scorer:
+    """Scores models on one dataset against one reference, block by block, with the
+    registered metrics (those of ``evaluate:``, the same classes and the same math).
+
+    ``reference`` is the original model by default (``context.reference_model()``), or
+    another checkpoint, written like a recipe's ``model:`` and loaded with
+    ``context.load_model``. It runs once, when the scorer is made, one block on the
+    device at a time; what is kept of it is its last block's output per sample, on the
+    host: samples x tokens x hidden values. Its full logits would be samples x tokens x
+    vocabulary (85 times more for SmolLM2: 13 GB for 128 samples of 512 tokens), and
+    top-k log-probabilities would make KL approximate; so each :meth:`score` recomputes the
+    reference's outputs from the kept states through its modules after the blocks (final
+    norm and head: one matrix product per token, little next to the blocks).
+
+    Each :meth:`score` runs the scored model block by block (in both run modes only one
+    block of it is on the device at a time; modules outside the blocks are moved there
+    while used), then both models' heads sample by sample, feeding fresh metrics. Repeat
+    calls read nothing and load nothing again. ``metrics`` are names, or ``evaluate:``-style
+    entries with parameters (``{"metric": "top1", "k": 5}``); results are keyed like the
+    report's evaluation (``kl``, ``top1(k=5)``).
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        data: str,
+        metrics: Sequence[str | dict[str, Any]] = ("kl", "top1"),
+        reference: ModelSpec | str | None = None,
+    ) -> None:
+        if data not in context.recipe.data:
+            raise UserError(f"the scorer reads data {data!r}, which the recipe's data: lacks")
+        self.device = context.device
+        self.context = context
+        self.samples = context.data(data)
+        registered = context.host.metrics()
+        self.specs: list[MetricSpec] = []
+        for entry in metrics:
+            try:
+                spec = MetricSpec.model_validate({"metric": entry} if isinstance(entry, str) else entry)
+                if spec.metric not in registered:
+                    raise UserError(f"unknown metric {spec.metric!r}{did_you_mean(spec.metric, list(registered))}")
+                registered[spec.metric].Params.model_validate(spec.params)
+            except ValidationError as error:
+                raise UserError(f"metric {entry!r}: {error.errors()[0]['msg']}") from None
+            self.specs.append(spec)
+        self.reference = context.reference_model() if reference is None else context.load_model(reference)
+        (finals,), self.reference_returns_tuple = block_outputs(self.reference, self.samples, self.device)
+        self.reference_finals = [hidden_states(args, kwargs) for args, kwargs in finals]
+
+    def metrics(self) -> list[Metric]:
+        """Fresh instances of the scorer's metrics."""
+        registered = self.context.host.metrics()
+        return [registered[s.metric](registered[s.metric].Params.model_validate(s.params)) for s in self.specs]
+
+    @torch.no_grad()
+    def score(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Each metric's ``compressed`` value for ``model`` (default: ``context.model`` as it is now)
+        against the reference, e.g. ``{"kl": 0.02, "top1": 0.93}``."""
+        model = self.context.model if model is None else model
+        (finals,), returns_tuple = block_outputs(model, self.samples, self.device)
+        metrics = self.metrics()
+        with skipping_blocks(model, self.device, returns_tuple) as run:
+            if model is self.reference:  # one replacement of the blocks serves both
+                self._feed(metrics, finals, run, run)
+            else:
+                with skipping_blocks(self.reference, self.device, self.reference_returns_tuple) as run_reference:
+                    self._feed(metrics, finals, run, run_reference)
+        return {metric_key(spec): metric.result()["compressed"] for spec, metric in zip(self.specs, metrics)}
+
+    def _feed(self, metrics: list[Metric], finals: list[tuple[tuple, dict]], run: Any, run_reference: Any) -> None:
+        for sample, (args, kwargs), reference_final in zip(self.samples, finals, self.reference_finals):
+            batch = device_batch(sample, self.device)
+            output = run(batch, hidden_states(args, kwargs).to(self.device))
+            reference_output = run_reference(batch, reference_final.to(self.device))
+            for metric in metrics:
+                metric.update(reference_output, output, batch)

@@ -1,0 +1,428 @@
+"""The shared training loop: distillation, unlearning, SR-STE and EQ-Net all train through it.
+
+A training method (:mod:`compress.training.method`) supplies ``loss``; :func:`train` does the
+rest on accelerate, so one recipe trains the same run on the CPU, one GPU or several
+(``accelerate launch -m compress apply recipe.yaml`` for DDP, or FSDP through an accelerate
+config): ``batch_size`` is the global batch of each dataset per optimizer step, split over
+the devices and, past ``micro_batch_size``, accumulated; bf16 autocast over fp32 master
+weights, gradient checkpointing, the straight-through path through layers an earlier stage
+quantized or pruned (:mod:`compress.straight_through`), a learning-rate schedule, gradient
+clipping, evaluation every N steps, checkpoints every N steps and on Ctrl-C, resuming
+(``compress apply --resume``) only with the recipe that wrote the checkpoint, and a stop
+on a NaN or inf loss that names the step.
+
+Only the parameters of the method's groups (by default the targeted modules' own) are
+trained; the rest of the model is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.context import Context, StageRun
+from compress.data import Sample, collate
+from compress.devices import onloaded
+from compress.errors import UserError
+from compress.straight_through import straight_through
+from compress.training.checkpoint import (
+    CHECKPOINT_STATE,
+    TrainerState,
+    checkpoint_directory,
+    fingerprint,
+    recipe_changes,
+)
+from compress.training.method import Batch, TrainingMethod, TrainParams
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf."""
+
+
+def learning_rate_factor(params: TrainParams, step: int) -> float:
+    """The schedule's multiplier of ``lr`` for optimizer step ``step`` (0-based)."""
+    if step < params.warmup_steps:
+        return (step + 1) / params.warmup_steps
+    progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
+    if params.schedule == "linear":
+        return 1.0 - progress
+    if params.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def batch_split(params: TrainParams, devices: int, stage: str) -> tuple[int, int]:
+    """``(micro_batch_size, micro-steps per optimizer step)`` of each device when ``devices``
+    share the global ``batch_size``; a UserError naming ``stage`` when they cannot."""
+    share, rest = divmod(params.batch_size, devices)
+    if rest:
+        raise UserError(f"batch_size {params.batch_size} does not split evenly over {devices} devices", stage)
+    micro = params.micro_batch_size or share
+    if share % micro:
+        raise UserError(
+            f"each of {devices} devices takes {share} samples of batch_size {params.batch_size}, "
+            f"not a multiple of micro_batch_size {micro}",
+            stage,
+        )
+    return micro, share // micro
+
+
+@dataclass
+class DatasetStream:
+    """One dataset's micro-batches for one process: its own sampler.
+
+    Each epoch is a permutation of the samples that depends only on the seed, the dataset
+    and the epoch. Optimizer step ``t`` of an epoch reads samples ``[t*B, (t+1)*B)`` of that
+    permutation (``B`` = ``batch_size``), cut into micro-batches dealt to the processes in
+    turn. So a run reads the same global batches on any number of devices at any
+    micro-batch size, and a resumed run continues at this dataset's own epoch and position.
+    """
+
+    name: str
+    samples: list[Sample]
+    seed: int
+    batch_size: int
+    micro_batch_size: int
+    process: int
+    processes: int
+    pad_id: int
+    _last: tuple[int, list[int]] = field(default=(-1, []), repr=False)
+
+    def global_batch(self, step: int) -> list[int]:
+        """The sample indices of optimizer step ``step`` (0-based), over all processes."""
+        epoch, position = divmod(step, len(self.samples) // self.batch_size)
+        if self._last[0] != epoch:
+            key = zlib.crc32(f"{self.seed}/{self.name}/{epoch}".encode())
+            generator = torch.Generator().manual_seed(key)
+            self._last = (epoch, torch.randperm(len(self.samples), generator=generator).tolist())
+        return self._last[1][position * self.batch_size : (position + 1) * self.batch_size]
+
+    def batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches of optimizer step ``step``, on the host."""
+        chosen, micro = self.global_batch(step), self.micro_batch_size
+        firsts = range(self.process * micro, len(chosen), self.processes * micro)
+        return [collate([self.samples[i] for i in chosen[first : first + micro]], self.pad_id) for first in firsts]
+
+    def tokens(self, step: int) -> int:
+        """Real tokens in the global batch of ``step`` (0 for data without ``input_ids``)."""
+        return sum(sample_tokens(self.samples[i]) for i in self.global_batch(step))
+
+
+def sample_tokens(sample: Sample) -> int:
+    """The real tokens of one sample: its ``attention_mask``'s ones, else its ``input_ids``, else 0."""
+    if "attention_mask" in sample:
+        return int(sample["attention_mask"].sum())
+    return sample["input_ids"].numel() if "input_ids" in sample else 0
+
+
+@contextmanager
+def fp32_master_weights(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Train low-precision parameters in fp32 and cast them back afterwards."""
+    dtypes = [parameter.dtype for parameter in parameters]
+    for parameter in parameters:
+        if parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+    try:
+        yield
+    finally:
+        for parameter, dtype in zip(parameters, dtypes):
+            parameter.data = parameter.data.to(dtype)
+
+
+@contextmanager
+def trainable_only(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` except ``trainable`` for the duration."""
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    chosen = {id(parameter) for parameter in trainable}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in chosen)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+
+
+@contextmanager
+def interrupt_deferred() -> Iterator[list[bool]]:
+    """Turn Ctrl-C into a flag the loop checks between steps (so a checkpoint is consistent)."""
+    flag = [False]
+
+    def remember(_signum: int, _frame: Any) -> None:
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, remember)
+    except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(context: Context, run: StageRun, method: TrainingMethod) -> None:
+    """Run ``method``'s training stage on ``context.model`` and record it in ``run.record``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    params = method.params
+    model = context.model
+    precision = params.mixed_precision
+    if precision == "auto":
+        low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        precision = "bf16" if context.device.type == "cuda" or low else "no"
+    # autocast and accumulation are ours (_Loop): accelerate's are process-wide and tied to one dataloader
+    accelerator = Accelerator(cpu=context.device.type == "cpu", device_placement=False)
+    stage = f"stage {run.stage.label!r}"
+    micro, accumulation = batch_split(params, accelerator.num_processes, stage)
+    set_seed(context.recipe.run.seed + run.index)
+    pad_id = getattr(context.tokenizer, "pad_token_id", None) or 0
+    streams = {
+        dataset: DatasetStream(
+            name=dataset,
+            samples=context.data(entry),
+            seed=context.recipe.run.seed,
+            batch_size=params.batch_size,
+            micro_batch_size=micro,
+            process=accelerator.process_index,
+            processes=accelerator.num_processes,
+            pad_id=pad_id,
+        )
+        for dataset, entry in method.data_names().items()
+    }
+    evaluation = {}
+    for dataset, entry in method.eval_names().items():
+        samples = context.data(entry)
+        evaluation[dataset] = [collate(samples[i : i + micro], pad_id) for i in range(0, len(samples), micro)]
+    trainable = [p for module in run.targets.values() for p in module.parameters(recurse=False)]
+    constrain = (
+        straight_through(run.targets, context.layers, latent_weights(context, run))
+        if method.straight_through
+        else nullcontext(0)
+    )
+    with onloaded(model, context.device), fp32_master_weights(trainable), constrain as constrained:
+        if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            method.prepare(context, run, context.device)
+            run.record.details["constrained_layers"] = constrained
+            groups = [dict(group, params=list(group["params"])) for group in method.parameter_groups(trainable)]
+            with trainable_only(model, [p for group in groups for p in group["params"]]):
+                bf16 = precision == "bf16"
+                _Loop(context, run, method, accelerator, groups, streams, evaluation, accumulation, bf16).run()
+        finally:
+            method.finish(context, run)
+            accelerator.free_memory()
+            if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+                model.gradient_checkpointing_disable()
+            model.eval()
+
+
+def latent_weights(context: Context, run: StageRun) -> dict[str, torch.Tensor] | None:
+    """The original model's weights of the targeted layers, when the stage starts from them."""
+    if run.method.params.latent_weights != "original":
+        return None
+    reference = dict(context.reference_model().named_modules())
+    return {name: reference[name].weight.data for name in run.targets}
+
+
+class _Carried:
+    """What a checkpoint holds besides accelerate's model, optimizer, scheduler and RNG state:
+    the values of the optimizer's parameters that are not the model's, and ``context.state``."""
+
+    def __init__(self, extra: list[nn.Parameter], context: Context) -> None:
+        self.extra, self.context = extra, context
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"extra": [parameter.detach().cpu() for parameter in self.extra], "state": self.context.state}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        shapes = [tuple(value.shape) for value in saved["extra"]]
+        if shapes != [tuple(parameter.shape) for parameter in self.extra]:
+            ours = [tuple(parameter.shape) for parameter in self.extra]
+            raise ValueError(f"extra parameters of shapes {shapes}, the method's are {ours}")
+        with torch.no_grad():
+            for parameter, value in zip(self.extra, saved["extra"]):
+                parameter.copy_(value)
+        self.context.state.clear()
+        self.context.state.update(saved["state"])
+
+
+class _Loop:
+    """One training stage's optimizer, schedule, steps, checkpoints and logging."""
+
+    def __init__(
+        self,
+        context: Context,
+        run: StageRun,
+        method: TrainingMethod,
+        accelerator: Any,
+        groups: list[dict[str, Any]],
+        streams: dict[str, DatasetStream],
+        evaluation: dict[str, list[Batch]],
+        accumulation: int,
+        bf16: bool,
+    ) -> None:
+        self.context, self.run_, self.method, self.accelerator = context, run, method, accelerator
+        self.streams, self.evaluation, self.accumulation = streams, evaluation, accumulation
+        self.where = f"stage {run.stage.label!r}"
+        self.autocast = torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.params = method.params
+        optimizer = method.configure_optimizer(groups)
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        in_model = {id(p) for p in context.model.parameters()}
+        self.extra = [p for p in self.parameters if id(p) not in in_model]
+        # the scheduler stays unprepared: accelerate would step it once per process
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(self.params, step)
+        )
+        self.model, self.optimizer = accelerator.prepare(context.model, optimizer)
+        self.directory = checkpoint_directory(context, run)
+        accelerator.register_for_checkpointing(self.scheduler)
+        accelerator.register_for_checkpointing(_Carried(self.extra, context))
+        self.state = TrainerState(fingerprint=fingerprint(context, run))
+
+    def run(self) -> None:
+        self._resume_or_refuse()
+        params, record = self.params, self.run_.record
+        started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens
+        self.model.train()
+        with interrupt_deferred() as interrupted:
+            while self.state.step < params.steps:
+                loss, logs = self._step()
+                self.state.step += 1
+                self._after_step(loss, logs)
+                if interrupted[0]:
+                    self._save_checkpoint()
+                    raise KeyboardInterrupt
+        seconds = time.perf_counter() - started
+        record.details.update(
+            steps=self.state.step,
+            tokens=self.state.tokens,
+            tokens_per_second=(self.state.tokens - start_tokens) / max(seconds, 1e-9),
+            resumed_from_step=start_step or None,
+            devices=self.accelerator.num_processes,
+            micro_steps=self.accumulation,
+            loss_curve=self.state.loss_curve,
+            eval_curve=self.state.eval_curve,
+        )
+
+    def _step(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step over this process's micro-batches of every dataset; returns the
+        mean loss and logged values of its micro-steps."""
+        step = self.state.step
+        micro_batches = {name: stream.batches(step) for name, stream in self.streams.items()}
+        total, logs = torch.zeros((), device=self.context.device), {}
+        for index in range(self.accumulation):
+            batches = {name: self._on_device(micro[index]) for name, micro in micro_batches.items()}
+            last = index == self.accumulation - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.autocast:
+                    loss, values = self.method.loss(self.model, batches)
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {step + 1}; nothing was written "
+                        "(try a lower lr or max_grad_norm)",
+                        self.where,
+                    )
+                self.accelerator.backward(loss / self.accumulation)
+            total += loss.detach().float() / self.accumulation
+            for key, value in values.items():
+                logs[key] = logs.get(key, 0.0) + float(value) / self.accumulation
+        if self.accelerator.num_processes > 1:
+            # DDP averages the model's gradients; parameters outside it are averaged here
+            for parameter in self.extra:
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+        if self.params.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.parameters, self.params.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.tokens += sum(stream.tokens(step) for stream in self.streams.values())
+        return total, logs
+
+    def _on_device(self, batch: Batch) -> Batch:
+        return {key: value.to(self.context.device) for key, value in batch.items()}
+
+    def _after_step(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
+        step, params = self.state.step, self.params
+        if step % params.log_every == 0 or step == params.steps:
+            value = self.accelerator.gather(loss.reshape(1)).mean().item()
+            self.state.loss_curve.append((step, value))
+            shown = {"loss": round(value, 4), "lr": float(f"{self.scheduler.get_last_lr()[0]:.3g}")}
+            shown.update({key: round(float(item), 4) for key, item in logs.items()})
+            self.context.host.hook.compress_stage_progress(
+                context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs=shown
+            )
+        if params.eval_every and self.evaluation and (step % params.eval_every == 0 or step == params.steps):
+            self.state.eval_curve.append((step, self._evaluate()))
+        if params.checkpoint_every and step % params.checkpoint_every == 0 and step < params.steps:
+            self._save_checkpoint()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        """The mean loss over the eval data (each process evaluates all of it, so they agree);
+        with several datasets, over as many micro-steps as the smallest gives."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for chunks in zip(*self.evaluation.values()):
+            batches = {name: self._on_device(batch) for name, batch in zip(self.evaluation, chunks)}
+            with self.autocast:
+                loss, _ = self.method.loss(self.model, batches)
+            total, count = total + loss.float().item(), count + 1
+        self.model.train()
+        return total / max(count, 1)
+
+    def _save_checkpoint(self) -> None:
+        """Write the checkpoint next to the output, replacing the previous one only once complete."""
+        if self.directory is None:
+            return
+        staging = self.directory.with_name(self.directory.name + ".partial")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        if self.accelerator.is_main_process:
+            self.state.save(staging / CHECKPOINT_STATE)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            staging.rename(self.directory)
+        self.accelerator.wait_for_everyone()
+        self.run_.record.details["checkpoint"] = str(self.directory)
+
+    def _resume_or_refuse(self) -> None:
+        if self.directory is None or not (self.directory / CHECKPOINT_STATE).is_file():
+            return
+        saved = TrainerState.load(self.directory / CHECKPOINT_STATE)
+        if not self.context.resume:
+            raise UserError(
+                f"a checkpoint of this training stage exists (step {saved.step}/{self.params.steps}); "
+                "pass --resume to continue from it, or delete it to start over",
+                str(self.directory),
+            )
+        changes = recipe_changes(saved.fingerprint, self.state.fingerprint)
+        if changes:
+            raise UserError(
+                "cannot resume: the recipe changed since the checkpoint was written (" + "; ".join(changes) + ")",
+                str(self.directory),
+            )
+        try:
+            self.accelerator.load_state(str(self.directory))
+        except (ValueError, RuntimeError) as error:  # e.g. a plugin version with other parameters wrote it
+            raise UserError(
+                f"the checkpoint does not fit this stage's parameters ({error}); delete it to start over",
+                str(self.directory),
+            ) from None
+        self.state = saved
