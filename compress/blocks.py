@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -112,10 +112,8 @@ def capture_block_inputs(
     """
     with stopping_at(blocks[0], device) as captured, onloaded_on_use(model, blocks_name, device):
         for sample in samples:
-            try:
+            with suppress(_StopForward):
                 forward(model, device_batch(sample, device))
-            except _StopForward:
-                pass
     return captured
 
 
@@ -253,8 +251,6 @@ def capture_inputs_after_blocks(
     pass stops there. Samples whose forward pass never reaches ``module`` add nothing."""
     with stopping_at(module, device) as captured, skipping_blocks(model, device, returns_tuple) as run:
         for sample, final in zip(samples, finals):
-            try:
+            with suppress(_StopForward):
                 run(device_batch(sample, device), final.to(device))
-            except _StopForward:
-                pass
     return captured

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -194,7 +195,9 @@ def inspect_command(directory: Path, per_layer: bool) -> None:
     from compress.checkpoint.inspect import inspect_checkpoint, storage_groups
 
     summary = inspect_checkpoint(directory)
-    console.print(f"[bold]{directory}[/bold]: {summary.format}" + (f", {summary.sparsity} sparsity" if summary.sparsity else ""))
+    console.print(
+        f"[bold]{directory}[/bold]: {summary.format}" + (f", {summary.sparsity} sparsity" if summary.sparsity else "")
+    )
     table = Table("storage", "layers", "on disk (MB)", "bf16 (MB)", "ratio")
     rows = [(layer.storage, [layer]) for layer in summary.layers] if per_layer else storage_groups(summary).items()
     for storage, layers in rows:

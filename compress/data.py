@@ -131,8 +131,7 @@ class TextFileSource(TokenData):
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if ids.numel() < needed:
             raise UserError(
-                f"has {ids.numel()} tokens, fewer than samples x seq_len = "
-                f"{spec.samples} x {spec.seq_len} = {needed}",
+                f"has {ids.numel()} tokens, fewer than samples x seq_len = {spec.samples} x {spec.seq_len} = {needed}",
                 str(spec.path),
             )
         windows = ids[:needed].view(spec.samples, spec.seq_len)
@@ -235,7 +234,9 @@ class ChatSource(JsonLinesSource):
     def check(self, spec: DataSpec) -> None:
         require_file(spec)
         if spec.prompt_field is not None:
-            raise UserError("prompt_field and answer_field are for jsonl data; a chat's answers are its assistant turns")
+            raise UserError(
+                "prompt_field and answer_field are for jsonl data; a chat's answers are its assistant turns"
+            )
 
     def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
         messages = field_value(record, spec.field or self.default_field, where)

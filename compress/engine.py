@@ -132,9 +132,7 @@ def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool
             run_evaluation(context, context.model)
 
 
-def apply_recipe(
-    host: PluginHost, checked: CheckedRecipe, overwrite: bool = False, resume: bool = False
-) -> Context:
+def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = False, resume: bool = False) -> Context:
     """The whole of ``compress apply``; returns the context with the finished report.
 
     In a multi-process run every process compresses and trains; only the first

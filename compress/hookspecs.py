@@ -23,7 +23,8 @@ the classes and helpers these hooks hand around from :mod:`compress.api`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -180,9 +181,7 @@ def compress_stage_start(context: Context, stage: Stage, index: int, total: int)
 
 
 @hookspec
-def compress_block_done(
-    context: Context, stage: Stage, block_name: str, block_index: int, num_blocks: int
-) -> None:
+def compress_block_done(context: Context, stage: Stage, block_name: str, block_index: int, num_blocks: int) -> None:
     """The sequential engine finished one block (a transformer layer) of a stage.
 
     :param context: the run's context.

@@ -82,7 +82,9 @@ def required_api(module_name: str) -> str | None:
         if any(isinstance(target, ast.Name) and target.id == "compress_api" for target in targets):
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 return value.value
-            raise APIMismatch(f"compress_api must be a string literal ({spec.origin}:{node.lineno})", ast.unparse(value))
+            raise APIMismatch(
+                f"compress_api must be a string literal ({spec.origin}:{node.lineno})", ast.unparse(value)
+            )
     return None
 
 
@@ -141,7 +143,7 @@ class PluginHost:
                 self._report_broken(entry_point.name, str(error), error.required)
                 continue
             # one broken plugin must not stop the others
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 self._report_broken(entry_point.name, f"{type(error).__name__}: {error}")
                 continue
             if entry_point.dist is not None:
@@ -153,14 +155,9 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError:
             plugin = self.pm.unregister(name=name)
-            unknown = [
-                attr for attr in dir(plugin)
-                if attr.startswith("compress_") and not hasattr(hookspecs, attr)
-            ]
+            unknown = [attr for attr in dir(plugin) if attr.startswith("compress_") and not hasattr(hookspecs, attr)]
             hint = did_you_mean(unknown[0], [h for h in dir(hookspecs) if h.startswith("compress_")]) if unknown else ""
-            raise pluggy.PluginValidationError(
-                plugin, f"unknown hook {', '.join(unknown)}{hint}"
-            ) from None
+            raise pluggy.PluginValidationError(plugin, f"unknown hook {', '.join(unknown)}{hint}") from None
 
     def _report_broken(self, name: str, message: str, requires_api: str | None = None) -> None:
         self.broken.append(BrokenPlugin(name, message, requires_api))
@@ -193,6 +190,7 @@ class PluginHost:
             found: dict[str, Any] = {}
             owners: dict[str, str] = {}
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+
                 def register(item: Any, _owner: str = impl.plugin_name) -> None:
                     item_name = key(item)
                     if item_name in found:
@@ -215,7 +213,7 @@ class PluginHost:
             impl.function(**{name: value for name, value in kwargs.items() if name in impl.argnames})
         except UserError:
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             self._report_broken(impl.plugin_name, f"{hook_name} raised {type(error).__name__}: {error}")
 
     def methods(self) -> dict[str, type]:

@@ -103,9 +103,7 @@ def base_model_relation(stages: list[dict[str, Any]], requantizing_format: bool)
     return "quantized" if quantized else "finetune" if trained else None
 
 
-def build_card(
-    report: dict[str, Any], recipe_text: str, architecture: str | None, writer: Writer | None
-) -> ModelCard:
+def build_card(report: dict[str, Any], recipe_text: str, architecture: str | None, writer: Writer | None) -> ModelCard:
     """The card for a run: ``report`` as report.json holds it, the recipe file's text as run,
     the output format's writer (None when it is not installed here)."""
     output_format = recipe_output_format(recipe_text)

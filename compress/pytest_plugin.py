@@ -18,9 +18,10 @@ Importing this module is cheap: torch and transformers are imported by the fixtu
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml

@@ -101,8 +101,7 @@ class RunSpec(Strict):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N")
     mode: Literal["sequential", "whole"] = Field(
         "sequential",
-        description="sequential streams one block at a time through the device; "
-        "whole moves the whole model there",
+        description="sequential streams one block at a time through the device; whole moves the whole model there",
     )
     seed: int = 0
 
@@ -159,9 +158,7 @@ class Recipe(Strict):
             if isinstance(raw.get("model"), str):
                 raw["model"] = {"name": raw["model"]}
             if isinstance(raw.get("evaluate"), list):
-                raw["evaluate"] = [
-                    {"metric": item} if isinstance(item, str) else item for item in raw["evaluate"]
-                ]
+                raw["evaluate"] = [{"metric": item} if isinstance(item, str) else item for item in raw["evaluate"]]
         return raw
 
     @model_validator(mode="after")
@@ -204,11 +201,11 @@ def _collect_marks(node: yaml.Node, key: Key, marks: dict[Key, tuple[int, int]],
                 raise UserError(f"duplicate key {name!r}", Location(str(path), mark.line + 1, mark.column + 1))
             seen.add(name)
             # a key's own position is better than its value's for "unknown key" errors
-            marks[key + (name, "__key__")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _collect_marks(value_node, key + (name,), marks, path)
+            marks[(*key, name, "__key__")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _collect_marks(value_node, (*key, name), marks, path)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_marks(item, key + (index,), marks, path)
+            _collect_marks(item, (*key, index), marks, path)
 
 
 def parse_recipe_file(path: Path) -> LocatedRecipe:
@@ -252,7 +249,7 @@ def pydantic_error(
 
 def _key_where(located: LocatedRecipe, key: Key) -> Location:
     parent, field = key[:-1], key[-1]
-    mark = located.marks.get(parent + (field, "__key__"))
+    mark = located.marks.get((*parent, field, "__key__"))
     if mark:
         return Location(str(located.path), *mark)
     return located.where(key)

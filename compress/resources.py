@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import psutil
 import torch
@@ -25,7 +26,7 @@ class measure:
     torch's peak counter, so it hands the peaks it sees to the outer ones.
     """
 
-    _active: list[measure] = []
+    _active: ClassVar[list[measure]] = []
 
     def _share_device_peak(self, peak: int) -> None:
         for outer in measure._active:
@@ -58,7 +59,9 @@ class measure:
         measure._active.remove(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.usage.peak_device_bytes = max(self.usage.peak_device_bytes, torch.cuda.max_memory_allocated(self.device))
+            self.usage.peak_device_bytes = max(
+                self.usage.peak_device_bytes, torch.cuda.max_memory_allocated(self.device)
+            )
             self._share_device_peak(self.usage.peak_device_bytes)
         self.usage.seconds = time.perf_counter() - self._start
         self._stop.set()

@@ -8,8 +8,9 @@ under its budget and applies it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -43,7 +44,9 @@ class Candidate:
     """Puts the variant's weights into the module (in place) and returns its LayerState."""
 
 
-def quantizer_settings(module: nn.Module, request: CandidateRequest, defaults: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def quantizer_settings(
+    module: nn.Module, request: CandidateRequest, defaults: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
     """Every combination of the requested settings a weight quantizer can apply to ``module``.
 
     ``bits`` must be requested; other settings take ``defaults`` when the request omits

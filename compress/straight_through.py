@@ -106,9 +106,7 @@ def straight_through(
     for module, state in constrained.values():
         weight = module.weight
         keep = (weight.detach() != 0) if state.sparsity else None
-        parametrize.register_parametrization(
-            module, "weight", StraightThrough(_on_device(state, weight.device), keep)
-        )
+        parametrize.register_parametrization(module, "weight", StraightThrough(_on_device(state, weight.device), keep))
     for name, (module, _) in constrained.items():
         if latent is not None and name in latent:
             with torch.no_grad():

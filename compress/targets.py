@@ -20,9 +20,7 @@ def entry_matches(entry: str, name: str, module: nn.Module) -> bool:
     return entry == type(module).__name__ or entry == name
 
 
-def match_modules(
-    model: nn.Module, targets: list[str], ignore: list[str]
-) -> tuple[dict[str, nn.Module], list[str]]:
+def match_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
     """The modules selected by ``targets`` minus ``ignore``, and the targets that matched nothing."""
     selected: dict[str, nn.Module] = {}
     unmatched = list(targets)

@@ -17,7 +17,7 @@ from compress.checkpoint.loaders import meta_model
 from compress.errors import UserError, did_you_mean
 from compress.host import PluginHost
 from compress.hub import check_export
-from compress.method import Method
+from compress.method import Method, Produces
 from compress.quant.grid import check_group_width
 from compress.recipe import LocatedRecipe, Recipe, Stage, load_recipe, pydantic_error
 from compress.targets import invalid_patterns, match_modules
@@ -103,15 +103,30 @@ def check_stage_targets(
     return PlannedStage(method, targets, ignore, list(selected))
 
 
-def check_format_holds(writer: Writer, methods: list[Method], recipe: Recipe, located: LocatedRecipe) -> None:
-    """Refuse a recipe whose stages produce what the output format cannot store."""
-    for index, method in enumerate(methods):
-        reason = writer.capabilities.refusal(method.produces())
+def check_format_holds(writer: Writer, stages: list[PlannedStage], model: nn.Module, located: LocatedRecipe) -> None:
+    """Refuse a recipe whose stages produce what the output format cannot store, or in layers it cannot store."""
+    capabilities = writer.capabilities
+    modules = dict(model.named_modules())
+    for index, stage in enumerate(stages):
+        method = stage.method
+        produced = method.produces()
+        reason = capabilities.refusal(produced)
         if reason:
             raise located.error(
                 f"output format {writer.name!r} {reason}, but stage {index + 1} ({method.name}) produces it",
                 ("output", "format"),
             )
+        if capabilities.layer_types is None or produced == Produces():
+            continue
+        for name in stage.target_names:
+            kind = type(modules[name]).__name__
+            if kind not in capabilities.layer_types:
+                held = ", ".join(sorted(capabilities.layer_types))
+                raise located.error(
+                    f"output format {writer.name!r} stores compressed {held} layers only, but stage {index + 1} "
+                    f"({method.name}) compresses {name} ({kind})",
+                    ("output", "format"),
+                )
 
 
 def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> CheckedRecipe:
@@ -172,7 +187,9 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
     try:
         config, task = loader.load_config(recipe.model)
     except UserError as error:
-        raise located.error(f"{error.message}: {error.where}" if error.where else error.message, model_key(located)) from None
+        raise located.error(
+            f"{error.message}: {error.where}" if error.where else error.message, model_key(located)
+        ) from None
     for name, spec in recipe.data.items():
         check_model = getattr(sources[spec.source], "check_model", None)  # optional for a data source
         try:
@@ -190,7 +207,9 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
         if task not in metrics[spec.metric].tasks:
             raise located.error(f"metric {spec.metric!r} does not apply to a {task} model", ("evaluate", index))
         if spec.data not in recipe.data:
-            raise located.error(f"metric {spec.metric!r} reads data {spec.data!r}, which data: lacks", ("evaluate", index))
+            raise located.error(
+                f"metric {spec.metric!r} reads data {spec.data!r}, which data: lacks", ("evaluate", index)
+            )
         params_class = metrics[spec.metric].Params
         try:
             params_class.model_validate(spec.params)
@@ -200,5 +219,5 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
     if writer is not None:
-        check_format_holds(writer, methods, recipe, located)
+        check_format_holds(writer, stages, skeleton, located)
     return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options)

@@ -33,7 +33,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["re:.*(q|k|v|o|gate|up|down)_proj$"]
-LOSSES = {"forward_kl": {"loss": "forward_kl"}, "reverse_kl": {"loss": "reverse_kl"}, "jsd": {"loss": "jsd", "beta": 0.5}}
+LOSSES = {
+    "forward_kl": {"loss": "forward_kl"},
+    "reverse_kl": {"loss": "reverse_kl"},
+    "jsd": {"loss": "jsd", "beta": 0.5},
+}
 
 
 def recipe(args: argparse.Namespace, name: str, loss: dict | None, batch_size: int, out: Path) -> dict:
@@ -120,7 +124,9 @@ def run_table(args: argparse.Namespace, out: Path) -> None:
     for name, row in rows.items():
         label = name if name == "rtn-w3g64" else f"rtn-w3g64 + distill {name}"
         extra = (
-            f"{row['seconds']:.0f} | {row['tokens_per_second']:.0f} | {row['peak_gib']:.2f}" if "seconds" in row else "- | - | -"
+            f"{row['seconds']:.0f} | {row['tokens_per_second']:.0f} | {row['peak_gib']:.2f}"
+            if "seconds" in row
+            else "- | - | -"
         )
         print(f"| {label} | {row['perplexity']:.2f} | {row['kl']:.3f} | {extra} |")
 

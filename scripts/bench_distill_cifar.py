@@ -47,7 +47,6 @@ from torch import Tensor, nn
 from compress_distill.losses import DualHead, dhkd, forward_kl, pld
 from scripts.cifar import Objective, accuracy, add_data_arguments, ce, load_split, measured, subset, train
 
-
 # --- models --------------------------------------------------------------------------------
 
 
@@ -211,8 +210,10 @@ def main() -> None:
     }
     print()
     print(table(rows))
-    print(f"\n{result['device']}, {result['train_images']} training / {result['test_images']} test images, "
-          f"data {data_seconds:.1f} s, total {result['total_seconds']:.1f} s")
+    print(
+        f"\n{result['device']}, {result['train_images']} training / {result['test_images']} test images, "
+        f"data {data_seconds:.1f} s, total {result['total_seconds']:.1f} s"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_distill_cifar.json").write_text(json.dumps(result, indent=2))
 

@@ -266,24 +266,32 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = "tiny Llama" if args.tiny else "Llama-3-8B shape"
     layers = f", {args.layers} layers" if args.layers is not None else ""
-    print(f"\nrtn W4 g128 symmetric, {shape}{layers}, {results[0]['parameters'] / 1e9:.2f}B parameters, bf16, "
-          f"device {args.device}" + (f" ({env['gpu']})" if "gpu" in env else ""))
+    print(
+        f"\nrtn W4 g128 symmetric, {shape}{layers}, {results[0]['parameters'] / 1e9:.2f}B parameters, bf16, "
+        f"device {args.device}" + (f" ({env['gpu']})" if "gpu" in env else "")
+    )
     print(table(results))
     for r in results:
         if r["to_device_GBps"]:
-            print(f"{r['mode']}: {r['model_bytes'] / 1e9:.2f} GB moved to the GPU at {r['to_device_GBps']:.1f} GB/s, "
-                  f"back at {r['to_host_GBps']:.1f} GB/s")
+            print(
+                f"{r['mode']}: {r['model_bytes'] / 1e9:.2f} GB moved to the GPU at {r['to_device_GBps']:.1f} GB/s, "
+                f"back at {r['to_host_GBps']:.1f} GB/s"
+            )
     if "sequential" in modes and args.device.startswith("cuda"):
         seq = next(r for r in results if r["mode"] == "sequential")
         target = seq["peak_device_bytes"] < 3 * 10**9
-        print(f"\ntarget sequential peak GPU memory < 3 GB: {'met' if target else 'NOT met'} "
-              f"({seq['peak_device_bytes'] / 1e9:.2f} GB)")
+        print(
+            f"\ntarget sequential peak GPU memory < 3 GB: {'met' if target else 'NOT met'} "
+            f"({seq['peak_device_bytes'] / 1e9:.2f} GB)"
+        )
 
     out = args.json or (Path(os.environ["OUT"]) / "bench_engine.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m scripts.bench_engine " + " ".join(argv if argv is not None else sys.argv[1:])
-        out.write_text(json.dumps({"environment": env, "command": command.strip(), "results": results}, indent=2) + "\n")
+        out.write_text(
+            json.dumps({"environment": env, "command": command.strip(), "results": results}, indent=2) + "\n"
+        )
         print(f"wrote {out}")
     return status
 

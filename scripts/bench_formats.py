@@ -316,7 +316,7 @@ def time_call(fn, device: torch.device, reps: int, per_graph: int) -> tuple[floa
         graph.replay()
         sync(device)
         run, calls = graph.replay, per_graph
-    except Exception as error:  # noqa: BLE001 - a kernel that cannot be captured: time it eagerly
+    except Exception as error:
         method = f"eager ({type(error).__name__}: {str(error)[:80]})"
         sync(device)
 
@@ -350,9 +350,15 @@ def bench_semi_structured(device: torch.device, token_counts: list[int], reps: i
         dense_w = prune_2_4(torch.randn(out_features, in_features, device=device, dtype=torch.float16) * 0.02)
         try:
             sparse_w = to_sparse_semi_structured(dense_w)
-        except Exception as error:  # noqa: BLE001 - record and go on with the other shapes
-            rows.append({"layer": label, "out_features": out_features, "in_features": in_features,
-                         "error": f"{type(error).__name__}: {error}"})
+        except Exception as error:
+            rows.append(
+                {
+                    "layer": label,
+                    "out_features": out_features,
+                    "in_features": in_features,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
             print(f"[2:4] {label}: {rows[-1]['error']}", flush=True)
             continue
         kind = type(sparse_w).__name__
@@ -407,7 +413,7 @@ def environment(device: torch.device) -> dict:
     for package in ("compressed_tensors", "bitsandbytes", "safetensors", "accelerate"):
         try:
             info[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001
+        except Exception:
             info[package] = None
     return info
 
@@ -419,9 +425,17 @@ def mb(value: int) -> str:
 def formats_table(results: list[dict], batches: list[int]) -> str:
     base = next((r for r in results if r["name"] == "bf16"), None)
     speed_cols = [f"tok/s b{b}" for b in batches]
-    head = ["format", "stored as", "checkpoint MB", "vs bf16", "Linear MB", "Linear vs bf16", "load s",
-            "load + 1st forward s"]
-    head += speed_cols + ["KL to bf16 (nats/token)", "top-1 agree", "greedy = bf16"]
+    head = [
+        "format",
+        "stored as",
+        "checkpoint MB",
+        "vs bf16",
+        "Linear MB",
+        "Linear vs bf16",
+        "load s",
+        "load + 1st forward s",
+    ]
+    head += [*speed_cols, "KL to bf16 (nats/token)", "top-1 agree", "greedy = bf16"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         d = r["disk"]
@@ -457,7 +471,9 @@ def sparse_table(sparse: dict) -> str:
     lines = [head, "|" + " --- |" * (head.count(" | ") + 1)]
     for r in sparse["rows"]:
         if "error" in r:
-            lines.append(f"| {r['layer']} ({r['out_features']}x{r['in_features']}) | - | - | - | - | - | - | {r['error'][:100]} |")
+            lines.append(
+                f"| {r['layer']} ({r['out_features']}x{r['in_features']}) | - | - | - | - | - | - | {r['error'][:100]} |"
+            )
             continue
         lines.append(
             f"| {r['layer']} ({r['out_features']}x{r['in_features']}) | {r['tokens']} | {r['dense_us']:.1f} "
@@ -476,8 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 on cuda, 16 on cpu")
     parser.add_argument("--gen-reps", type=int, default=None, help="timed generate calls (default 3 on cuda, 2 on cpu)")
     parser.add_argument("--load-reps", type=int, default=3)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/wikitext-2/test.txt",
-                        help="WikiText-2 test text for the KL (default ../shared/data/wikitext-2/test.txt)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared/data/wikitext-2/test.txt",
+        help="WikiText-2 test text for the KL (default ../shared/data/wikitext-2/test.txt)",
+    )
     parser.add_argument("--kl-samples", type=int, default=2)
     parser.add_argument("--kl-seq-len", type=int, default=256)
     parser.add_argument("--sparse-tokens", default="16,256,4096", help="token counts (rows of x) for the 2:4 part")
@@ -485,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparse-backend", choices=("auto", "cutlass", "cusparselt"), default="auto")
     parser.add_argument("--skip-sparse", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep recipes and checkpoints here (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep recipes and checkpoints here (default: a temp dir)"
+    )
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints already written in --workdir")
     parser.add_argument("--json", type=Path, default=None, help="results file (default $OUT/bench_formats.json)")
     args = parser.parse_args(argv)
@@ -554,16 +576,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_sparse:
         sparse = {"skipped": "--skip-sparse"}
     elif not on_gpu:
-        sparse = {"skipped": "2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured: CUTLASS / "
-                             "cuSPARSELt) run on CUDA GPUs of compute capability 8.0+ only, not on the CPU"}
+        sparse = {
+            "skipped": "2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured: CUTLASS / "
+            "cuSPARSELt) run on CUDA GPUs of compute capability 8.0+ only, not on the CPU"
+        }
     else:
         token_counts = [int(t) for t in args.sparse_tokens.split(",")]
         sparse = bench_semi_structured(device, token_counts, args.sparse_reps, args.sparse_backend)
 
     where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
-    print(f"\nSmolLM2-135M-Instruct, device {device} ({where}); generate: greedy, "
-          f"{new_tokens} new tokens, median of {gen_reps}; load: median of {args.load_reps}; "
-          f"KL on {args.kl_samples} x {args.kl_seq_len} WikiText-2 test tokens")
+    print(
+        f"\nSmolLM2-135M-Instruct, device {device} ({where}); generate: greedy, "
+        f"{new_tokens} new tokens, median of {gen_reps}; load: median of {args.load_reps}; "
+        f"KL on {args.kl_samples} x {args.kl_seq_len} WikiText-2 test tokens"
+    )
     print(formats_table(results, batches))
     for r in results:
         print(f"{r['name']}: loaded Linear classes {r['linear_classes']}")
@@ -586,9 +612,16 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "environment": env,
             "command": command.strip(),
-            "settings": {"batches": batches, "new_tokens": new_tokens, "gen_reps": gen_reps,
-                         "load_reps": args.load_reps, "kl_samples": args.kl_samples, "kl_seq_len": args.kl_seq_len,
-                         "prompt": PROMPT, "data": str(args.data)},
+            "settings": {
+                "batches": batches,
+                "new_tokens": new_tokens,
+                "gen_reps": gen_reps,
+                "load_reps": args.load_reps,
+                "kl_samples": args.kl_samples,
+                "kl_seq_len": args.kl_seq_len,
+                "prompt": PROMPT,
+                "data": str(args.data),
+            },
             "formats": [{**r, "disk": r["disk"]} for r in results],
             "semi_structured_2_4": sparse,
         }

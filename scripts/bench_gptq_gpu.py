@@ -128,8 +128,10 @@ def build(args):
     model = random_model(config, args.seed, args.threads)
     build_seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
-    print(f"built {params / 1e9:.2f}B-parameter model ({config.num_hidden_layers} layers) in {build_seconds:.1f} s",
-          flush=True)
+    print(
+        f"built {params / 1e9:.2f}B-parameter model ({config.num_hidden_layers} layers) in {build_seconds:.1f} s",
+        flush=True,
+    )
     return config, model, build_seconds, params
 
 
@@ -148,7 +150,11 @@ def graph_check(device: torch.device) -> dict:
     inherited = QuantScheme(bits=3, group_size=64)
     grid = compute_grid(weight * 0.9, inherited)
     mask = weight.abs() > weight.abs().quantile(0.95)
-    frozen = {"grid": grid, "frozen": mask, "frozen_values": torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight))}
+    frozen = {
+        "grid": grid,
+        "frozen": mask,
+        "frozen_values": torch.where(mask, weight.round(decimals=2), grid.fake_quantize(weight)),
+    }
     cases = {
         "g128": (QuantScheme(bits=4, group_size=128), {}),
         "g64-asym": (QuantScheme(bits=3, group_size=64, symmetric=False), {}),
@@ -163,8 +169,12 @@ def graph_check(device: torch.device) -> dict:
         graphs[label] = bool(torch.equal(eager.weight, graphed.weight))
         fused[label] = bool(torch.equal(eager.weight, fast.weight) and torch.equal(eager.row_errors, fast.row_errors))
         loops.add(fast.column_loop)
-    return {"cuda_graphs_equal_eager": graphs, "fused_equal_eager": fused, "fused_check_loop": sorted(loops),
-            "bf16_hessian_relative_difference": hessian_check(device)}
+    return {
+        "cuda_graphs_equal_eager": graphs,
+        "fused_equal_eager": fused,
+        "fused_check_loop": sorted(loops),
+        "bf16_hessian_relative_difference": hessian_check(device),
+    }
 
 
 def hessian_check(device: torch.device) -> float:
@@ -182,18 +192,25 @@ def hessian_check(device: torch.device) -> float:
 
 def ours_settings(params) -> dict:
     """The settings our gptq stage ran with, in the same keys as LLM Compressor's record."""
-    return {"bits": params.bits, "symmetric": params.symmetric, "group_size": params.group_size,
-            # act_order with groups is static groups: every group's grid computed up front
-            "act_order": "static" if params.act_order else "off", "block_size": params.block_size,
-            "dampening": params.percdamp}
+    return {
+        "bits": params.bits,
+        "symmetric": params.symmetric,
+        "group_size": params.group_size,
+        # act_order with groups is static groups: every group's grid computed up front
+        "act_order": "static" if params.act_order else "off",
+        "block_size": params.block_size,
+        "dampening": params.percdamp,
+    }
 
 
 def describe(settings: dict) -> str:
     """One line: the weight grid, activation ordering, block size and dampening of a run."""
     groups = f"groups of {settings['group_size']}" if settings["group_size"] else "per channel"
     kind = "symmetric" if settings["symmetric"] else "asymmetric"
-    return (f"W{settings['bits']} {kind}, {groups}, act-order {settings['act_order']}, "
-            f"block {settings['block_size']}, dampening {settings['dampening']}")
+    return (
+        f"W{settings['bits']} {kind}, {groups}, act-order {settings['act_order']}, "
+        f"block {settings['block_size']}, dampening {settings['dampening']}"
+    )
 
 
 def run_ours(args) -> dict:
@@ -204,9 +221,17 @@ def run_ours(args) -> dict:
     host = plugin_host("gptq")
     clock = StageClock(device)
     host.register(Progress(clock), name="bench-progress")
-    host.register(clock, name="bench-stage-clock")  # pluggy calls the last registered first: clock marks, then Progress prints
-    stage = {"method": "gptq", **SETTINGS, "act_order": args.act_order, "cuda_graphs": not args.eager,
-             "fused_column_loop": not args.unfused, "low_precision_products": not args.fp32_products}
+    host.register(
+        clock, name="bench-stage-clock"
+    )  # pluggy calls the last registered first: clock marks, then Progress prints
+    stage = {
+        "method": "gptq",
+        **SETTINGS,
+        "act_order": args.act_order,
+        "cuda_graphs": not args.eager,
+        "fused_column_loop": not args.unfused,
+        "low_precision_products": not args.fp32_products,
+    }
     context, checked = build_context(host, model, config, "sequential", device, stage)
     samples = calibration(args, config)
     context._data["calibration"] = [{"input_ids": ids, "labels": ids} for ids in samples]  # compress.data.Sample
@@ -234,8 +259,15 @@ def run_ours(args) -> dict:
         hessian = mine[0]["hessian_seconds"] if mine else 0.0
         solve = sum(v["seconds"] for v in mine)
         rtn = sum(v["rtn_seconds"] for v in mine)
-        per_block.append({"seconds": total, "hessian": hessian, "solve": solve, "rtn_reference": rtn,
-                              "rest": total - hessian - solve - rtn})
+        per_block.append(
+            {
+                "seconds": total,
+                "hessian": hessian,
+                "solve": solve,
+                "rtn_reference": rtn,
+                "rest": total - hessian - solve - rtn,
+            }
+        )
 
     checks: dict = {
         "all_on_host": all(p.device.type == "cpu" for p in model.parameters()),
@@ -265,9 +297,15 @@ def run_ours(args) -> dict:
     objective = [v["objective"] for v in layers.values()]
     rtn_objective = [v["rtn_objective"] for v in layers.values()]
     result = {
-        "run": "compress gptq" + "".join(
-            f" ({label})" for flag, label in ((args.eager, "no CUDA graphs"), (args.unfused, "unfused column loop"),
-                                              (args.fp32_products, "float32 Hessian products")) if flag
+        "run": "compress gptq"
+        + "".join(
+            f" ({label})"
+            for flag, label in (
+                (args.eager, "no CUDA graphs"),
+                (args.unfused, "unfused column loop"),
+                (args.fp32_products, "float32 Hessian products"),
+            )
+            if flag
         ),
         "device": str(device),
         "parameters": params,
@@ -279,7 +317,9 @@ def run_ours(args) -> dict:
         "stage_seconds": record.seconds,
         "peak_device_bytes": totals["peak_device_bytes"],
         "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
-        "peak_host_rss_bytes": max(totals["peak_host_bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "peak_host_rss_bytes": max(
+            totals["peak_host_bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ),
         "layer_seconds": seconds,
         "per_block": per_block,
         "median_seconds": {k: statistics.median(b[k] for b in per_block) for k in per_block[0]},
@@ -331,12 +371,21 @@ def run_llmcompressor(args) -> dict:
     config, model, build_seconds, params = build(args)
     samples = calibration(args, config)
     loader = DataLoader(samples, batch_size=1, collate_fn=lambda batch: {"input_ids": torch.stack(batch)})
-    weights = QuantizationArgs(num_bits=SETTINGS["bits"], type="int", symmetric=SETTINGS["symmetric"],
-                               strategy="group", group_size=SETTINGS["group_size"])
+    weights = QuantizationArgs(
+        num_bits=SETTINGS["bits"],
+        type="int",
+        symmetric=SETTINGS["symmetric"],
+        strategy="group",
+        group_size=SETTINGS["group_size"],
+    )
     # GPTQModifier's own default is actorder "static": it is always given explicitly here
-    modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                            ignore=["lm_head"], block_size=SETTINGS["block_size"],
-                            dampening_frac=SETTINGS["percdamp"], actorder="static" if args.act_order else None)
+    modifier = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=["lm_head"],
+        block_size=SETTINGS["block_size"],
+        dampening_frac=SETTINGS["percdamp"],
+        actorder="static" if args.act_order else None,
+    )
     # oneshot() minus loading the model from a path and tokenizing a dataset
     shot = Oneshot.__new__(Oneshot)
     shot.model = model
@@ -352,6 +401,7 @@ def run_llmcompressor(args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 starts[index] = time.perf_counter()
+
         return hook
 
     handles = [layer.register_forward_pre_hook(first_call(i)) for i, layer in enumerate(model.model.layers)]
@@ -371,10 +421,14 @@ def run_llmcompressor(args) -> dict:
     expected = 7 * config.num_hidden_layers
     applied = quantized[0].quantization_scheme.weights  # the settings after the modifier resolved them
     actorder = getattr(applied.actorder, "value", applied.actorder)
-    settings = {"bits": applied.num_bits, "symmetric": applied.symmetric,
-                "group_size": applied.group_size if applied.strategy == "group" else None,
-                "act_order": actorder or "off", "block_size": modifier.block_size,
-                "dampening": modifier.dampening_frac}
+    settings = {
+        "bits": applied.num_bits,
+        "symmetric": applied.symmetric,
+        "group_size": applied.group_size if applied.strategy == "group" else None,
+        "act_order": actorder or "off",
+        "block_size": modifier.block_size,
+        "dampening": modifier.dampening_frac,
+    }
     result = {
         "run": f"llmcompressor {llmcompressor.__version__} GPTQModifier",
         "device": str(device),
@@ -391,8 +445,11 @@ def run_llmcompressor(args) -> dict:
         "median_seconds": {"seconds": statistics.median(seconds)},
         "settings": settings,
         "modifier": repr(modifier)[:1000],
-        "checks": {"ok": len(quantized) == expected and len(seconds) == config.num_hidden_layers,
-                   "layers_quantized": len(quantized), "layers_expected": expected},
+        "checks": {
+            "ok": len(quantized) == expected and len(seconds) == config.num_hidden_layers,
+            "layers_quantized": len(quantized),
+            "layers_expected": expected,
+        },
     }
     print(json.dumps(result), flush=True)
     return result
@@ -425,8 +482,16 @@ def child(args, which: str) -> dict | None:
         command = [sys.executable, "-m", "scripts.bench_gptq_gpu", "--child", which, "--result", str(result_file)]
         command += ["--device", args.device, "--seed", str(args.seed), "--threads", str(args.threads)]
         command += ["--tiny"] if args.tiny else []
-        command += [flag for flag, on in (("--eager", args.eager), ("--unfused", args.unfused),
-                                          ("--fp32-products", args.fp32_products), ("--act-order", args.act_order)) if on]
+        command += [
+            flag
+            for flag, on in (
+                ("--eager", args.eager),
+                ("--unfused", args.unfused),
+                ("--fp32-products", args.fp32_products),
+                ("--act-order", args.act_order),
+            )
+            if on
+        ]
         for flag, value in (("--layers", args.layers), ("--samples", args.samples), ("--seq-len", args.seq_len)):
             command += [flag, str(value)] if value is not None else []
         code = subprocess.run(command, cwd=ROOT, check=False).returncode
@@ -447,11 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--eager", action="store_true", help="ours without CUDA graphs (cuda_graphs: false)")
     parser.add_argument("--unfused", action="store_true", help="ours without the fused Triton column loop")
-    parser.add_argument("--fp32-products", action="store_true",
-                        help="ours with float32 copies (TF32) for the Hessian products, not bf16 ones")
-    parser.add_argument("--act-order", action="store_true",
-                        help="both tools with activation ordering, static groups (ours act_order: true, "
-                        "LLM Compressor actorder: static); default: off in both")
+    parser.add_argument(
+        "--fp32-products",
+        action="store_true",
+        help="ours with float32 copies (TF32) for the Hessian products, not bf16 ones",
+    )
+    parser.add_argument(
+        "--act-order",
+        action="store_true",
+        help="both tools with activation ordering, static groups (ours act_order: true, "
+        "LLM Compressor actorder: static); default: off in both",
+    )
     parser.add_argument("--no-llmcompressor", action="store_true", help="skip LLM Compressor's run")
     parser.add_argument("--json", type=Path, default=None, help="results file (default $OUT/bench_gptq_gpu.json)")
     parser.add_argument("--child", choices=["ours", "llmcompressor"], help=argparse.SUPPRESS)
@@ -478,9 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     shape = "tiny Llama" if args.tiny else "Llama-3-8B shape"
-    print(f"\nGPTQ, sequential, {shape}, {results[0]['decoder_layers']} decoder layers, "
-          f"{results[0]['parameters'] / 1e9:.2f}B parameters, bf16, device {args.device}"
-          + (f" ({env['gpu']})" if "gpu" in env else ""))
+    print(
+        f"\nGPTQ, sequential, {shape}, {results[0]['decoder_layers']} decoder layers, "
+        f"{results[0]['parameters'] / 1e9:.2f}B parameters, bf16, device {args.device}"
+        + (f" ({env['gpu']})" if "gpu" in env else "")
+    )
     for r in results:
         print(f"{r['run']}: {describe(r['settings'])}")
     print(table(results))
@@ -488,21 +561,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run']}: per layer (s) " + ", ".join(f"{s:.2f}" for s in r["layer_seconds"]))
     ours = results[0]
     if "mean_objective" in ours:
-        print(f"mean relative output error (H-weighted): gptq {ours['mean_objective']:.4f}, "
-              f"rtn {ours['mean_rtn_objective']:.4f}; checks: {json.dumps(ours['checks'])}")
+        print(
+            f"mean relative output error (H-weighted): gptq {ours['mean_objective']:.4f}, "
+            f"rtn {ours['mean_rtn_objective']:.4f}; checks: {json.dumps(ours['checks'])}"
+        )
     if len(results) > 1 and ours["run"].startswith("compress"):
         ratio = ours["median_seconds"]["seconds"] / results[1]["median_seconds"]["seconds"]
-        print(f"time per layer, ours / LLM Compressor: {ratio:.3f} (target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'})")
+        print(
+            f"time per layer, ours / LLM Compressor: {ratio:.3f} (target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'})"
+        )
     if args.device.startswith("cuda"):
         peak = ours["peak_device_bytes"]
-        print(f"target peak GPU memory < 3 GB: {'met' if peak < 3 * 10**9 else 'NOT met'} ({peak / 1e9:.2f} GB); "
-              f"floor ~1 s per layer: median {ours['median_seconds']['seconds']:.2f} s")
+        print(
+            f"target peak GPU memory < 3 GB: {'met' if peak < 3 * 10**9 else 'NOT met'} ({peak / 1e9:.2f} GB); "
+            f"floor ~1 s per layer: median {ours['median_seconds']['seconds']:.2f} s"
+        )
 
     out = args.json or (Path(os.environ["OUT"]) / "bench_gptq_gpu.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m scripts.bench_gptq_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
-        out.write_text(json.dumps({"environment": env, "command": command.strip(), "results": results}, indent=2) + "\n")
+        out.write_text(
+            json.dumps({"environment": env, "command": command.strip(), "results": results}, indent=2) + "\n"
+        )
         print(f"wrote {out}")
     return 0 if all(r["checks"]["ok"] for r in results) else 1
 

@@ -47,6 +47,7 @@ The markdown table is printed; JSON goes to ``--json`` or ``$OUT/bench_ptq.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -72,7 +73,9 @@ GPTQ_SETTINGS = {"block_size": 128, "percdamp": 0.01, "act_order": False}
 
 
 def model_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "models" / "smollm2-135m-instruct"
+    return (
+        Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "models" / "smollm2-135m-instruct"
+    )
 
 
 # --------------------------------------------------------------------------- shared evaluation
@@ -163,10 +166,15 @@ def recipe_text(config: str, bits: int, calib: dict) -> str:
         stages.append("  - method: gptq\n" + common + extra + grid)
     data = ""
     if calibration:
-        data = (f"data:\n  calibration: {{path: {calib['path']}, samples: {calib['samples']}, "
-                f"seq_len: {calib['seq_len']}}}\n")
-    return (f"model: {{name: {model_dir()}, dtype: float32}}\n{data}stages:\n" + "".join(stages)
-            + "output: null\nrun: {device: cpu, mode: sequential}\n")
+        data = (
+            f"data:\n  calibration: {{path: {calib['path']}, samples: {calib['samples']}, "
+            f"seq_len: {calib['seq_len']}}}\n"
+        )
+    return (
+        f"model: {{name: {model_dir()}, dtype: float32}}\n{data}stages:\n"
+        + "".join(stages)
+        + "output: null\nrun: {device: cpu, mode: sequential}\n"
+    )
 
 
 def run_ours(args) -> dict:
@@ -212,15 +220,14 @@ def run_ours(args) -> dict:
 
 
 def run_llmc(args) -> dict:
+    import llmcompressor
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import llmcompressor
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -237,11 +244,18 @@ def run_llmc(args) -> dict:
             {"input_ids": [w.tolist() for w in windows], "attention_mask": [[1] * len(w) for w in windows]}
         )
         modifier = GPTQModifier(
-            config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=GPTQ_SETTINGS["block_size"],
-            dampening_frac=GPTQ_SETTINGS["percdamp"], actorder=None,
+            config_groups={"group_0": scheme},
+            ignore=["lm_head"],
+            block_size=GPTQ_SETTINGS["block_size"],
+            dampening_frac=GPTQ_SETTINGS["percdamp"],
+            actorder=None,
         )
-        kwargs = {"dataset": calib, "num_calibration_samples": len(windows), "max_seq_length": len(windows[0]),
-                      "shuffle_calibration_samples": False}
+        kwargs = {
+            "dataset": calib,
+            "num_calibration_samples": len(windows),
+            "max_seq_length": len(windows[0]),
+            "shuffle_calibration_samples": False,
+        }
     else:
         modifier = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     with RSSSampler() as usage:
@@ -249,7 +263,7 @@ def run_llmc(args) -> dict:
     # the fake-quantized (dequantized) weights, as compressed-tensors' forward computes them
     quantized = 0
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for _name, module in model.named_modules():
             qscheme = getattr(module, "quantization_scheme", None)
             if qscheme is None or qscheme.weights is None:
                 continue
@@ -267,9 +281,12 @@ def run_llmc(args) -> dict:
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "quantized_modules": quantized,
         "saved_layers": save_targets(model, Path(args.weights)),
-        "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__,
-                     "compressed_tensors": __import__("compressed_tensors").__version__},
+        "versions": {
+            "llmcompressor": llmcompressor.__version__,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "compressed_tensors": __import__("compressed_tensors").__version__,
+        },
     }
 
 
@@ -300,21 +317,26 @@ def environment(lc_python: str | None) -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
     info = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "load_average_start": os.getloadavg(),
     }
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     if lc_python:
-        code = ("import llmcompressor, compressed_tensors, torch, transformers, platform; print(platform.python_version(),"
-                " llmcompressor.__version__, compressed_tensors.__version__, torch.__version__, transformers.__version__)")
+        code = (
+            "import llmcompressor, compressed_tensors, torch, transformers, platform; print(platform.python_version(),"
+            " llmcompressor.__version__, compressed_tensors.__version__, torch.__version__, transformers.__version__)"
+        )
         out = subprocess.run([lc_python, "-c", code], capture_output=True, text=True, check=False).stdout.split()
         if len(out) == 5:
-            info["llmcompressor_env"] = dict(zip(("python", "llmcompressor", "compressed_tensors", "torch",
-                                                  "transformers"), out))
+            info["llmcompressor_env"] = dict(
+                zip(("python", "llmcompressor", "compressed_tensors", "torch", "transformers"), out)
+            )
     return info
 
 
@@ -324,16 +346,21 @@ def fmt_row(r: dict) -> str:
 
     bits = "fp32" if r["config"] == "full precision" else f"W{r['bits']} g{GROUP_SIZE}"
     eff = f"{r['effective_bits']:.2f}" if r.get("effective_bits") else "–"
-    return (f"| {r['config']} | {bits} | {eff} | {f('wiki_ppl', '.2f')} | {f('wiki_kl', '.4f')} | {f('code_ppl', '.3f')} "
-            f"| {f('code_kl', '.4f')} | {f('quantize_seconds', '.1f')} "
-            f"| {r['peak_rss_bytes'] / 2**30:.2f} |" if r.get("peak_rss_bytes") else
-            f"| {r['config']} | {bits} | {eff} | {f('wiki_ppl', '.2f')} | {f('wiki_kl', '.4f')} | {f('code_ppl', '.3f')} "
-            f"| {f('code_kl', '.4f')} | – | – |")
+    return (
+        f"| {r['config']} | {bits} | {eff} | {f('wiki_ppl', '.2f')} | {f('wiki_kl', '.4f')} | {f('code_ppl', '.3f')} "
+        f"| {f('code_kl', '.4f')} | {f('quantize_seconds', '.1f')} "
+        f"| {r['peak_rss_bytes'] / 2**30:.2f} |"
+        if r.get("peak_rss_bytes")
+        else f"| {r['config']} | {bits} | {eff} | {f('wiki_ppl', '.2f')} | {f('wiki_kl', '.4f')} | {f('code_ppl', '.3f')} "
+        f"| {f('code_kl', '.4f')} | – | – |"
+    )
 
 
 def table(results: list[dict], wiki_tokens: int, code_tokens: int) -> str:
-    head = ("| method | scheme | eff. bits | WikiText-2 ppl | WikiText-2 KL | Python code ppl | Python code KL "
-            "| quantize wall (s) | peak RSS in run (GiB) |")
+    head = (
+        "| method | scheme | eff. bits | WikiText-2 ppl | WikiText-2 KL | Python code ppl | Python code KL "
+        "| quantize wall (s) | peak RSS in run (GiB) |"
+    )
     return "\n".join([head, "|" + " --- |" * 9] + [fmt_row(r) for r in results])
 
 
@@ -391,10 +418,27 @@ def main(argv=None) -> int:
         for config in configs:
             weights, result_file = scratch / f"{config}-w{bits}.safetensors", scratch / f"{config}-w{bits}.json"
             python = args.lc_python if config in LLMC else sys.executable
-            command = [python, "-m", "scripts.bench_ptq", "--child", config, "--bits", str(bits),
-                       "--scratch", str(scratch), "--weights", str(weights), "--result", str(result_file),
-                       "--calib", json.dumps(calib), "--windows", str(scratch / "calib.pt"),
-                       "--threads", str(args.threads)]
+            command = [
+                python,
+                "-m",
+                "scripts.bench_ptq",
+                "--child",
+                config,
+                "--bits",
+                str(bits),
+                "--scratch",
+                str(scratch),
+                "--weights",
+                str(weights),
+                "--result",
+                str(result_file),
+                "--calib",
+                json.dumps(calib),
+                "--windows",
+                str(scratch / "calib.pt"),
+                "--threads",
+                str(args.threads),
+            ]
             t0 = time.perf_counter()
             code = subprocess.run(command, cwd=ROOT, check=False).returncode
             if code or not result_file.exists():
@@ -413,24 +457,41 @@ def main(argv=None) -> int:
             model.load_state_dict(original)
             weights.unlink()
             result["load_average_after"] = os.getloadavg()
-            print(f"{config} W{bits}: " + json.dumps({k: v for k, v in result.items() if k not in ("recipe", "llmcompressor_modifier")}), flush=True)
+            print(
+                f"{config} W{bits}: "
+                + json.dumps({k: v for k, v in result.items() if k not in ("recipe", "llmcompressor_modifier")}),
+                flush=True,
+            )
             results.append(result)
 
     env["load_average_end"] = os.getloadavg()
     env["total_seconds"] = time.perf_counter() - started
     wiki_tokens, code_tokens = fp["wiki_tokens"], fp["code_tokens"]
-    print(f"\nSmolLM2-135M-Instruct fp32, CPU ({env['cpu']}, {args.threads} threads); calibration "
-          f"{args.calib_samples}x{args.seq_len} tokens of WikiText-2 valid; evaluation {args.eval_samples}x{args.seq_len} "
-          f"tokens (context {args.seq_len}, {wiki_tokens} / {code_tokens} predicted tokens) of WikiText-2 test / "
-          f"Python stdlib code ({', '.join(CODE_FILES)})")
+    print(
+        f"\nSmolLM2-135M-Instruct fp32, CPU ({env['cpu']}, {args.threads} threads); calibration "
+        f"{args.calib_samples}x{args.seq_len} tokens of WikiText-2 valid; evaluation {args.eval_samples}x{args.seq_len} "
+        f"tokens (context {args.seq_len}, {wiki_tokens} / {code_tokens} predicted tokens) of WikiText-2 test / "
+        f"Python stdlib code ({', '.join(CODE_FILES)})"
+    )
     print(table(results, wiki_tokens, code_tokens))
     out = args.json or (Path(os.environ["OUT"]) / "bench_ptq.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m scripts.bench_ptq " + " ".join(argv if argv is not None else sys.argv[1:])
-        out.write_text(json.dumps({"environment": env, "command": command.strip(), "code_files": code_files,
-                                   "calibration": calib, "eval_samples": args.eval_samples,
-                                   "results": results}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "command": command.strip(),
+                    "code_files": code_files,
+                    "calibration": calib,
+                    "eval_samples": args.eval_samples,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {out}")
     return 0 if all("failed" not in r for r in results) else 1
 

@@ -215,7 +215,9 @@ def environment(device: str) -> dict:
         info["cuda"] = torch.version.cuda
         try:
             query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
-            info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+            info["nvidia_smi"] = subprocess.run(
+                query, capture_output=True, text=True, timeout=30, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     return info

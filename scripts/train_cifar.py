@@ -81,8 +81,15 @@ def vit(tiny: bool) -> nn.Module:
 
     width, layers, heads = (32, 2, 2) if tiny else (192, 6, 3)
     config = ViTConfig(
-        image_size=32, patch_size=4, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * width, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **labels(),
+        image_size=32,
+        patch_size=4,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **labels(),
     )
     return ViTForImageClassification(config)
 
@@ -110,7 +117,9 @@ def save(model: nn.Module, directory: Path) -> None:
 
     model.save_pretrained(directory)
     processor = ViTImageProcessor(
-        do_resize=False, size={"height": 32, "width": 32}, image_mean=MEAN.flatten().tolist(),
+        do_resize=False,
+        size={"height": 32, "width": 32},
+        image_mean=MEAN.flatten().tolist(),
         image_std=STD.flatten().tolist(),
     )
     processor.save_pretrained(directory)
@@ -202,7 +211,9 @@ def main() -> None:
         model = factory(args.tiny).to(device)
         run_args = argparse.Namespace(epochs=args.epochs or epochs, batch_size=args.batch_size, lr=lr, seed=args.seed)
         optimizer = optimizer_for(name, model, lr)
-        seconds, peak = measured(partial(train, Logits(model), ce, None, train_set, run_args, device, optimizer), device)
+        seconds, peak = measured(
+            partial(train, Logits(model), ce, None, train_set, run_args, device, optimizer), device
+        )
         trained[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "epochs": run_args.epochs,
@@ -243,8 +254,10 @@ def main() -> None:
                 result = write_result(args, trained, rows, started, len(train_set[0]))
     print()
     print(table(rows))
-    print(f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, "
-          f"{result['train_images']} training images, total {result['total_seconds']:.1f} s")
+    print(
+        f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, "
+        f"{result['train_images']} training images, total {result['total_seconds']:.1f} s"
+    )
 
 
 def write_result(args: argparse.Namespace, trained: dict, rows: list[dict], started: float, train_images: int) -> dict:

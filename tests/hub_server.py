@@ -55,7 +55,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
         pass
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         path = urlsplit(self.path).path
         state = self.server.state
         state.calls.append(f"POST {path}")

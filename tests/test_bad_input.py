@@ -31,13 +31,7 @@ def assert_user_error(result, pattern: str, output_dir: Path | None = None) -> s
 
 
 def recipe_text(model: Path, out: Path, stage: str, extra: str = "") -> str:
-    return (
-        f"model: {model}\n"
-        "stages:\n"
-        f"{stage}"
-        f"output: {{dir: {out}}}\n"
-        f"{extra}"
-    )
+    return f"model: {model}\nstages:\n{stage}output: {{dir: {out}}}\n{extra}"
 
 
 @pytest.fixture

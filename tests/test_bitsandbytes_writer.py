@@ -21,15 +21,15 @@ import yaml
 
 pytest.importorskip("bitsandbytes")
 
-import bitsandbytes.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+import bitsandbytes.functional as F
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from compress.checkpoint.bitsandbytes import BitsAndBytesOptions, quantized_modules  # noqa: E402
-from compress.engine import load_context  # noqa: E402
-from compress.errors import UserError  # noqa: E402
-from compress.host import PluginHost  # noqa: E402
-from compress.validate import check_recipe  # noqa: E402
-from tests.conftest import WIKITEXT_TEST  # noqa: E402
+from compress.checkpoint.bitsandbytes import BitsAndBytesOptions, quantized_modules
+from compress.engine import load_context
+from compress.errors import UserError
+from compress.host import PluginHost
+from compress.validate import check_recipe
+from tests.conftest import WIKITEXT_TEST
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,10 @@ def test_stored_weights_are_what_transformers_writes(context, tiny_lm_dir, tmp_p
 
     ours = load_file(write(context, tmp_path / "ours", quant_type="nf4", double_quant=True) / "model.safetensors")
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
     theirs_model = AutoModelForCausalLM.from_pretrained(
         tiny_lm_dir, quantization_config=config, device_map="cpu", dtype=next(context.model.parameters()).dtype

@@ -39,8 +39,18 @@ def test_methods_lists_and_documents(host):
 def test_eval_compares_a_written_checkpoint_with_its_base(write_recipe, tiny_lm_dir, tmp_path):
     assert invoke("apply", str(write_recipe(evaluate=[]))).exit_code == 0
     result = invoke(
-        "eval", str(tmp_path / "out"), "--against", str(tiny_lm_dir),
-        "--data", str(WIKITEXT_TEST), "--samples", "2", "--seq-len", "32", "--device", "cpu",
+        "eval",
+        str(tmp_path / "out"),
+        "--against",
+        str(tiny_lm_dir),
+        "--data",
+        str(WIKITEXT_TEST),
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
     )
     assert result.exit_code == 0, result.output
     for metric in ("perplexity", "kl", "top1"):
@@ -50,7 +60,17 @@ def test_eval_compares_a_written_checkpoint_with_its_base(write_recipe, tiny_lm_
 
 def test_eval_unknown_metric(tiny_lm_dir):
     result = CliRunner().invoke(
-        cli, ["eval", str(tiny_lm_dir), "--against", str(tiny_lm_dir), "--data", str(WIKITEXT_TEST), "--metric", "perplexty"]
+        cli,
+        [
+            "eval",
+            str(tiny_lm_dir),
+            "--against",
+            str(tiny_lm_dir),
+            "--data",
+            str(WIKITEXT_TEST),
+            "--metric",
+            "perplexty",
+        ],
     )
     assert result.exit_code == 2
     assert "unknown metric 'perplexty' (did you mean 'perplexity'?)" in result.stderr
@@ -59,7 +79,9 @@ def test_eval_unknown_metric(tiny_lm_dir):
 def test_too_little_data_is_a_user_error(write_recipe, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    recipe = write_recipe(data={"evaluation": {"path": str(short), "samples": 2, "seq_len": 64}}, evaluate=["perplexity"])
+    recipe = write_recipe(
+        data={"evaluation": {"path": str(short), "samples": 2, "seq_len": 64}}, evaluate=["perplexity"]
+    )
     result = CliRunner().invoke(cli, ["apply", str(recipe)])
     assert result.exit_code == 2
     assert "fewer than samples x seq_len = 2 x 64 = 128" in result.stderr

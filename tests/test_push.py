@@ -60,7 +60,10 @@ def test_push_command_uploads_every_file_byte_for_byte(hub: HubServer, output: P
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     result = subprocess.run(
         [COMPRESS, "push", str(output), "someone/tiny-rtn"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert f"{hub.endpoint}/someone/tiny-rtn/commit/" in result.stdout
@@ -73,7 +76,9 @@ def test_push_command_uploads_every_file_byte_for_byte(hub: HubServer, output: P
         assert endpoint in calls
 
 
-def test_model_card_has_the_hub_metadata_metrics_and_recipe(hub: HubServer, output: Path, tiny_model_dir, compress_host):
+def test_model_card_has_the_hub_metadata_metrics_and_recipe(
+    hub: HubServer, output: Path, tiny_model_dir, compress_host
+):
     push(compress_host, output, HubExport(repo_id="someone/card"))
     card = hub.state.repos["someone/card"]["main"]["README.md"].decode()
     metadata = yaml.safe_load(card.split("---\n")[1])

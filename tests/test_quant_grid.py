@@ -317,5 +317,8 @@ def test_group_width_is_checked_once_at_recipe_check(host, write_recipe, method)
         check_recipe(host, write_recipe(stages=[{"method": method, "bits": 4, "group_size": 100}]))
     message = str(error.value)
     assert "\n" not in message
-    assert re.search(r"recipe\.yaml:\d+:\d+: model\.layers\.0\.self_attn\.q_proj: group_size 100 does not divide "
-                     r"the input width 576$", message), message
+    assert re.search(
+        r"recipe\.yaml:\d+:\d+: model\.layers\.0\.self_attn\.q_proj: group_size 100 does not divide "
+        r"the input width 576$",
+        message,
+    ), message

@@ -49,7 +49,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_scaffold_has_the_distribution_files(installed: Path):
-    files = sorted(str(p.relative_to(installed)) for p in installed.rglob("*") if p.is_file() and "egg-info" not in str(p))
+    files = sorted(
+        str(p.relative_to(installed)) for p in installed.rglob("*") if p.is_file() and "egg-info" not in str(p)
+    )
     assert files == [
         "README.md",
         f"{NAMES.package}/__init__.py",
@@ -121,7 +123,9 @@ def test_bad_names_are_refused(name: str, message: str, tmp_path: Path):
 def test_existing_target_is_refused(tmp_path: Path):
     (tmp_path / "compress-taken").mkdir()
     (tmp_path / "compress-taken" / "mine.txt").write_text("keep me")
-    result = CliRunner().invoke(cli, ["plugins", "new", "compress-taken", "--dir", str(tmp_path)], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["plugins", "new", "compress-taken", "--dir", str(tmp_path)], catch_exceptions=False
+    )
     assert result.exit_code == 2
     assert f"{tmp_path / 'compress-taken'}: already exists" in result.stderr
     assert [p.name for p in (tmp_path / "compress-taken").iterdir()] == ["mine.txt"]

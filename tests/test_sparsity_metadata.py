@@ -153,7 +153,9 @@ def test_compressed_tensors_writer_records_sparsity_with_quantization(sparse_hos
 
 
 def test_compressed_tensors_writer_sparsity_only(sparse_host, write_recipe, tmp_path):
-    context, out = run(sparse_host, write_recipe, tmp_path, [{"method": "test_prune_2_4", "targets": [MLP]}], "compressed-tensors")
+    context, out = run(
+        sparse_host, write_recipe, tmp_path, [{"method": "test_prune_2_4", "targets": [MLP]}], "compressed-tensors"
+    )
     config = quantization_config(out)
     assert config["config_groups"] == {}
     assert_library_parses(out, context)
@@ -162,7 +164,7 @@ def test_compressed_tensors_writer_sparsity_only(sparse_host, write_recipe, tmp_
 
 
 def test_no_sparsity_no_sparsity_config(host, write_recipe, tmp_path):
-    context, out = run(host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64}], "dense")
+    _context, out = run(host, write_recipe, tmp_path, [{"method": "rtn", "bits": 4, "group_size": 64}], "dense")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert semi_structured_layers(out) == []
 
@@ -252,12 +254,19 @@ def test_semi_structured_layers_reads_targets_and_ignore(tmp_path, tiny_lm_dir):
     out = tmp_path / "ckpt"
     shutil.copytree(tiny_lm_dir, out)
     config = json.loads((out / "config.json").read_text())
-    sparsity = {"format": "dense", "sparsity_structure": "2:4", "global_sparsity": 0.3,
-                "targets": ["re:.*mlp\\.(up|down)_proj$"], "ignore": ["model.layers.1.mlp.down_proj"]}
+    sparsity = {
+        "format": "dense",
+        "sparsity_structure": "2:4",
+        "global_sparsity": 0.3,
+        "targets": ["re:.*mlp\\.(up|down)_proj$"],
+        "ignore": ["model.layers.1.mlp.down_proj"],
+    }
     config["quantization_config"] = {"quant_method": "compressed-tensors", "sparsity_config": sparsity}
     (out / "config.json").write_text(json.dumps(config))
     assert semi_structured_layers(out) == [
-        "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.mlp.up_proj",
     ]
     sparsity.update(targets=["Linear"], ignore=["lm_head"])  # llm-compressor style
     (out / "config.json").write_text(json.dumps(config))
@@ -275,10 +284,14 @@ def test_recipe_check_refuses_2_4_for_a_format_without_sparsity(sparse_host, wri
         evaluate=[],
         output={"dir": str(tmp_path / "out"), "format": "test-no-sparsity"},
     )
-    with pytest.raises(UserError, match=r"'test-no-sparsity' cannot record 2:4 sparsity, but stage 1 \(test_prune_2_4\)"):
+    with pytest.raises(
+        UserError, match=r"'test-no-sparsity' cannot record 2:4 sparsity, but stage 1 \(test_prune_2_4\)"
+    ):
         check_recipe(sparse_host, recipe)
     for fmt in ("dense", "compressed-tensors"):
-        recipe = write_recipe(stages=[{"method": "test_prune_2_4"}], evaluate=[], output={"dir": str(tmp_path / "o"), "format": fmt})
+        recipe = write_recipe(
+            stages=[{"method": "test_prune_2_4"}], evaluate=[], output={"dir": str(tmp_path / "o"), "format": fmt}
+        )
         check_recipe(sparse_host, recipe)
 
 

@@ -65,8 +65,15 @@ def training_recipe(write_recipe, tmp_path, **stage):
         },
         stages=[
             {"method": "rtn", "bits": 4, "group_size": 64},
-            {"method": "next_token", "steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1,
-             "latent_weights": "original", **stage},
+            {
+                "method": "next_token",
+                "steps": 4,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "log_every": 1,
+                "latent_weights": "original",
+                **stage,
+            },
         ],
         output={"dir": str(tmp_path / "out")},
         evaluate=["perplexity"],
@@ -74,7 +81,9 @@ def training_recipe(write_recipe, tmp_path, **stage):
 
 
 def targeted_weights(context):
-    return {name: module.weight.detach().clone() for name, module in context.model.named_modules() if name in context.layers}
+    return {
+        name: module.weight.detach().clone() for name, module in context.model.named_modules() if name in context.layers
+    }
 
 
 def test_training_updates_weights_and_keeps_them_on_their_grids(train_host, write_recipe, tmp_path):
@@ -183,14 +192,24 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path
             data={"train": {"path": str(WIKITEXT_VALID), "samples": 16, "seq_len": 32}},
             stages=[
                 {"method": "rtn", "bits": 3, "group_size": 64},
-                {"method": "distill", "steps": 4, "batch_size": 4, "lr": 1e-4, "log_every": 1,
-                 "latent_weights": "original"},
+                {
+                    "method": "distill",
+                    "steps": 4,
+                    "batch_size": 4,
+                    "lr": 1e-4,
+                    "log_every": 1,
+                    "latent_weights": "original",
+                },
             ],
             output={"dir": str(tmp_path / f"out{processes}")},
             evaluate=[],
             run={"device": "cpu"},
         )
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if processes == 2 else [sys.executable]
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            if processes == 2
+            else [sys.executable]
+        )
         subprocess.run([*launcher, "-m", "compress", "apply", str(recipe)], check=True, capture_output=True)
         report = json.loads((tmp_path / f"out{processes}" / "report.json").read_text())
         assert report["stages"][1]["details"]["devices"] == processes

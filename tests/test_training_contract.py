@@ -237,8 +237,16 @@ def test_accumulated_micro_batches_train_the_one_batch_run(contract_host, write_
     for micro in (4, 1):
         recipe = write_recipe(
             data={"train": {"path": str(WIKITEXT_VALID), "samples": 8, "seq_len": 16}},
-            stages=[{"method": "free_weights", "steps": 3, "batch_size": 4, "micro_batch_size": micro,
-                     "lr": 1e-3, "log_every": 1}],
+            stages=[
+                {
+                    "method": "free_weights",
+                    "steps": 3,
+                    "batch_size": 4,
+                    "micro_batch_size": micro,
+                    "lr": 1e-3,
+                    "log_every": 1,
+                }
+            ],
             output={"dir": str(tmp_path / f"out{micro}")},
             evaluate=[],
         )
@@ -273,8 +281,9 @@ def test_batch_split_over_devices():
     assert batch_split(TrainParams(batch_size=8), 2, "stage") == (4, 1)
     with pytest.raises(UserError, match="batch_size 6 does not split evenly over 4 devices"):
         batch_split(TrainParams(batch_size=6), 4, "stage")
-    with pytest.raises(UserError, match="each of 2 devices takes 3 samples of batch_size 6, not a multiple of "
-                       "micro_batch_size 2"):
+    with pytest.raises(
+        UserError, match="each of 2 devices takes 3 samples of batch_size 6, not a multiple of micro_batch_size 2"
+    ):
         batch_split(TrainParams(batch_size=6, micro_batch_size=2), 2, "stage")
 
 
@@ -282,21 +291,42 @@ def test_batch_split_over_devices():
     ("stages", "data", "pattern"),
     [
         ([{"method": "two_data"}], {"retain"}, r"method 'two_data' reads data: forget:, which the recipe lacks"),
-        ([{"method": "two_data", "data": {"forget": "gone", "retain": "retain"}}], {"retain", "forget"},
-         r"reads data: gone: \(as forget\), which the recipe lacks"),
-        ([{"method": "two_data", "data": "retain"}], {"retain", "forget"},
-         r"data: names one entry, but method 'two_data' reads 2 datasets: give \{forget: ENTRY, retain: ENTRY\}"),
-        ([{"method": "two_data", "eval_data": {"forget": "forget", "retain": "retain", "extra": "retain"}}],
-         {"retain", "forget"}, r"eval_data: has 'extra', which method 'two_data' does not read \(it reads forget, retain\)"),
-        ([{"method": "two_data", "data": {"forget": "forget"}}], {"retain", "forget"},
-         r"data: lacks dataset 'retain' of method 'two_data'"),
+        (
+            [{"method": "two_data", "data": {"forget": "gone", "retain": "retain"}}],
+            {"retain", "forget"},
+            r"reads data: gone: \(as forget\), which the recipe lacks",
+        ),
+        (
+            [{"method": "two_data", "data": "retain"}],
+            {"retain", "forget"},
+            r"data: names one entry, but method 'two_data' reads 2 datasets: give \{forget: ENTRY, retain: ENTRY\}",
+        ),
+        (
+            [{"method": "two_data", "eval_data": {"forget": "forget", "retain": "retain", "extra": "retain"}}],
+            {"retain", "forget"},
+            r"eval_data: has 'extra', which method 'two_data' does not read \(it reads forget, retain\)",
+        ),
+        (
+            [{"method": "two_data", "data": {"forget": "forget"}}],
+            {"retain", "forget"},
+            r"data: lacks dataset 'retain' of method 'two_data'",
+        ),
         ([{"method": "needs_reference"}], {"train"}, r"method 'needs_reference' needs data: reference: in the recipe"),
-        ([{"method": "two_data", "batch_size": 4, "micro_batch_size": 3}], {"retain", "forget"},
-         r"batch_size 4 is not a multiple of micro_batch_size 3"),
-        ([{"method": "free_weights", "latent_weights": "original"}], {"train"},
-         r"latent_weights: original needs the host's straight-through, which method 'free_weights' does not use"),
-        ([{"method": "rtn", "bits": 4}, {"method": "reads_state"}], {"train"},
-         r"method 'reads_state' reads state 'two_data', which no earlier stage writes"),
+        (
+            [{"method": "two_data", "batch_size": 4, "micro_batch_size": 3}],
+            {"retain", "forget"},
+            r"batch_size 4 is not a multiple of micro_batch_size 3",
+        ),
+        (
+            [{"method": "free_weights", "latent_weights": "original"}],
+            {"train"},
+            r"latent_weights: original needs the host's straight-through, which method 'free_weights' does not use",
+        ),
+        (
+            [{"method": "rtn", "bits": 4}, {"method": "reads_state"}],
+            {"train"},
+            r"method 'reads_state' reads state 'two_data', which no earlier stage writes",
+        ),
     ],
 )
 def test_bad_training_stage_is_one_line_at_recipe_check(contract_host, write_recipe, tmp_path, stages, data, pattern):
@@ -340,14 +370,27 @@ def test_two_processes_train_the_one_process_run_with_extra_parameters(write_rec
     )
     curves = {}
     for processes, micro in ((1, None), (2, 1)):
-        stage = {"method": "two_data_sgd", "steps": 3, "batch_size": 4, "micro_batch_size": micro, "lr": 1e-3,
-                 "log_every": 1}
+        stage = {
+            "method": "two_data_sgd",
+            "steps": 3,
+            "batch_size": 4,
+            "micro_batch_size": micro,
+            "lr": 1e-3,
+            "log_every": 1,
+        }
         recipe = two_data_recipe(write_recipe, tmp_path, [stage])
         recipe.write_text(recipe.read_text().replace(str(tmp_path / "out"), str(tmp_path / f"out{processes}")))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"][: 5 if processes == 2 else 1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"][
+            : 5 if processes == 2 else 1
+        ]
         root = Path(__file__).resolve().parents[1]
-        subprocess.run([*launcher, str(script), str(recipe)], check=True, capture_output=True, cwd=root,
-                       env={**os.environ, "PYTHONPATH": str(root)})
+        subprocess.run(
+            [*launcher, str(script), str(recipe)],
+            check=True,
+            capture_output=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
         details = json.loads((tmp_path / f"out{processes}" / "report.json").read_text())["stages"][0]["details"]
         assert (details["devices"], details["micro_steps"]) == (processes, 2 if processes == 2 else 1)
         curves[processes] = [loss for _, loss in details["loss_curve"]], details["gain"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -13,9 +13,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from compress.method import Produces
-
     from compress.context import Context
+    from compress.method import Produces
     from compress.recipe import ModelSpec
 
 
@@ -69,6 +68,9 @@ class WriterCapabilities:
     sparsity: bool = False
     outliers: bool = False
     """Can store weights held apart from the main grid (kl_ptq's outliers)."""
+    layer_types: frozenset[str] | None = None
+    """Class names of the layers whose compressed weights the format stores (e.g. ``Linear``);
+    None: any layer."""
 
     def refusal(self, produced: Produces) -> str | None:
         """Why this format cannot hold what a method produces, or None if it can."""
@@ -78,7 +80,9 @@ class WriterCapabilities:
                 held = ", ".join(map(str, sorted(self.weight_bits))) or "none"
                 return f"cannot store {scheme.bits}-bit weight grids (it stores: {held})"
             if scheme.granularity not in self.granularities:
-                return f"cannot store per-{scheme.granularity} scales (it stores: {', '.join(sorted(self.granularities))})"
+                return (
+                    f"cannot store per-{scheme.granularity} scales (it stores: {', '.join(sorted(self.granularities))})"
+                )
             if self.symmetric_only and not scheme.symmetric:
                 return "stores symmetric grids only (no zero points)"
         if produced.outliers and not self.outliers:

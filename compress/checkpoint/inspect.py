@@ -45,7 +45,7 @@ def tensor_bytes(directory: Path) -> dict[str, int]:
     sizes = {}
     for file in check_safetensors(directory):
         with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle:
                 piece = handle.get_slice(key)
                 count = 1
                 for dim in piece.get_shape():
@@ -102,7 +102,9 @@ def inspect_checkpoint(directory: Path) -> CheckpointSummary:
         if isinstance(module, nn.Linear):
             disk = sum(size for key, size in sizes.items() if key.startswith(name + "."))
             if disk:  # a tied lm_head stores nothing of its own
-                layers.append(LayerSummary(name, layer_storage(name, quantization, stored), disk, 2 * module.weight.numel()))
+                layers.append(
+                    LayerSummary(name, layer_storage(name, quantization, stored), disk, 2 * module.weight.numel())
+                )
     unique = {id(p): p.numel() for p in skeleton.parameters()}
     fmt = quantization.get("quant_method", "dense")
     if fmt == "compressed-tensors":

@@ -16,7 +16,6 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
-
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,

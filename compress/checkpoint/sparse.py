@@ -107,7 +107,9 @@ def sparsity_config(model: nn.Module, layers: Mapping[str, LayerState]):
     try:
         from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
     except ImportError:
-        raise UserError("recording sparsity needs the compressed-tensors library (pip install compressed-tensors)") from None
+        raise UserError(
+            "recording sparsity needs the compressed-tensors library (pip install compressed-tensors)"
+        ) from None
 
     structures = sorted(set(patterns.values()))
     if len(structures) > 1:

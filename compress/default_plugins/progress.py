@@ -57,14 +57,25 @@ def compress_run_end(context):
         stages.add_column(column, justify="right" if column[0] in "#lptp" else "left")
     for i, record in enumerate(context.report.stages):
         stages.add_row(
-            str(i + 1), record.name, record.method, str(len(record.layers)), f"{record.seconds:.1f}",
-            gib(record.peak_host_bytes), gib(record.peak_device_bytes),
+            str(i + 1),
+            record.name,
+            record.method,
+            str(len(record.layers)),
+            f"{record.seconds:.1f}",
+            gib(record.peak_host_bytes),
+            gib(record.peak_device_bytes),
         )
     totals = context.report.totals
     if totals:
         stages.add_row(
-            "", "all stages", "", "", f"{totals['seconds']:.1f}",
-            gib(totals["peak_host_bytes"]), gib(totals["peak_device_bytes"]), style="bold",
+            "",
+            "all stages",
+            "",
+            "",
+            f"{totals['seconds']:.1f}",
+            gib(totals["peak_host_bytes"]),
+            gib(totals["peak_device_bytes"]),
+            style="bold",
         )
     console.print(stages)
     for record in context.report.stages:
@@ -89,7 +100,10 @@ def evaluation_table(evaluation):
         # data without tokens (images) is counted in samples
         size = f"{result['tokens']} ({result['seq_len']}/seq)" if result["tokens"] else f"{result['samples']} samples"
         table.add_row(
-            name, result["data"], size,
-            "" if original is None else f"{original:.4f}", f"{result['compressed']:.4f}",
+            name,
+            result["data"],
+            size,
+            "" if original is None else f"{original:.4f}",
+            f"{result['compressed']:.4f}",
         )
     return table

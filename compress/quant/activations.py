@@ -58,7 +58,6 @@ class ActivationScheme(SignedCodes, BaseModel):
         return self
 
 
-
 def activation_qparams(
     min_val: torch.Tensor, max_val: torch.Tensor, scheme: ActivationScheme
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -54,8 +54,7 @@ class QuantScheme(SignedCodes, BaseModel):
     bits: int = Field(
         ge=2,
         le=8,
-        description="Bits per weight (2-8). Codes are signed integers in "
-        "[-2**(bits-1), 2**(bits-1)-1].",
+        description="Bits per weight (2-8). Codes are signed integers in [-2**(bits-1), 2**(bits-1)-1].",
     )
     symmetric: bool = Field(
         True,
@@ -94,12 +93,8 @@ class QuantScheme(SignedCodes, BaseModel):
                 "group_size is required when granularity is 'group' (group_size: null means granularity: channel)"
             )
         if self.granularity != "group" and self.group_size is not None:
-            raise ValueError(
-                f"group_size is only allowed when granularity is 'group', "
-                f"not {self.granularity!r}"
-            )
+            raise ValueError(f"group_size is only allowed when granularity is 'group', not {self.granularity!r}")
         return self
-
 
 
 @dataclass
@@ -120,9 +115,7 @@ class QuantGrid:
         scale, zero_point = self._grouped_params()
         return self._ungroup(self._codes(self._group(weight), scale, zero_point))
 
-    def dequantize(
-        self, codes: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weights represented by ``codes`` (the full ``(out, in)`` tensor), in ``dtype``."""
         scale, zero_point = self._grouped_params()
         values = self._values(self._group(codes), scale, zero_point)
@@ -140,9 +133,7 @@ class QuantGrid:
         scale, zero_point = self._column_params(columns, start)
         return self._codes(columns, scale, zero_point)
 
-    def dequantize_columns(
-        self, codes: torch.Tensor, start: int, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
+    def dequantize_columns(self, codes: torch.Tensor, start: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weights represented by ``codes`` of input columns ``[start, start + k)``."""
         scale, zero_point = self._column_params(codes, start)
         return self._values(codes, scale, zero_point).to(dtype)
@@ -152,18 +143,14 @@ class QuantGrid:
         zero_point = None if self.zero_point is None else self.zero_point.to(device)
         return QuantGrid(self.scheme, self.scale.to(device), zero_point)
 
-    def _codes(
-        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _codes(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
         scaled = x.detach().float() / scale
         if zero_point is not None:
             scaled = scaled + zero_point
         return scaled.round_().clamp_(self.scheme.qmin, self.scheme.qmax).to(torch.int8)
 
     @staticmethod
-    def _values(
-        codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _values(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
         values = codes.float()
         if zero_point is not None:
             values = values - zero_point
@@ -185,9 +172,7 @@ class QuantGrid:
         zero_point = None if self.zero_point is None else self.zero_point.unsqueeze(-1)
         return self.scale.unsqueeze(-1), zero_point
 
-    def _column_params(
-        self, columns: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _column_params(self, columns: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale and zero point broadcastable against ``columns`` starting at ``start``."""
         # A 1-D column would broadcast silently against (out, 1) scales.
         if columns.ndim != 2:
@@ -222,9 +207,7 @@ def check_group_width(scheme: QuantScheme, width: int, name: str | None = None) 
         raise UserError(f"group_size {scheme.group_size} does not divide the input width {width}", name)
 
 
-def compute_grid(
-    weight: torch.Tensor, scheme: QuantScheme, name: str | None = None
-) -> QuantGrid:
+def compute_grid(weight: torch.Tensor, scheme: QuantScheme, name: str | None = None) -> QuantGrid:
     """Round-to-nearest grid of a 2-D ``(out, in)`` weight; ``name`` is used in errors."""
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")

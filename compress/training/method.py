@@ -55,8 +55,7 @@ class TrainParams(MethodParams):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null for no clipping")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto",
-        description="bf16 autocast over fp32 master weights; auto = bf16 on a GPU or for a bf16/fp16 model, "
-        "else no",
+        description="bf16 autocast over fp32 master weights; auto = bf16 on a GPU or for a bf16/fp16 model, else no",
     )
     latent_weights: Literal["compressed", "original"] = Field(
         "compressed",
@@ -131,12 +130,12 @@ class TrainingMethod(Method):
 
     def check_data(self, data: dict[str, DataSpec]) -> None:
         super().check_data(data)
-        for key, names in (("data", self.data_names()), ("eval_data", self.eval_names())):
+        for names in (self.data_names(), self.eval_names()):
             for dataset, entry in names.items():
                 if entry not in data:
                     role = "" if entry == dataset else f" (as {dataset})"
                     raise UserError(f"method {self.name!r} reads data: {entry}:{role}, which the recipe lacks")
-        for dataset, entry in self.data_names().items():
+        for entry in self.data_names().values():
             if data[entry].samples < self.params.batch_size:
                 raise UserError(
                     f"training data {entry!r} has {data[entry].samples} samples, "

@@ -156,8 +156,11 @@ class Distill(TrainingMethod):
                 if spec.uses_labels:
                     # position t predicts token t+1; the last position has no label
                     value = spec.function(
-                        student_logits[:, :-1], teacher_logits[:, :-1], mask=mask[:, :-1],
-                        labels=batch["labels"][:, 1:], **options,
+                        student_logits[:, :-1],
+                        teacher_logits[:, :-1],
+                        mask=mask[:, :-1],
+                        labels=batch["labels"][:, 1:],
+                        **options,
                     )
                 else:
                     value = spec.function(student_logits, teacher_logits, mask=mask, **options)
@@ -179,9 +182,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def causal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of float32 ``logits``; labels of -100 are skipped."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-    )
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def check_same_vocabulary(student: nn.Module, teacher: nn.Module) -> None:

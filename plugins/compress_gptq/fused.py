@@ -35,7 +35,7 @@ def launcher(device: torch.device) -> Launcher | None:
         return None
     try:
         from compress_gptq.fused_triton import columns as kernel
-    except Exception:  # noqa: BLE001 - no Triton, or one this code does not compile with: the caller keeps its loop
+    except Exception:
         return None
 
     def launch(kernels: ColumnKernels, start: int, stop: int, width: int) -> None:
@@ -45,12 +45,25 @@ def launcher(device: torch.device) -> Launcher | None:
         asymmetric, frozen = kernels.Z is not None, kernels.F is not None
         W = kernels.W
         kernel[(-(-rows // ROWS_PER_PROGRAM),)](
-            W, kernels.Q, kernels.E, kernels.S,
+            W,
+            kernels.Q,
+            kernels.E,
+            kernels.S,
             kernels.Z if asymmetric else W,
             kernels.F.view(torch.uint8) if frozen else W,
             kernels.V if frozen else W,
-            kernels.U, rows, start, stop, width, float(kernels.qmin), float(kernels.qmax),
-            ASYMMETRIC=asymmetric, FROZEN=frozen, BLOCK=block, ROWS=ROWS_PER_PROGRAM, num_warps=4,
+            kernels.U,
+            rows,
+            start,
+            stop,
+            width,
+            float(kernels.qmin),
+            float(kernels.qmax),
+            ASYMMETRIC=asymmetric,
+            FROZEN=frozen,
+            BLOCK=block,
+            ROWS=ROWS_PER_PROGRAM,
+            num_warps=4,
         )
 
     return launch

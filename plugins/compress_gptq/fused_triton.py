@@ -19,8 +19,24 @@ def rint(a):
 
 @triton.jit
 def columns(
-    W, Q, E, S, Z, F, V, U, rows, start, stop, width, qmin, qmax,
-    ASYMMETRIC: tl.constexpr, FROZEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    W,
+    Q,
+    E,
+    S,
+    Z,
+    F,
+    V,
+    U,
+    rows,
+    start,
+    stop,
+    width,
+    qmin,
+    qmax,
+    ASYMMETRIC: tl.constexpr,
+    FROZEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """Columns ``[start, stop)`` of a block of ``width`` columns, on ``ROWS`` rows per program.
 

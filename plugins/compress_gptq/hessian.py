@@ -133,7 +133,9 @@ class _RunningProduct:
             except (RuntimeError, TypeError) as error:  # rejected before any work: H is unchanged
                 self.forms.pop(0)
                 if not self.forms:
-                    warnings.warn(f"gptq: bf16/fp16 Hessian products unavailable ({error}); using float32 copies")
+                    warnings.warn(
+                        f"gptq: bf16/fp16 Hessian products unavailable ({error}); using float32 copies", stacklevel=2
+                    )
         with _exact_tf32(self.dtype, flat.device):  # the activations' dtype, not the staging's
             flat = flat.float()
             H.addmm_(flat.T, flat)

@@ -195,7 +195,9 @@ class GPTQ(BlockMethod):
                 order = groups
                 for name in pending:
                     if name not in hessians:
-                        raise UserError("the block's forward pass never reached this layer; it cannot be calibrated", name)
+                        raise UserError(
+                            "the block's forward pass never reached this layer; it cannot be calibrated", name
+                        )
             solves = [order.pop(0)] if params.true_sequential else [order.pop(0) for _ in range(len(order))]
             for names in solves:
                 hessian = hessians[names[0]]
@@ -206,7 +208,9 @@ class GPTQ(BlockMethod):
                     reports[name] = {**details, "hessian_seconds": round(collect_seconds, 4)}
         return reports
 
-    def quantize_group(self, context: Context, modules: dict[str, nn.Module], hessian: Hessian) -> dict[str, dict[str, Any]]:
+    def quantize_group(
+        self, context: Context, modules: dict[str, nn.Module], hessian: Hessian
+    ) -> dict[str, dict[str, Any]]:
         """Quantize the layers reading one input as one solve: their rows stacked, one Hessian.
 
         GPTQ treats rows independently given H (the grids are per row, the updates are row
@@ -359,10 +363,7 @@ def inherited_grid(context: Context, name: str, scheme: QuantScheme, shape: torc
         )
     grid = state.quant
     rows, columns = shape
-    if scheme.granularity == "group":
-        expected = (rows, columns // scheme.group_size)
-    else:
-        expected = (rows, 1)
+    expected = (rows, columns // scheme.group_size) if scheme.granularity == "group" else (rows, 1)
     if grid.scheme != scheme or tuple(grid.scale.shape) != expected:
         raise UserError(
             f"gptq with grid: inherit has {_describe(scheme)}, but the grid left by {state.method!r} "

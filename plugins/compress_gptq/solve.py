@@ -122,8 +122,15 @@ def gptq_quantize(
     _check(W, scheme, name)
     factor = inverse_factor(hessian, percdamp, act_order, name)
     return quantize_in_place(
-        W, factor, scheme, block_size=block_size, grid=grid, frozen=frozen, frozen_values=frozen_values,
-        name=name, kernels=kernels,
+        W,
+        factor,
+        scheme,
+        block_size=block_size,
+        grid=grid,
+        frozen=frozen,
+        frozen_values=frozen_values,
+        name=name,
+        kernels=kernels,
     )
 
 
@@ -239,7 +246,9 @@ def _column_params(grid: QuantGrid, columns: torch.Tensor) -> tuple[torch.Tensor
     return scale.T, None if zero_point is None else zero_point.T
 
 
-def _current(kernels: ColumnKernels, W: torch.Tensor, Hinv: torch.Tensor, i1: int, i2: int, i: int, stop: int) -> torch.Tensor:
+def _current(
+    kernels: ColumnKernels, W: torch.Tensor, Hinv: torch.Tensor, i1: int, i2: int, i: int, stop: int
+) -> torch.Tensor:
     """Columns ``[i1 + i, stop)`` with every update of the columns quantized so far applied.
 
     Inside the block the kernels' working copy is up to date; columns past the block still
@@ -354,9 +363,9 @@ class ColumnKernels:
             try:
                 self.fused(self, start, stop, width)
                 return
-            except Exception as error:  # noqa: BLE001 - compile or launch failure: nothing was written yet
+            except Exception as error:
                 self.fused = None
-                warnings.warn(f"gptq: the fused column loop failed ({error}); using the unfused loop")
+                warnings.warn(f"gptq: the fused column loop failed ({error}); using the unfused loop", stacklevel=2)
         graph = self._graphs.get((start, stop, width))
         if graph is not None:
             graph.replay()
@@ -374,7 +383,9 @@ class ColumnKernels:
                 self._columns(start, stop, width)
         except RuntimeError as error:
             self.cuda_graphs = False
-            warnings.warn(f"gptq: capturing the column loop as a CUDA graph failed ({error}); launching eagerly")
+            warnings.warn(
+                f"gptq: capturing the column loop as a CUDA graph failed ({error}); launching eagerly", stacklevel=2
+            )
             return
         self._graphs[(start, stop, width)] = graph
 

@@ -353,9 +353,7 @@ def per_weight_step(grid: QuantGrid, shape: torch.Size) -> torch.Tensor:
     return grid.scale.unsqueeze(-1).expand(shape[0], grid.scale.shape[1], shape[1] // grid.scale.shape[1]).flatten(-2)
 
 
-def effective_bits(
-    shape: tuple[int, int], mask: torch.Tensor, params: KLPTQParams
-) -> tuple[float, dict[str, int]]:
+def effective_bits(shape: tuple[int, int], mask: torch.Tensor, params: KLPTQParams) -> tuple[float, dict[str, int]]:
     """Exact storage of a layer in bits per weight, and the parts it adds up from."""
     rows, columns = shape
     weights = rows * columns

@@ -35,8 +35,15 @@ from compress_distill.losses import (
 LOGIT_LOSSES = [name for name, spec in LOSSES.items() if spec.inputs != "hidden"]
 # Divergences between the two softmax distributions: zero exactly at equal distributions.
 DISTRIBUTION_DIVERGENCES = [
-    "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl",
-    "alpha_divergence", "adaptive_alpha", "bdkd",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "alpha_divergence",
+    "adaptive_alpha",
+    "bdkd",
 ]
 # Losses that treat every counted position on its own (sinkhorn couples them).
 PER_POSITION = [name for name in LOSSES if name != "sinkhorn"]
@@ -165,7 +172,9 @@ def test_pld_temperature_softens_only_the_teacher_weights():
     """The paper's appendix: raw student log-likelihood, weights softmax(t / T), no T**2."""
     student, teacher = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 0.0]])
     w0 = math.e / (math.e + 1)  # softmax([2, 0] / 2)[0]
-    assert close(pld(student, teacher, temperature=2.0, labels=torch.tensor([0])), w0 * (math.log(math.e + math.e**3) - 1))
+    assert close(
+        pld(student, teacher, temperature=2.0, labels=torch.tensor([0])), w0 * (math.log(math.e + math.e**3) - 1)
+    )
     # three classes, label 1, T = 2: ranking (1, 0, 2), weights softmax([1.5, 0.5, 1.0])
     student, teacher = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[3.0, 1.0, 2.0]])
     z = math.exp(1.5) + math.exp(0.5) + math.exp(1.0)
@@ -188,7 +197,7 @@ def test_dhkd_closed_form():
 # --- masking, endpoints, invariances ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PER_POSITION + ["sinkhorn"])
+@pytest.mark.parametrize("name", [*PER_POSITION, "sinkhorn"])
 def test_masking_equals_filtering(name):
     function = LOSSES[name].function
     student, teacher = pair(3, (4, 6, 9))
@@ -280,8 +289,9 @@ def test_alphanet_clipping_changes_the_gradient_not_the_value():
     assert gradient(clipped, student).norm() < gradient(exact, student).norm()
 
 
-def alphanet_adaptive_loss(student: torch.Tensor, teacher: torch.Tensor, alpha_min: float, alpha_max: float,
-                           clip: float) -> torch.Tensor:
+def alphanet_adaptive_loss(
+    student: torch.Tensor, teacher: torch.Tensor, alpha_min: float, alpha_max: float, clip: float
+) -> torch.Tensor:
     """AlphaNet's AdaptiveLossSoft (facebookresearch/AlphaNet, loss_ops.py), rewritten from its formulas:
     per position, f_divergence's clipped value picks the branch and the loss is that branch's surrogate."""
 
@@ -393,8 +403,20 @@ def test_dual_head_gives_two_heads_on_one_feature():
 
 def test_registry_and_did_you_mean():
     assert set(LOSSES) == {
-        "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "alpha_divergence",
-        "adaptive_alpha", "bdkd", "sinkhorn", "pld", "dhkd", "hidden_mse", "hidden_cosine",
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "tvd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "alpha_divergence",
+        "adaptive_alpha",
+        "bdkd",
+        "sinkhorn",
+        "pld",
+        "dhkd",
+        "hidden_mse",
+        "hidden_cosine",
     }
     common = {"student", "teacher", "mask", "temperature", "labels"}
     for spec in LOSSES.values():

@@ -31,7 +31,9 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("symmetric,act_order,granularity,group_size,block_size", FAST_CASES)
-def test_fused_loop_equals_the_unfused_loop_bitwise(emulated, symmetric, act_order, granularity, group_size, block_size):
+def test_fused_loop_equals_the_unfused_loop_bitwise(
+    emulated, symmetric, act_order, granularity, group_size, block_size
+):
     weight, H = correlated_problem(ROWS, 384, seed=5)
     scheme = QuantScheme(bits=3, symmetric=symmetric, granularity=granularity, group_size=group_size)
     options = {"block_size": block_size, "act_order": act_order}

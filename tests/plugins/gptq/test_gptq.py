@@ -23,7 +23,12 @@ from compress_rtn.method import RoundToNearest
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 from tests.plugins.gptq.reference import reference_gptq
 
-LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.up_proj"]
+LAYERS = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.mlp.down_proj",
+    "model.layers.1.self_attn.o_proj",
+    "model.layers.1.mlp.up_proj",
+]
 
 
 def run(host, path: Path):
@@ -48,7 +53,10 @@ def activations(tiny_lm_dir):
         model(input_ids=ids)
     for handle in handles:
         handle.remove()
-    return {name: (modules[name].weight.data.clone(), captured[name].reshape(-1, captured[name].shape[-1])) for name in LAYERS}
+    return {
+        name: (modules[name].weight.data.clone(), captured[name].reshape(-1, captured[name].shape[-1]))
+        for name in LAYERS
+    }
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
@@ -186,13 +194,14 @@ def test_collect_hessians_averages_and_shares_inputs():
 
     block = Block()
     xs = [torch.randn(1, 5, 6) for _ in range(3)]
-    hessians, groups = collect_hessians(block, {"a": block.a, "b": block.b, "c": block.c}, [((x,), {}) for x in xs], torch.device("cpu"))
+    hessians, groups = collect_hessians(
+        block, {"a": block.a, "b": block.b, "c": block.c}, [((x,), {}) for x in xs], torch.device("cpu")
+    )
     assert groups == [["a", "b"], ["c"]]
     assert hessians["a"] is hessians["b"]  # one matrix for layers reading one input
     expected = sum(2 * x[0].T @ x[0] for x in xs) / 3
     torch.testing.assert_close(hessians["a"].matrix, expected)
     assert hessians["b"].samples == 3 and hessians["b"].tokens == 15
-
 
 
 @pytest.mark.parametrize("product_bytes", [4 * 6 * 10, 4 * 6 * 12, 4 * 6 * 100])
@@ -289,15 +298,33 @@ def test_column_loop_launches_few_ops_per_column():
     """Kernel launches bound the solve on a GPU: count the non-view aten ops per column."""
     from torch.profiler import ProfilerActivity, profile
 
-    views = {"aten::as_strided", "aten::select", "aten::slice", "aten::view", "aten::unsqueeze", "aten::expand",
-             "aten::t", "aten::transpose", "aten::permute", "aten::reshape", "aten::alias", "aten::detach",
-             "aten::empty", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::unflatten"}
+    views = {
+        "aten::as_strided",
+        "aten::select",
+        "aten::slice",
+        "aten::view",
+        "aten::unsqueeze",
+        "aten::expand",
+        "aten::t",
+        "aten::transpose",
+        "aten::permute",
+        "aten::reshape",
+        "aten::alias",
+        "aten::detach",
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::unflatten",
+    }
     weight, H = correlated_problem(16, 512, seed=7)
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         gptq_quantize(weight, H, QuantScheme(bits=4, group_size=128))
     ops = [
-        event for event in trace.events()
-        if event.name.startswith("aten::") and event.name not in views
+        event
+        for event in trace.events()
+        if event.name.startswith("aten::")
+        and event.name not in views
         and not (event.cpu_parent is not None and event.cpu_parent.name.startswith("aten::"))
     ]
     assert len(ops) / 512 < 10  # the column-by-column implementation before it launched 25

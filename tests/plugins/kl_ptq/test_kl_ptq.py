@@ -129,7 +129,13 @@ def test_effective_bits_hand_computed():
     params = KLPTQParams(bits=3, group_size=4, outlier_bits=8)
     bits, parts = effective_bits((2, 8), mask, params)
     # codes 16x3 + 4 scales x16 + 3 outliers x8 + 2 outlier scales x16 + CSR: 3 x log2(8)=3 bits + 2 rows x ceil(log2 9)=4
-    assert parts == {"inlier_codes": 48, "inlier_scales": 64, "outlier_codes": 24, "outlier_scales": 32, "outlier_index": 17}
+    assert parts == {
+        "inlier_codes": 48,
+        "inlier_scales": 64,
+        "outlier_codes": 24,
+        "outlier_scales": 32,
+        "outlier_index": 17,
+    }
     assert bits == (48 + 64 + 24 + 32 + 17) / 16
     asym = KLPTQParams(bits=3, group_size=4, outlier_bits=4, symmetric=False, outlier_index="bitmap")
     bits, parts = effective_bits((2, 8), mask, asym)
