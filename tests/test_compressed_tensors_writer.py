@@ -42,7 +42,7 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
     found = {}
     for path in out.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
-            found.update({key: f.get_tensor(key) for key in f})
+            found.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (not iterable)
     return found
 
 
@@ -63,7 +63,7 @@ def assert_round_trip(context, out: Path, dequantize: bool = False) -> None:
     for name, value in context.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     modules = dict(reloaded.named_modules())
-    for name, _state in context.layers.items():
+    for name in context.layers:
         assert torch.equal(modules[name].weight, dict(context.model.named_modules())[name].weight), name
 
 
