@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compress import __version__
@@ -20,8 +22,17 @@ from compress.host import get_host
 console = Console()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup an interrupt runs runs for it too."""
+
+
+def raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
 def user_errors(command: Callable) -> Callable:
-    """Print a UserError as one line and exit 2; an interrupt exits 130 with nothing written."""
+    """Print a UserError as one line and exit 2; an interrupt exits 130 (SIGINT) or 143
+    (SIGTERM) with nothing written, staging directories removed and locks released."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -30,11 +41,32 @@ def user_errors(command: Callable) -> Callable:
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
+            click.echo(f"interrupted by {'SIGTERM' if terminated else 'SIGINT'}: no output was written", err=True)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
     return wrapper
+
+
+class OptionError(click.BadParameter):
+    """An option value refused at parsing, printed like a UserError: one ``error:`` line, exit 2."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class Count(click.IntRange):
+    """A positive integer option (``--samples``), checked before anything loads."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1)
+
+    def fail(self, message: str, param: click.Parameter | None = None, ctx: click.Context | None = None) -> None:
+        raise OptionError(message, ctx=ctx, param=param)
+
+
+COUNT = Count()
 
 
 @click.group()
@@ -105,18 +137,23 @@ def methods(name: str | None) -> None:
 
 @cli.group(invoke_without_command=True)
 @click.pass_context
+@user_errors
 def plugins(ctx: click.Context) -> None:
-    """List installed plugins, their hooks, and the ones that failed to load."""
+    """List installed plugins, their hooks, conflicts between them, and the ones that failed to load."""
     if ctx.invoked_subcommand is not None:
         return
     host = get_host()
-    host.methods(), host.loaders(), host.writers(), host.data_sources(), host.metrics()
+    host.survey()
+    conflicted = {owner for conflict in host.conflicts for owner in conflict.owners}
     table = Table("plugin", "version", "hooks")
     for info in host.plugins_info():
-        table.add_row(info["name"], info["version"] or "", ", ".join(info["hooks"]))
+        name = info["name"] + (" (conflict)" if info["name"] in conflicted else "")
+        table.add_row(name, info["version"] or "", ", ".join(info["hooks"]))
     console.print(table)
+    for conflict in host.conflicts:
+        console.print(f"[red]conflict[/red] {escape(str(conflict))}", highlight=False, soft_wrap=True)
     for broken in host.broken:
-        console.print(f"[red]broken[/red] {broken.name}: {broken.error}", markup=True)
+        console.print(f"[red]broken[/red] {escape(f'{broken.name}: {broken.error}')}", highlight=False, soft_wrap=True)
 
 
 @plugins.command("new")
@@ -150,8 +187,8 @@ def push(directory: Path, repo_id: str, private: bool, revision: str | None) -> 
 @click.argument("checkpoint")
 @click.option("--against", "base", required=True, help="The original model (same names as a recipe's model:).")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Evaluation text file.")
-@click.option("--samples", default=8, show_default=True, help="Sequences to evaluate.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence (context length).")
+@click.option("--samples", type=COUNT, default=8, show_default=True, help="Sequences to evaluate.")
+@click.option("--seq-len", type=COUNT, default=512, show_default=True, help="Tokens per sequence (context length).")
 @click.option("--metric", "metric_names", multiple=True, help="Metric (repeatable); default: all for the task.")
 @click.option("--device", default="auto", show_default=True)
 @user_errors
@@ -162,18 +199,25 @@ def eval_command(
     from compress.context import resolve_device
     from compress.default_plugins.progress import evaluation_table
     from compress.evaluate import evaluate
-    from compress.recipe import DataSpec, MetricSpec
+    from compress.recipe import DataSpec, MetricSpec, ModelSpec
 
     host = get_host()
-    loaded = [load_model(host, name) for name in (base, checkpoint)]
-    task = loaded[1].task
     registry = host.metrics()
     for name in metric_names:
         if name not in registry:
             raise UserError(f"unknown metric {name!r}{did_you_mean(name, list(registry))}", "--metric")
-    names = list(metric_names) or [n for n, cls in registry.items() if task in cls.tasks]
     spec = DataSpec(path=data_path, samples=samples, seq_len=seq_len)
     source = host.data_sources()[spec.source]
+    source.check(spec)
+    # every check that reads no weights comes before the two models load
+    models = [ModelSpec(name=name) for name in (base, checkpoint)]
+    loaders = [host.loader_for(model) for model in models]
+    task = [loader.load_config(model) for loader, model in zip(loaders, models, strict=True)][1][1]
+    for name in metric_names:
+        if task not in registry[name].tasks:
+            raise UserError(f"metric {name!r} does not apply to a {task} model", "--metric")
+    names = list(metric_names) or [n for n, cls in registry.items() if task in cls.tasks]
+    loaded = [loader.load(model) for loader, model in zip(loaders, models, strict=True)]
     evaluation_data = source.load(spec, loaded[1].tokenizer)
     results = evaluate(
         host,
@@ -212,15 +256,15 @@ def inspect_command(directory: Path, per_layer: bool) -> None:
     )
 
 
-def load_model(host: Any, name: str) -> Any:
-    from compress.recipe import ModelSpec
-
-    spec = ModelSpec(name=name)
-    return host.loader_for(spec).load(spec)
-
-
-def main() -> None:
+@user_errors
+def register_commands() -> None:
+    """Add the plugins' commands to the CLI (loading the plugins, which can fail with a UserError)."""
     host = get_host()
     for impl in host.hook.compress_register_commands.get_hookimpls():
         host.call_guarded(impl, "compress_register_commands", cli=cli)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, raise_terminated)
+    register_commands()
     cli()

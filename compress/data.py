@@ -9,15 +9,17 @@ this way, so a source that yields ``pixel_values`` works wherever one that yield
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from compress.errors import UserError
-from compress.recipe import DataSpec
+from compress.errors import Location, UserError
+from compress.recipe import DataSpec, not_utf8
 
 Sample = dict[str, torch.Tensor]
 """One example: ``input_ids`` (1-D long) or ``pixel_values`` (C, H, W float), and ``labels``:
@@ -42,14 +44,20 @@ class DataSource(Protocol):
     name: str
 
     def check(self, spec: DataSpec) -> None:
-        """Raise UserError for a spec this source cannot read (a missing file, an option it does not
-        support), before any model loads. A UserError without ``where`` is placed at the entry."""
+        """Raise UserError for a spec this source cannot read (a missing, empty or too short file, an
+        option it does not support, a record without the field), before any model loads; read the
+        file with bounded memory. A UserError without ``where`` is placed at the entry, one whose
+        ``where`` is a key of the entry (``"seq_len"``) at that key, and one whose ``where`` is a
+        :class:`compress.errors.Location` (a line of the data file) is reported as it is."""
 
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         """``spec.samples`` samples (see :data:`Sample`), each at most ``spec.seq_len`` tokens long."""
 
     # Optional: ``check_model(spec, task, config)`` raises UserError when the data cannot feed the
-    # recipe's model (a ``task`` model with this config), at ``compress recipe check``.
+    # recipe's model (a ``task`` model with this config), at ``compress recipe check``; its
+    # ``where`` is read as for ``check``. Optional too: ``check_tokens(spec, tokenizer)``, what
+    # needs the model's tokenizer (token counts), at ``compress recipe check`` when the loader
+    # gives the tokenizer without the weights (``Loader.load_tokenizer``).
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
@@ -87,9 +95,43 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
 
+MAX_LINE_BYTES = 64 << 20
+"""The longest line of a JSON-lines file read."""
+BYTES_PER_TOKEN = 8
+"""Bytes of text read at first per token needed (English takes about 4); four times more while too few."""
+CHUNK_BYTES = 1 << 20
+"""How much of a text file is decoded at a time."""
+
+
 def require_file(spec: DataSpec) -> None:
+    """Refuse a data file that is missing, unreadable or empty."""
     if not spec.path.is_file():
         raise UserError("data file not found", str(spec.path))
+    try:
+        spec.path.open("rb").close()
+    except OSError as error:
+        raise UserError(f"cannot read the data file: {error.strerror}", str(spec.path)) from None
+    if spec.path.stat().st_size == 0:
+        raise UserError("the data file is empty", str(spec.path))
+
+
+def text_chunks(path: Path, limit: int) -> Iterator[str]:
+    """The UTF-8 text of ``path``'s first ``limit`` bytes (up to the last whole character), in chunks
+    of about :data:`CHUNK_BYTES`; a UserError naming the line and byte offset where it is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as file:
+        while offset < limit:
+            data = file.read(min(CHUNK_BYTES, limit - offset))
+            pending = decoder.getstate()[0]  # the start of a character split by the last chunk
+            try:
+                yield decoder.decode(data, final=not data)
+            except UnicodeDecodeError as error:
+                raise not_utf8(path, pending + data, error, offset - len(pending), line) from None
+            if not data:
+                return
+            offset += len(data)
+            line += data.count(b"\n")
 
 
 def require_tokenizer(spec: DataSpec, tokenizer: Any) -> None:
@@ -101,8 +143,20 @@ class TokenData:
     """Data that is tokenized: it feeds models that read token ids, not image classifiers."""
 
     def check_model(self, spec: DataSpec, task: str, config: Any) -> None:
+        """Text feeds no image classifier, and no sequence may be longer than the model's positions."""
         if task == "image-classification":
             raise UserError(f"{spec.source} data holds text, but the model is an image classifier (use source: images)")
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and spec.seq_len > positions:
+            raise UserError(
+                f"seq_len {spec.seq_len} is more than the model's {positions} positions (max_position_embeddings)",
+                "seq_len",
+            )
+
+    def check_tokens(self, spec: DataSpec, tokenizer: Any) -> None:
+        """Make the samples once and drop them: too few tokens, no answer within ``seq_len`` or a chat
+        template that does not fit is refused before the weights load."""
+        self.load(spec, tokenizer)
 
 
 class TextFileSource(TokenData):
@@ -116,19 +170,33 @@ class TextFileSource(TokenData):
     name = "text"
 
     def check(self, spec: DataSpec) -> None:
+        """The file exists, is long enough for ``samples x seq_len`` tokens at one byte a token at least,
+        and the part of it that :meth:`load` reads first is UTF-8 (streamed, not held)."""
         require_file(spec)
         if spec.loss_on != "all" or spec.field or spec.prompt_field:
             raise UserError("text data has no fields and no answers; loss_on, field, prompt_field are for jsonl/chat")
+        size, needed = spec.path.stat().st_size, spec.samples * spec.seq_len
+        if size < needed:
+            raise UserError(
+                f"has {size} bytes, fewer than samples x seq_len = {spec.samples} x {spec.seq_len} = {needed} "
+                "tokens take (a token is at least one byte)",
+                str(spec.path),
+            )
+        for _ in text_chunks(spec.path, needed * BYTES_PER_TOKEN):
+            pass
 
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
         require_tokenizer(spec, tokenizer)
-        text = spec.path.read_text(encoding="utf-8")
         needed = spec.samples * spec.seq_len
-        # tokenizing a prefix is enough; 8 characters per token is a generous bound
-        ids = tokenizer(text[: needed * 8], add_special_tokens=False, return_tensors="pt").input_ids[0]
-        if ids.numel() < needed:
+        size, limit = spec.path.stat().st_size, needed * BYTES_PER_TOKEN
+        # tokenize a prefix of the file, longer while it holds too few tokens
+        while True:
+            text = "".join(text_chunks(spec.path, limit))
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            if ids.numel() >= needed or limit >= size:
+                break
+            limit *= 4
         if ids.numel() < needed:
             raise UserError(
                 f"has {ids.numel()} tokens, fewer than samples x seq_len = {spec.samples} x {spec.seq_len} = {needed}",
@@ -155,14 +223,13 @@ class JsonLinesSource(TokenData):
         require_file(spec)
         if spec.loss_on == "answers" and spec.prompt_field is None:
             raise UserError("loss_on: answers needs prompt_field and answer_field for jsonl data")
+        check_records(self, spec)
 
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
         require_tokenizer(spec, tokenizer)
         samples = []
         for where, record in records(spec):
-            if len(samples) == spec.samples:
-                break
             ids, labels = self.tokenize(record, spec, tokenizer, where)
             ids, labels = ids[: spec.seq_len], labels[: spec.seq_len]
             if spec.loss_on == "answers" and all(label == IGNORE_INDEX for label in labels):
@@ -172,40 +239,73 @@ class JsonLinesSource(TokenData):
             raise UserError(f"has {len(samples)} records, fewer than samples = {spec.samples}", str(spec.path))
         return samples
 
-    def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
-        """A record's token ids and their labels."""
+    def texts(self, record: dict, spec: DataSpec, where: Location) -> list[str]:
+        """The record's text, or its prompt and its answer; UserError for a missing field or one that is not text."""
         if spec.prompt_field is None:
-            ids = encode(text_value(record, spec.field or self.default_field, where), tokenizer)
-            return ids, list(ids)
-        prompt = encode(text_value(record, spec.prompt_field, where), tokenizer)
-        answer = encode(text_value(record, spec.answer_field, where), tokenizer)
+            return [text_value(record, spec.field or self.default_field, where)]
+        return [text_value(record, spec.prompt_field, where), text_value(record, spec.answer_field, where)]
+
+    def check_record(self, record: dict, spec: DataSpec, where: Location) -> None:
+        """Raise UserError for a record :meth:`tokenize` cannot read (at ``compress recipe check``)."""
+        self.texts(record, spec, where)
+
+    def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: Location) -> tuple[list[int], list[int]]:
+        """A record's token ids and their labels."""
+        texts = [encode(text, tokenizer) for text in self.texts(record, spec, where)]
+        if len(texts) == 1:
+            return texts[0], list(texts[0])
+        prompt, answer = texts
         hidden = [IGNORE_INDEX] * len(prompt) if spec.loss_on == "answers" else prompt
         return prompt + answer, hidden + answer
 
 
-def records(spec: DataSpec) -> Iterator[tuple[str, dict]]:
-    """Each non-blank line of a JSON-lines file as ``(file:line, object)``."""
-    with spec.path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+def check_records(source: JsonLinesSource, spec: DataSpec) -> None:
+    """The first ``samples`` records are there and ``source`` can read each (no tokenizer needed)."""
+    count = 0
+    for where, record in records(spec):
+        source.check_record(record, spec, where)
+        count += 1
+    if count < spec.samples:
+        raise UserError(f"has {count} records, fewer than samples = {spec.samples}", str(spec.path))
+
+
+def records(spec: DataSpec) -> Iterator[tuple[Location, dict]]:
+    """The first ``spec.samples`` non-blank lines of a JSON-lines file as ``(file:line, object)``, one
+    line in memory at a time; no line after them is read."""
+    offset, number, count = 0, 0, 0
+    with spec.path.open("rb") as lines:
+        while count < spec.samples:
+            data = lines.readline(MAX_LINE_BYTES + 1)
+            if not data:
+                return
+            number += 1
+            where = Location(str(spec.path), number)
+            if len(data) > MAX_LINE_BYTES:
+                raise UserError(f"a line longer than {MAX_LINE_BYTES >> 20} MiB", where)
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise not_utf8(spec.path, data, error, offset, number) from None
+            offset += len(data)
             if not line.strip():
                 continue
-            where = f"{spec.path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"not a JSON object: {error}", where) from None
             if not isinstance(record, dict):
                 raise UserError(f"not a JSON object but a {type(record).__name__}", where)
+            count += 1
             yield where, record
 
 
-def field_value(record: dict, key: str, where: str) -> Any:
+def field_value(record: dict, key: str, where: Location) -> Any:
     if key not in record:
         raise UserError(f"the record has no {key!r} (it has {', '.join(map(repr, record)) or 'no keys'})", where)
     return record[key]
 
 
-def text_value(record: dict, key: str, where: str) -> str:
+def text_value(record: dict, key: str, where: Location) -> str:
     value = field_value(record, key, where)
     if not isinstance(value, str):
         raise UserError(f"{key!r}: expected text, found {type(value).__name__}", where)
@@ -237,13 +337,22 @@ class ChatSource(JsonLinesSource):
             raise UserError(
                 "prompt_field and answer_field are for jsonl data; a chat's answers are its assistant turns"
             )
+        check_records(self, spec)
 
-    def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    def check_record(self, record: dict, spec: DataSpec, where: Location) -> None:
+        self.messages(record, spec, where)
+
+    def messages(self, record: dict, spec: DataSpec, where: Location) -> list[dict]:
+        """The record's chat; UserError unless it is a list of ``{role, content}`` messages."""
         messages = field_value(record, spec.field or self.default_field, where)
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
         ):
             raise UserError("expected a list of {role, content} messages", where)
+        return messages
+
+    def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: Location) -> tuple[list[int], list[int]]:
+        messages = self.messages(record, spec, where)
         if getattr(tokenizer, "chat_template", None) is None:
             raise UserError("the model's tokenizer has no chat template", where)
         ids = encode(tokenizer.apply_chat_template(messages, tokenize=False), tokenizer)
@@ -259,7 +368,9 @@ class ChatSource(JsonLinesSource):
         return ids, labels
 
     @staticmethod
-    def prefix_length(messages: list[dict], generation_prompt: bool, ids: list[int], tokenizer: Any, where: str) -> int:
+    def prefix_length(
+        messages: list[dict], generation_prompt: bool, ids: list[int], tokenizer: Any, where: Location
+    ) -> int:
         """How many of the chat's tokens ``ids`` the rendering of ``messages`` covers."""
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         prefix = encode(rendered, tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.checkpoint.output import output_directory
+from compress.checkpoint.output import output_directory, output_reserved
 from compress.context import (
     Context,
     Report,
@@ -136,8 +136,15 @@ def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = Fal
     """The whole of ``compress apply``; returns the context with the finished report.
 
     In a multi-process run every process compresses and trains; only the first
-    evaluates and writes.
+    evaluates and writes. The output directory is locked from before the model loads
+    until the run ends: a second run writing it is refused at once.
     """
+    with output_reserved(checked.recipe.output, overwrite):
+        return run_recipe(host, checked, overwrite, resume)
+
+
+def run_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool, resume: bool) -> Context:
+    """Load, run the stages, evaluate, write and export, with the output directory reserved."""
     torch.manual_seed(checked.recipe.run.seed)
     context = load_context(host, checked)
     context.resume = resume

@@ -44,3 +44,9 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     """A suffix for an unknown-name message: the closest choice, or all of them."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(sorted(choices))})"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces collapsed, for a one-line message
+    that quotes another library's (often multi-line) error."""
+    return " ".join(text.split())

@@ -14,7 +14,10 @@ provide, in the style of llm's ``register_models``::
         register(MyMethod)
 
 Lifecycle hooks are events: every implementation is called, return values are ignored
-(progress bars, logging and the summary table are plugins built on them).
+(progress bars, logging and the summary table are plugins built on them). An observer
+that raises is reported as a broken plugin (one warning line) and not called again; the
+run goes on and writes its output. To stop a run on purpose, raise
+:class:`compress.errors.UserError`.
 
 Plugins are found through the ``compress`` entry-point group; ``compress plugins`` lists
 them with the hooks each implements, and the ones that failed to load. A plugin imports
@@ -57,7 +60,8 @@ def compress_register_methods(register: Callable[[type], None]) -> None:
         docstring that ``compress methods NAME`` prints.
 
     Registering a second method under a name already taken is an error that names
-    both plugins.
+    both plugins; a class that lacks ``kind`` or a pydantic ``Params``, or is not a
+    ``Method`` subclass, is left out and its plugin reported as broken.
     """
 
 
@@ -75,6 +79,8 @@ def compress_register_loaders(register: Callable[[Any], None]) -> None:
         :class:`compress.checkpoint.LoadedModel`.
 
     Loaders are asked in registration order; the first that claims a spec loads it.
+    ``claims`` must not raise: an exception from it stops the command with one error
+    naming the loader and its plugin.
     """
 
 

@@ -3,8 +3,14 @@
 Environment switches:
 
 - ``COMPRESS_LOAD_PLUGINS=a,b`` loads only the named entry points (an empty value loads
-  none of them; the default plugins inside ``compress`` always load).
-- ``COMPRESS_TRACE=1`` prints every hook call and its result to stderr.
+  none of them; the default plugins inside ``compress`` always load). A name that no
+  installed entry point has is a :class:`UserError` with a did-you-mean.
+- ``COMPRESS_TRACE=1`` prints every hook call to stderr.
+
+Isolation: an entry point whose import raises anything (``sys.exit`` included, only
+``KeyboardInterrupt`` passes), a registration hook that raises or registers something
+that lacks what its registry needs, and an observer (lifecycle hook) that raises are each
+reported as a broken plugin, one ``warning:`` line on stderr; the other plugins go on.
 
 A plugin states the plugin API versions it works with in its entry-point module,
 ``compress_api = ">=2,<3"`` (a version specifier, as a string literal). The host reads
@@ -19,7 +25,6 @@ import ast
 import importlib.util
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -30,7 +35,7 @@ import pluggy
 
 from compress import hookspecs
 from compress.distributed import is_main_process
-from compress.errors import UserError, did_you_mean
+from compress.errors import UserError, did_you_mean, one_line
 
 if TYPE_CHECKING:
     from compress.checkpoint import Loader
@@ -45,6 +50,17 @@ DEFAULT_PLUGINS = (
     "compress.default_plugins.progress",
 )
 CONSOLE_PLUGINS = ("compress.default_plugins.progress",)
+LIFECYCLE_HOOKS = frozenset(
+    {
+        "compress_run_start",
+        "compress_stage_start",
+        "compress_block_done",
+        "compress_stage_progress",
+        "compress_stage_end",
+        "compress_run_end",
+        "compress_run_failed",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,70 @@ class BrokenPlugin:
     error: str
     requires_api: str | None = None
     """The plugin API versions the plugin asked for, when it was refused for asking others."""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two plugins registered the same name in one registry."""
+
+    kind: str
+    name: str
+    owners: tuple[str, str]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.name!r} is registered by both plugin {self.owners[0]!r} and plugin {self.owners[1]!r}"
+        )
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: its type and message (``SystemExit: 3``)."""
+    message = one_line(str(error))
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def method_lacks(item: Any) -> str | None:
+    """What a registered method class lacks, or None when it is complete."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from compress.method import Method, MethodKind
+
+    if not (isinstance(item, type) and issubclass(item, Method)):
+        return f"{item!r} is not a compress.api.Method subclass"
+    kinds = get_args(MethodKind)
+    lacks = []
+    if not isinstance(getattr(item, "name", None), str):
+        lacks.append("a name")
+    if getattr(item, "kind", None) not in kinds:
+        lacks.append(f"a kind (one of {', '.join(kinds)})")
+    params = getattr(item, "Params", None)
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        lacks.append("a Params class (a pydantic model)")
+    return f"method class {item.__name__} lacks {' and '.join(lacks)}" if lacks else None
+
+
+def attributes_lacking(kind: str, required: tuple[str, ...]) -> Callable[[Any], str | None]:
+    """A check that a registered object has a string ``name`` and the ``required`` attributes."""
+
+    def lacks(item: Any) -> str | None:
+        missing = [attr for attr in ("name", *required) if getattr(item, attr, None) is None]
+        if not missing and not isinstance(item.name, str):
+            missing = ["a string name"]
+        return f"{kind} {item!r} lacks {', '.join(missing)}" if missing else None
+
+    return lacks
+
+
+REGISTRIES: dict[str, tuple[str, Callable[[Any], str | None]]] = {
+    "method": ("compress_register_methods", method_lacks),
+    "loader": ("compress_register_loaders", attributes_lacking("loader", ("claims", "load_config", "load"))),
+    "writer": ("compress_register_writers", attributes_lacking("writer", ("capabilities", "Options", "write"))),
+    "data source": ("compress_register_data_sources", attributes_lacking("data source", ("check", "load"))),
+    "metric": ("compress_register_metrics", attributes_lacking("metric", ("tasks", "update", "result"))),
+}
+"""Each registry: its registration hook and what a registered item must have."""
 
 
 class APIMismatch(Exception):
@@ -110,9 +190,14 @@ class PluginHost:
         self.pm = pluggy.PluginManager("compress")
         self.pm.add_hookspecs(hookspecs)
         self.broken: list[BrokenPlugin] = []
+        self.conflicts: list[Conflict] = []
         self.versions: dict[str, str] = {}
         self._registries: dict[str, dict[str, Any]] = {}
-        if os.environ.get("COMPRESS_TRACE"):
+        self._owners: dict[str, dict[str, str]] = {}
+        self._silenced: set[str] = set()
+        """Plugins whose observer hooks raised: not called again by this host."""
+        self._tracing = bool(os.environ.get("COMPRESS_TRACE"))
+        if self._tracing:
             self.pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
             self.pm.enable_tracing()
 
@@ -127,7 +212,16 @@ class PluginHost:
     def _load_entry_points(self) -> None:
         allowed = os.environ.get("COMPRESS_LOAD_PLUGINS")
         allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        found = entry_points(group=ENTRY_POINT_GROUP)
+        if allowed_names is not None:
+            unknown = sorted(allowed_names - set(found.names))
+            if unknown:
+                raise UserError(
+                    f"no installed plugin named {', '.join(map(repr, unknown))}"
+                    f"{did_you_mean(unknown[0], list(found.names))}",
+                    "COMPRESS_LOAD_PLUGINS",
+                )
+        for entry_point in found:
             if allowed_names is not None and entry_point.name not in allowed_names:
                 continue
             if self.pm.get_plugin(entry_point.name) is not None:
@@ -142,9 +236,11 @@ class PluginHost:
             except APIMismatch as error:
                 self._report_broken(entry_point.name, str(error), error.required)
                 continue
-            # one broken plugin must not stop the others
-            except Exception as error:
-                self._report_broken(entry_point.name, f"{type(error).__name__}: {error}")
+            except KeyboardInterrupt:
+                raise
+            # one broken plugin must not stop the others, even one whose import calls sys.exit
+            except BaseException as error:
+                self._report_broken(entry_point.name, describe(error))
                 continue
             if entry_point.dist is not None:
                 self.versions[entry_point.name] = entry_point.dist.version
@@ -160,22 +256,54 @@ class PluginHost:
             raise pluggy.PluginValidationError(plugin, f"unknown hook {', '.join(unknown)}{hint}") from None
 
     def _report_broken(self, name: str, message: str, requires_api: str | None = None) -> None:
+        """Record plugin ``name`` as broken and say so in one line on stderr."""
+        from tqdm import tqdm
+
         self.broken.append(BrokenPlugin(name, message, requires_api))
-        warnings.warn(f"plugin {name!r} is broken: {message}", stacklevel=3)
+        # tqdm.write moves an open progress bar (an observer can fail mid-stage) below the line
+        tqdm.write(f"warning: plugin {name!r} is broken: {message}", file=sys.stderr)
 
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object at run time (tests, embedding applications)."""
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
-        self._registries.clear()
+        self._forget_registries()
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
+        self._forget_registries()
+
+    def _forget_registries(self) -> None:
+        """Make the next registry access ask every plugin again."""
         self._registries.clear()
+        self._owners.clear()
+        self.conflicts.clear()
 
     @property
     def hook(self) -> Any:
-        return self.pm.hook
+        """The hooks to call: ``host.hook.compress_stage_start(context=..., ...)``.
+
+        Lifecycle hooks go through :meth:`notify`, so a raising observer is reported
+        instead of stopping the run; every other hook is pluggy's own caller.
+        """
+        return GuardedHooks(self)
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every observer of lifecycle hook ``hook_name``, in pluggy's order.
+
+        An observer that raises (anything but :class:`UserError`, a deliberate stop, or
+        ``KeyboardInterrupt``) is reported as broken in one warning line and not called
+        again by this host; the run goes on. Observers show and log a run, they do not
+        change it, so losing one must not lose the compressed output.
+        """
+        if self._tracing:
+            shown = ", ".join(f"{name}={value!r}" for name, value in kwargs.items() if name != "context")
+            sys.stderr.write(f"{hook_name}({shown})\n")
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            if impl.plugin_name in self._silenced:
+                continue
+            if not self.call_guarded(impl, hook_name, **kwargs):
+                self._silenced.add(impl.plugin_name)
 
     def plugins_info(self) -> list[dict[str, Any]]:
         """Each loaded plugin with its hooks, for ``compress plugins``."""
@@ -185,67 +313,133 @@ class PluginHost:
             info.append({"name": name, "version": self.versions.get(name), "hooks": hooks})
         return info
 
-    def _registry(self, kind: str, hook_name: str, key: Callable[[Any], str]) -> dict[str, Any]:
-        if kind not in self._registries:
-            found: dict[str, Any] = {}
-            owners: dict[str, str] = {}
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+    def _registry(self, kind: str) -> dict[str, Any]:
+        """The registry ``kind`` (a key of :data:`REGISTRIES`), filled on first use.
 
-                def register(item: Any, _owner: str = impl.plugin_name) -> None:
-                    item_name = key(item)
-                    if item_name in found:
-                        raise UserError(
-                            f"{kind} {item_name!r} is registered by both plugin "
-                            f"{owners[item_name]!r} and plugin {_owner!r}"
-                        )
-                    found[item_name] = item
-                    owners[item_name] = _owner
-
-                self.call_guarded(impl, hook_name, register=register)
-            self._registries[kind] = found
+        A name registered by two plugins is a :class:`UserError` naming both.
+        """
+        self._fill(kind)
+        conflict = next((conflict for conflict in self.conflicts if conflict.kind == kind), None)
+        if conflict is not None:
+            raise UserError(str(conflict))
         return self._registries[kind]
 
-    def call_guarded(self, impl: Any, hook_name: str, **kwargs: Any) -> None:
-        """Call one plugin's implementation of a setup hook; a plugin that raises is reported, not fatal."""
-        if os.environ.get("COMPRESS_TRACE"):
+    def _fill(self, kind: str) -> None:
+        """Ask every plugin for its ``kind`` items; a duplicate name is recorded in ``conflicts``."""
+        if kind in self._registries:
+            return
+        hook_name, lacks = REGISTRIES[kind]
+        found: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+
+            def register(item: Any, _owner: str = impl.plugin_name) -> None:
+                problem = lacks(item)
+                if problem is not None:
+                    self._report_broken(_owner, f"{hook_name}: {problem}")
+                elif item.name in found:
+                    self.conflicts.append(Conflict(kind, item.name, (owners[item.name], _owner)))
+                else:
+                    found[item.name] = item
+                    owners[item.name] = _owner
+
+            self.call_guarded(impl, hook_name, register=register)
+        self._registries[kind] = found
+        self._owners[kind] = owners
+
+    def survey(self) -> None:
+        """Fill every registry without raising on conflicts (``compress plugins`` lists them)."""
+        for kind in REGISTRIES:
+            self._fill(kind)
+
+    def owner(self, kind: str, name: str) -> str:
+        """The plugin that registered ``name`` in registry ``kind``."""
+        return self._owners[kind][name]
+
+    def call_guarded(self, impl: Any, hook_name: str, **kwargs: Any) -> bool:
+        """Call one plugin's implementation of a hook; a plugin that raises is reported, not fatal.
+
+        Returns whether the call succeeded. A :class:`UserError` (a deliberate message to
+        the user) and ``KeyboardInterrupt`` propagate; anything else, ``SystemExit``
+        included, marks the plugin as broken.
+        """
+        if self._tracing:
             sys.stderr.write(f"{hook_name} [plugin {impl.plugin_name}]\n")
         try:
             impl.function(**{name: value for name, value in kwargs.items() if name in impl.argnames})
-        except UserError:
+        except (UserError, KeyboardInterrupt):
             raise
-        except Exception as error:
-            self._report_broken(impl.plugin_name, f"{hook_name} raised {type(error).__name__}: {error}")
+        except BaseException as error:
+            self._report_broken(impl.plugin_name, f"{hook_name} raised {describe(error)}")
+            return False
+        return True
 
     def methods(self) -> dict[str, type]:
-        return self._registry("method", "compress_register_methods", lambda cls: cls.name)
+        return self._registry("method")
 
     def loaders(self) -> dict[str, Any]:
-        return self._registry("loader", "compress_register_loaders", lambda obj: obj.name)
+        return self._registry("loader")
 
     def writers(self) -> dict[str, Any]:
-        return self._registry("writer", "compress_register_writers", lambda obj: obj.name)
+        return self._registry("writer")
 
     def data_sources(self) -> dict[str, Any]:
-        return self._registry("data source", "compress_register_data_sources", lambda obj: obj.name)
+        return self._registry("data source")
 
     def metrics(self) -> dict[str, type]:
-        return self._registry("metric", "compress_register_metrics", lambda cls: cls.name)
+        return self._registry("metric")
 
     def loader_for(self, spec: ModelSpec) -> Loader:
         """The first registered loader that claims ``spec``: how every model (the recipe's, a
-        teacher, a written checkpoint read back) is loaded. UserError naming it when none does."""
-        from compress.checkpoint import UNKNOWN_MODEL, loader_for
+        teacher, a written checkpoint read back) is loaded. UserError naming it when none does,
+        or naming the loader and its plugin when a ``claims()`` raises."""
+        from compress.checkpoint import UNKNOWN_MODEL
 
-        loader = loader_for(self.loaders().values(), spec)
-        if loader is None:
-            raise UserError(UNKNOWN_MODEL, spec.name)
-        return loader
+        for name, loader in self.loaders().items():
+            try:
+                claimed = loader.claims(spec)
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as error:
+                raise UserError(
+                    f"loader {name!r} of plugin {self.owner('loader', name)!r} failed in claims(): {describe(error)}",
+                    spec.name,
+                ) from None
+            if claimed:
+                return loader
+        raise UserError(UNKNOWN_MODEL, spec.name)
 
     def refused_for_api(self) -> str:
         """Why plugins refused for their API versions are missing, as a suffix for an unknown-name message."""
         return "".join(
             f"; plugin {broken.name!r} is not loaded ({broken.error})" for broken in self.broken if broken.requires_api
         )
+
+
+class GuardedHooks:
+    """``PluginHost.hook``: pluggy's hook relay, with lifecycle hooks called through ``notify``."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self._host = host
+
+    def __getattr__(self, name: str) -> Any:
+        caller = getattr(self._host.pm.hook, name)
+        return ObservedHook(self._host, caller) if name in LIFECYCLE_HOOKS else caller
+
+
+class ObservedHook:
+    """A lifecycle hook's caller: calling it runs ``PluginHost.notify``; everything else
+    (``spec``, ``get_hookimpls()``) is pluggy's caller's."""
+
+    def __init__(self, host: PluginHost, caller: Any) -> None:
+        self._host = host
+        self._caller = caller
+
+    def __call__(self, **kwargs: Any) -> None:
+        self._host.notify(self._caller.name, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._caller, name)
 
 
 _host: PluginHost | None = None
@@ -255,8 +449,9 @@ def get_host() -> PluginHost:
     """The process-wide host, with plugins loaded on first use."""
     global _host
     if _host is None:
-        _host = PluginHost()
-        _host.load_plugins()
+        host = PluginHost()
+        host.load_plugins()  # a UserError here leaves no half-loaded host behind
+        _host = host
     return _host
 
 

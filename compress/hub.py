@@ -25,7 +25,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from compress.checkpoint.loaders import check_safetensors
+from compress.checkpoint.loaders import stored_tensors
 from compress.errors import UserError
 from compress.host import PluginHost
 from compress.modelcard import directory_card
@@ -60,7 +60,7 @@ def check_output(directory: Path) -> None:
                 f"not a complete compress output: shard {missing[0]} listed in {SHARD_INDEX} is missing",
                 str(directory),
             )
-    check_safetensors(directory)  # none at all, or one cut short
+    stored_tensors(directory)  # none at all, or one cut short
 
 
 def hub_token() -> str:

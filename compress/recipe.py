@@ -6,6 +6,7 @@ the checks that need them (methods, files, targets).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,11 +91,18 @@ class OutputSpec(BaseModel):
 
     dir: Path = Field(description="directory the compressed checkpoint is written to")
     format: str = Field("dense", description="checkpoint writer plugin (compress plugins lists them)")
-    max_shard_size: str = Field("2GB", description="largest safetensors shard")
+    max_shard_size: str = Field("2GB", description="largest safetensors shard, e.g. 500MB")
 
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", value, re.IGNORECASE):
+            raise ValueError("must be a number and a unit: KB, MB, GB or TB (e.g. 500MB)")
+        return value
 
 
 class RunSpec(Strict):
@@ -190,41 +198,166 @@ class LocatedRecipe:
         return UserError(message, self.where(key))
 
 
-def _collect_marks(node: yaml.Node, key: Key, marks: dict[Key, tuple[int, int]], path: Path) -> None:
+MAX_RECIPE_BYTES = 1 << 20
+"""The largest recipe file read (recipes are a few KB; this bounds the parser's work)."""
+MAX_ALIASES = 100
+"""The most ``*alias`` references a recipe may hold."""
+MAX_VALUES = 100_000
+"""The most values (mappings, sequences, keys and scalars) a recipe may expand to, aliases followed."""
+MAX_DEPTH = 64
+"""The deepest nesting of mappings and sequences."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """The safe loader with bounded work and memory, whatever the document's shape.
+
+    Aliases share nodes, so composing an alias-expansion bomb is cheap, but every pass that
+    walks the values (line tracking, the schema) expands it. Each node's expanded size is
+    counted as it is composed, so a document is refused at the node where it grows past
+    :data:`MAX_VALUES`, before anything walks it; alias count and nesting depth are bounded,
+    and an alias to a node that is still open (a recursive document) is refused.
+    """
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self.path = path
+        self.expanded: dict[int, int] = {}
+        self.alias_count = 0
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.alias_count += 1
+            if self.alias_count > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"too many aliases (more than {MAX_ALIASES})", event.start_mark
+                )
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None and id(anchored) not in self.expanded:
+                raise yaml.composer.ComposerError(
+                    None, None, f"recursive alias *{event.anchor} (inside its own anchor)", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            self.refuse_duplicate_keys(node)
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self.expanded[id(child)] for child in children)
+        if size > MAX_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand this to more than {MAX_VALUES} values", node.start_mark
+            )
+        self.expanded[id(node)] = size
+        return node
+
+    def refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """Refuse a key written twice in one mapping (before merge keys are flattened into it)."""
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                mark = key_node.start_mark
+                raise UserError(
+                    f"duplicate key {key_node.value!r}", Location(str(self.path), mark.line + 1, mark.column + 1)
+                )
+            seen.add(key_node.value)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as error:  # more digits than int() converts
+            raise yaml.constructor.ConstructorError(None, None, str(error).split(";")[0], node.start_mark) from None
+
+
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+
+
+def read_utf8(path: Path, data: bytes) -> str:
+    """``data`` (read from ``path``) as text; a one-line UserError naming the line and byte offset if it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, data, error) from None
+
+
+def not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, offset: int = 0, line: int = 1) -> UserError:
+    """The UserError for ``error`` raised decoding ``data``, which starts at byte ``offset`` and line ``line`` of ``path``."""
+    start = error.start
+    line += data.count(b"\n", 0, start)
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    return UserError(
+        f"not UTF-8 text: byte 0x{data[start]:02x} at byte offset {offset + start}", Location(str(path), line, column)
+    )
+
+
+def _collect_marks(node: yaml.Node, key: Key, marks: dict[Key, tuple[int, int]]) -> None:
     marks[key] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        # merged keys come first, so a key the mapping writes itself overrides a merged one's mark
         for key_node, value_node in node.value:
             name = key_node.value
-            if name in seen:
-                mark = key_node.start_mark
-                raise UserError(f"duplicate key {name!r}", Location(str(path), mark.line + 1, mark.column + 1))
-            seen.add(name)
             # a key's own position is better than its value's for "unknown key" errors
             marks[(*key, name, "__key__")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _collect_marks(value_node, (*key, name), marks, path)
+            _collect_marks(value_node, (*key, name), marks)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_marks(item, (*key, index), marks, path)
+            _collect_marks(item, (*key, index), marks)
+
+
+def _compose(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+    """The document's node graph and its Python value, read by :class:`BoundedLoader`."""
+    loader = BoundedLoader(text, path)
+    try:
+        node = loader.get_single_node()
+        return node, loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
 
 
 def parse_recipe_file(path: Path) -> LocatedRecipe:
-    """Read a recipe with the safe YAML loader, keeping line and column of every value."""
+    """Read a recipe with the safe YAML loader, keeping line and column of every value.
+
+    The work and memory are bounded whatever the file holds: its size, aliases, their
+    expansion and the nesting depth are limited (:class:`BoundedLoader`).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError("recipe file not found", str(path))
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        with path.open("rb") as file:
+            data = file.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise UserError(f"cannot read the recipe: {error.strerror}", str(path)) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"the recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a few KB", str(path))
+    text = read_utf8(path, data)
+    try:
+        node, raw = _compose(text, path)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = Location(str(path), mark.line + 1, mark.column + 1) if mark else Location(str(path))
         raise UserError(f"invalid YAML: {error.problem}", where) from None
+    except yaml.reader.ReaderError as error:
+        before = text[: error.position]
+        line, column = before.count("\n") + 1, error.position - before.rfind("\n")
+        character = f"U+{error.character:04X}" if isinstance(error.character, int) else repr(error.character)
+        raise UserError(
+            f"invalid YAML: character {character} is not allowed", Location(str(path), line, column)
+        ) from None
     if not isinstance(raw, dict):
         raise UserError("a recipe is a mapping with model, stages and output", Location(str(path), 1, 1))
     marks: dict[Key, tuple[int, int]] = {}
-    _collect_marks(node, (), marks, path)
+    _collect_marks(node, (), marks)
     return LocatedRecipe(path, raw, marks)
 
 

@@ -6,20 +6,26 @@ directory, and the targets of each stage against a weightless copy of the model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
+from transformers import PretrainedConfig
 
 from compress.checkpoint import Loader, Writer
 from compress.checkpoint.loaders import meta_model
-from compress.errors import UserError, did_you_mean
+from compress.checkpoint.output import check_output_place, dtype_itemsize, estimated_output_bytes
+from compress.distributed import local_rank
+from compress.errors import Location, UserError, did_you_mean
 from compress.host import PluginHost
 from compress.hub import check_export
 from compress.method import Method, Produces
 from compress.quant.grid import check_group_width
-from compress.recipe import LocatedRecipe, Recipe, Stage, load_recipe, pydantic_error
+from compress.recipe import DataSpec, LocatedRecipe, Recipe, Stage, load_recipe, pydantic_error
 from compress.targets import invalid_patterns, match_modules
 
 
@@ -86,6 +92,11 @@ def check_stage_targets(
     if unmatched:
         key = ("stages", index, "targets", targets.index(unmatched[0])) if stage.targets else ("stages", index)
         raise located.error(f"target {unmatched[0]!r} matches no module of the model", key)
+    if not selected:
+        key = ("stages", index, "ignore") if stage.ignore else ("stages", index)
+        raise located.error(
+            f"stage {index + 1} ({method.name}) selects no module (targets {targets}, ignore {ignore})", key
+        )
     quant = method.produces().quant
     for name, module in selected.items():
         if not isinstance(module, method.supported_modules):
@@ -129,9 +140,68 @@ def check_format_holds(writer: Writer, stages: list[PlannedStage], model: nn.Mod
                 )
 
 
+def data_error(located: LocatedRecipe, name: str, error: UserError) -> UserError:
+    """A data source's refusal of entry ``name``, placed as ``DataSource.check`` says: at the entry,
+    at the key of it that ``where`` names, or (a Location) at the line of the data file."""
+    if isinstance(error.where, Location):
+        return error
+    if error.where is None:
+        return located.error(error.message, ("data", name))
+    if error.where in DataSpec.model_fields:
+        return located.error(error.message, ("data", name, error.where))
+    return located.error(f"{error.message}: {error.where}", ("data", name, "path"))
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``run: device`` this machine lacks (``cuda`` without CUDA, ``cuda:N`` beyond its GPUs)."""
+    if not name.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name.partition(":")[2] or local_rank() or 0)
+    if index >= count:
+        found = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise UserError(f"device {name!r} is not available: this machine has {found}")
+
+
+def input_replaced_by(output: Path, recipe: Recipe, recipe_file: Path) -> str | None:
+    """The run's input (working directory, recipe, model, data) that replacing ``output`` would delete, if any."""
+    target = Path(os.path.realpath(output))  # realpath, unlike Path.resolve, accepts symlink loops
+    inputs = [
+        ("the working directory", Path.cwd()),
+        ("the recipe", recipe_file),
+        ("the model", Path(recipe.model.name)),
+    ]
+    inputs += [(f"data {name!r}", spec.path) for name, spec in recipe.data.items()]
+    for label, place in inputs:
+        resolved = Path(os.path.realpath(place))
+        if place.exists() and (resolved == target or target in resolved.parents):
+            return label
+    return None
+
+
+def check_data_tokens(
+    loader: Loader, recipe: Recipe, located: LocatedRecipe, sources: dict[str, Any], config: PretrainedConfig, task: str
+) -> None:
+    """The data entries' checks that need the tokenizer, when the loader gives it without the weights."""
+    entries = {name: spec for name, spec in recipe.data.items() if hasattr(sources[spec.source], "check_tokens")}
+    load_tokenizer = getattr(loader, "load_tokenizer", None)  # optional for a loader
+    if not entries or load_tokenizer is None:
+        return
+    tokenizer = load_tokenizer(recipe.model, config, task)
+    for name, spec in entries.items():
+        try:
+            sources[spec.source].check_tokens(spec, tokenizer)
+        except UserError as error:
+            raise data_error(located, name, error) from None
+
+
 def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> CheckedRecipe:
     """Validate a recipe completely without reading weights; raise a located UserError."""
     recipe, located = load_recipe(path)
+    try:
+        check_device(recipe.run.device)
+    except UserError as error:
+        raise located.error(error.message, ("run", "device")) from None
     methods = [build_method(host, recipe, located, index) for index in range(len(recipe.stages))]
     for index, method in enumerate(methods):
         written = {key for earlier in methods[:index] for key in earlier.writes_state}
@@ -154,9 +224,7 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
         try:
             sources[spec.source].check(spec)
         except UserError as error:
-            if error.where is None:
-                raise located.error(error.message, ("data", name)) from None
-            raise located.error(f"{error.message}: {error.where}", ("data", name, "path")) from None
+            raise data_error(located, name, error) from None
 
     writer = writer_options = None
     if recipe.output is not None:
@@ -171,6 +239,12 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
             writer_options = writer.Options.model_validate(recipe.output.options)
         except ValidationError as error:
             raise pydantic_error(error, located, ("output",)) from None
+        replaced = input_replaced_by(recipe.output.dir, recipe, Path(path))
+        if replaced is not None:
+            raise located.error(
+                f"output directory {recipe.output.dir} is or contains {replaced}, which writing it would delete",
+                ("output", "dir"),
+            )
         if recipe.output.dir.exists() and not overwrite:
             raise located.error(
                 f"output directory {recipe.output.dir} exists (pass --overwrite to replace it)", ("output", "dir")
@@ -196,7 +270,7 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
             if check_model is not None:
                 check_model(spec, task, config)
         except UserError as error:
-            raise located.error(error.message, ("data", name)) from None
+            raise data_error(located, name, error) from None
 
     metrics = host.metrics()
     for index, spec in enumerate(recipe.evaluate):
@@ -220,4 +294,15 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
     if writer is not None:
         check_format_holds(writer, stages, skeleton, located)
+        quantized = {
+            name: s.method.produces().quant.bits for s in stages if s.method.produces().quant for name in s.target_names
+        }
+        dtype = recipe.model.dtype if recipe.model.dtype != "auto" else getattr(config, "dtype", None)
+        try:
+            check_output_place(
+                recipe.output.dir, estimated_output_bytes(skeleton, quantized, writer, dtype_itemsize(dtype))
+            )
+        except UserError as error:
+            raise located.error(f"output directory {error.where}: {error.message}", ("output", "dir")) from None
+    check_data_tokens(loader, recipe, located, sources, config, task)  # the slowest check comes last
     return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options)

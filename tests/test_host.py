@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from compress import hookimpl
 from compress.api import API_VERSION, UserError
 from compress.cli import cli
 from compress.host import PluginHost
@@ -114,16 +115,22 @@ def api_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 FUTURE_REFUSED = f"requires compress API >=3,<4, but this compress has API {API_VERSION}"
 
 
-def test_a_plugin_for_another_api_version_is_refused_before_it_is_imported(api_plugins):
+def warning_lines(capsys: pytest.CaptureFixture) -> list[str]:
+    """The stderr lines printed so far; each must be a one-line ``warning:``."""
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("warning: plugin ") for line in lines), lines
+    return lines
+
+
+def test_a_plugin_for_another_api_version_is_refused_before_it_is_imported(api_plugins, capsys):
     import sys
 
-    with pytest.warns(UserWarning) as warned:
-        host = loaded_host()
-    assert sorted(str(warning.message).split(":")[0] for warning in warned) == [
-        "plugin 'computed' is broken",
-        "plugin 'future' is broken",
-        "plugin 'syntax-error' is broken",
-        "plugin 'unreadable' is broken",
+    host = loaded_host()
+    assert sorted(line.split(":")[1] for line in warning_lines(capsys)) == [
+        " plugin 'computed' is broken",
+        " plugin 'future' is broken",
+        " plugin 'syntax-error' is broken",
+        " plugin 'unreadable' is broken",
     ]
     broken = {plugin.name: plugin for plugin in host.broken}
     assert broken["future"].error == FUTURE_REFUSED
@@ -145,8 +152,7 @@ def test_plugins_command_and_a_recipe_name_both_versions(api_plugins, tmp_path):
     recipe.write_text("model: smollm2-135m-instruct\nstages:\n  - method: future_quant\n")
     host_module.reset_host()
     try:
-        with pytest.warns(UserWarning):
-            listed = CliRunner().invoke(cli, ["plugins"])
+        listed = CliRunner().invoke(cli, ["plugins"])
         checked = CliRunner().invoke(cli, ["recipe", "check", str(recipe)])  # the same host, loaded once
     finally:
         host_module.reset_host()
@@ -168,15 +174,14 @@ def host_and_methods() -> tuple[PluginHost, dict[str, type]]:
     return host, host.methods()
 
 
-def test_broken_plugins_are_reported_and_the_others_load(installed):
-    with pytest.warns(UserWarning) as warned:
-        host, methods = host_and_methods()
+def test_broken_plugins_are_reported_and_the_others_load(installed, capsys):
+    host, methods = host_and_methods()
     assert {"identity", "rtn"} <= set(methods)
     broken = {plugin.name: plugin.error for plugin in host.broken}
     assert broken["import-error"] == "RuntimeError: missing dependency xyz"
     assert "unknown hook compress_register_method (did you mean 'compress_register_methods'?)" in broken["misspelled"]
     assert "registration exploded" in broken["raising"]
-    assert len(warned) == 3
+    assert len(warning_lines(capsys)) == 3
     assert host.versions["good"] == "1.2.3"
 
 
@@ -185,8 +190,7 @@ def test_plugins_command_lists_hooks_and_broken_plugins(installed):
 
     host_module.reset_host()
     try:
-        with pytest.warns(UserWarning):
-            result = CliRunner().invoke(cli, ["plugins"])
+        result = CliRunner().invoke(cli, ["plugins"])
     finally:
         host_module.reset_host()
     assert result.exit_code == 0, result.output
@@ -203,25 +207,6 @@ def test_load_plugins_switch_restricts_entry_points(installed, monkeypatch):
 
     monkeypatch.setenv("COMPRESS_LOAD_PLUGINS", "")
     assert loaded_host().methods() == {}
-
-
-def test_duplicate_method_names_are_an_error_naming_both(installed, monkeypatch):
-    import compress_good_plugin
-
-    monkeypatch.setenv("COMPRESS_LOAD_PLUGINS", "good")
-    host = loaded_host()
-
-    class Again:
-        @staticmethod
-        def compress_register_methods(register):
-            register(compress_good_plugin.Identity)
-
-    from compress import hookimpl
-
-    hookimpl(Again.compress_register_methods)
-    host.register(Again, name="again")
-    with pytest.raises(UserError, match="method 'identity' is registered by both plugin 'good' and plugin 'again'"):
-        host.methods()
 
 
 def test_tracing_prints_every_hook_call(monkeypatch, capsys):
@@ -281,3 +266,200 @@ def test_load_model_resolves_through_the_loaders_and_names_an_unknown_model(tmp_
     empty.mkdir()
     with pytest.raises(UserError, match="config.json"):  # the directory loader claimed it and found no model
         context.load_model(str(empty))
+
+
+INCOMPLETE = '''
+from compress import hookimpl
+from compress.api import LayerMethod, Method
+
+
+class NoKind(Method):
+    """A method that forgot its kind."""
+
+    name = "no_kind"
+
+
+class NoParams(LayerMethod):
+    """A method whose Params is not a pydantic model."""
+
+    name = "no_params"
+    Params = None
+
+
+class NotAMethod:
+    """Not a Method subclass at all."""
+
+    name = "not_a_method"
+
+
+@hookimpl
+def compress_register_methods(register):
+    register(NoKind)
+    register(NoParams)
+    register(NotAMethod)
+'''
+
+
+@pytest.fixture
+def exiting_and_incomplete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A good plugin, one whose import calls sys.exit, one registering three incomplete method classes."""
+    return install(
+        tmp_path / "site",
+        monkeypatch,
+        {
+            "compress_good_plugin": GOOD,
+            "compress_exiting_plugin": "import sys\n\nsys.exit(3)\n",
+            "compress_incomplete_plugin": INCOMPLETE,
+        },
+        {
+            "good": "compress_good_plugin",
+            "exiting": "compress_exiting_plugin",
+            "incomplete": "compress_incomplete_plugin",
+        },
+    )
+
+
+def test_an_exiting_import_and_incomplete_method_classes_are_broken_plugins(exiting_and_incomplete, capsys):
+    from compress import host as host_module
+
+    host_module.reset_host()
+    try:
+        listed = CliRunner().invoke(cli, ["methods"])
+    finally:
+        host_module.reset_host()
+    assert listed.exit_code == 0, listed.output
+    assert "identity" in listed.output and "rtn" in listed.output
+    warnings_printed = [line for line in listed.output.splitlines() if line.startswith("warning: ")]
+    table = [line for line in listed.output.splitlines() if not line.startswith("warning: ")]
+    assert not any(name in line for line in table for name in ("no_kind", "no_params", "not_a_method"))
+    assert warnings_printed == [
+        "warning: plugin 'exiting' is broken: SystemExit: 3",
+        "warning: plugin 'incomplete' is broken: compress_register_methods: method class NoKind lacks a kind "
+        "(one of data-free, calibration, training, search)",
+        "warning: plugin 'incomplete' is broken: compress_register_methods: method class NoParams lacks "
+        "a Params class (a pydantic model)",
+        "warning: plugin 'incomplete' is broken: compress_register_methods: "
+        "<class 'compress_incomplete_plugin.NotAMethod'> is not a compress.api.Method subclass",
+    ]
+
+
+def test_plugins_command_lists_both_plugins_of_a_duplicate_name(installed, monkeypatch):
+    from compress import host as host_module
+
+    monkeypatch.setenv("COMPRESS_LOAD_PLUGINS", "good")
+    host = loaded_host()
+    again = DuplicateIdentity()
+    host.register(again, name="again")
+    monkeypatch.setattr(host_module, "_host", host)
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "again (conflict)" in result.output and "good (conflict)" in result.output
+    assert "conflict method 'identity' is registered by both plugin 'good' and plugin 'again'" in result.output
+
+
+class DuplicateIdentity:
+    """A plugin registering the good plugin's method a second time."""
+
+    @staticmethod
+    @hookimpl
+    def compress_register_methods(register):
+        import compress_good_plugin
+
+        register(compress_good_plugin.Identity)
+
+
+def test_duplicate_method_names_are_an_error_naming_both(installed, monkeypatch):
+    monkeypatch.setenv("COMPRESS_LOAD_PLUGINS", "good")
+    host = loaded_host()
+    host.register(DuplicateIdentity(), name="again")
+    for _ in range(2):  # the conflict is remembered, not recorded twice
+        with pytest.raises(UserError, match="method 'identity' is registered by both plugin 'good' and plugin 'again'"):
+            host.methods()
+    assert len(host.conflicts) == 1
+    host.unregister("again")
+    assert "identity" in host.methods() and host.conflicts == []
+
+
+def test_lifecycle_hooks_are_hookspecs():
+    from compress import hookspecs
+    from compress.host import LIFECYCLE_HOOKS
+
+    assert all(hasattr(getattr(hookspecs, name, None), "compress_spec") for name in LIFECYCLE_HOOKS)
+
+
+def test_load_plugins_switch_naming_no_installed_plugin_is_an_error(installed, monkeypatch, capsys):
+    import sys
+
+    from compress import host as host_module
+    from compress.cli import main
+
+    monkeypatch.setenv("COMPRESS_LOAD_PLUGINS", "good,godo")
+    with pytest.raises(UserError, match=r"no installed plugin named 'godo' \(did you mean 'good'\?\)"):
+        loaded_host()
+    host_module.reset_host()
+    monkeypatch.setattr(sys, "argv", ["compress", "methods"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:
+        host_module.reset_host()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: COMPRESS_LOAD_PLUGINS: no installed plugin named 'godo' (did you mean 'good'?)\n"
+    )
+
+
+class FailingObserver:
+    """An observer whose stage-end hook raises, and a loader whose claims() raises."""
+
+    def __init__(self) -> None:
+        self.stage_ends = 0
+
+    def compress_stage_end(self, stage):
+        self.stage_ends += 1
+        raise ValueError("log file\nis gone")
+
+
+class ClaimsRaise:
+    name = "claims-raise"
+
+    def claims(self, spec):
+        raise KeyError(spec.name)
+
+    def load_config(self, spec):
+        raise AssertionError("never reached")
+
+    def load(self, spec):
+        raise AssertionError("never reached")
+
+
+def test_a_raising_observer_is_reported_once_and_the_output_is_written(register_plugin, run_recipe, capsys):
+    from compress import hookimpl
+
+    observer = FailingObserver()
+    hookimpl(FailingObserver.compress_stage_end)
+    host = register_plugin(observer, name="observer")
+    stage = {"method": "rtn", "bits": 4, "group_size": 64}
+    run = run_recipe({"stages": [stage, stage], "output": {"dir": "x"}})
+    assert (run.output / "config.json").is_file()
+    assert observer.stage_ends == 1  # silenced after it failed
+    warnings_printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings_printed == [
+        "warning: plugin 'observer' is broken: compress_stage_end raised ValueError: log file is gone"
+    ]
+    assert [broken.name for broken in host.broken] == ["observer"]
+
+
+def test_a_loader_whose_claims_raises_is_one_error_naming_it_and_its_plugin(register_plugin):
+    from compress import hookimpl
+    from compress.recipe import ModelSpec
+
+    @hookimpl
+    def compress_register_loaders(register):
+        register(ClaimsRaise())
+
+    host = register_plugin(type("Plugin", (), {"compress_register_loaders": staticmethod(compress_register_loaders)}))
+    with pytest.raises(UserError) as raised:
+        host.loader_for(ModelSpec(name="no-such-model"))
+    assert str(raised.value).startswith("no-such-model: loader 'claims-raise' of plugin ")
+    assert "failed in claims(): KeyError: 'no-such-model'" in str(raised.value)

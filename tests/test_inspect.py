@@ -54,4 +54,4 @@ def test_inspect_command(host, write_recipe, tmp_path):
     assert result.exit_code == 0, result.output
     assert "int4 group 64 sym" in result.output and "Linear layers: 0.281 x bf16" in result.output
     missing = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nothing")])
-    assert missing.exit_code == 2 and "no config.json" in missing.stderr
+    assert missing.exit_code == 2 and "no such checkpoint directory" in missing.stderr

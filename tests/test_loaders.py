@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.checkpoint import loader_for
 from compress.checkpoint.atomic import atomic_directory
 from compress.checkpoint.builtin import BUILTIN_MODELS, BuiltinLoader
 from compress.checkpoint.loaders import (
@@ -203,12 +202,46 @@ def test_missing_config_json_is_refused(tiny_lm_dir: Path, tmp_path: Path) -> No
         assert raised.value.where == str(directory)
 
 
-@pytest.mark.parametrize("text", ["{not json", "{}"], ids=["invalid-json", "no-model-type"])
-def test_unreadable_config_json_is_refused(text: str, tiny_lm_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "message", "place"),
+    [
+        (b"{not json", "config.json is not valid JSON: Expecting property name enclosed in double quotes", ":1:2"),
+        (b"", "config.json is empty", "config.json"),
+        (b"[1, 2]", "config.json holds a JSON list, not an object", "config.json"),
+        (b'{"model_type": "\xe9"}', "config.json is not UTF-8 text", "config.json"),
+        (b"{}", "config.json names no model_type not an architecture this transformers knows", "config.json"),
+        (
+            b'{"model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.MineConfig"}}',
+            "the architecture is Python code shipped with the checkpoint (auto_map in config.json); "
+            "it runs only with `trust_remote_code: true` in the recipe's model section",
+            "ckpt",
+        ),
+    ],
+    ids=["invalid-json", "empty", "list", "not-utf8", "no-model-type", "remote-code"],
+)
+def test_unreadable_config_json_is_one_line_naming_it(
+    text: bytes, message: str, place: str, tiny_lm_dir: Path, tmp_path: Path
+) -> None:
     directory = copy_checkpoint(tiny_lm_dir, tmp_path / "ckpt")
-    (directory / "config.json").write_text(text)
-    with pytest.raises(UserError, match="unreadable config.json"):
+    (directory / "config.json").write_bytes(text)
+    with pytest.raises(UserError) as raised:
         DirectoryLoader().load_config(spec(directory))
+    assert raised.value.message == message
+    assert str(raised.value.where).endswith(place)
+
+
+def test_a_weight_of_the_wrong_shape_is_named_before_loading(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    directory = copy_checkpoint(tiny_lm_dir, tmp_path / "ckpt", skip=("model.safetensors",))
+    tensors = load_file(tiny_lm_dir / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = list(tensors[name].shape)
+    tensors[name] = tensors[name][:32]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError) as raised:
+        DirectoryLoader().load_config(spec(directory))
+    assert raised.value.message == (
+        f"weight {name} is stored as {[32, expected[1]]}, but config.json's architecture has {expected}"
+    )
 
 
 def test_checkpoint_missing_a_tensor_is_refused(tiny_lm_dir: Path, tmp_path: Path) -> None:
@@ -506,8 +539,7 @@ def test_hub_cache_loads_cached_snapshot(
 
 
 def test_hub_cache_is_found_by_the_host(hub_cache: Path, host) -> None:
-    loader = loader_for(host.loaders().values(), spec(REPO_ID))
-    assert loader is not None and loader.name == "hub-cache"
+    assert host.loader_for(spec(REPO_ID)).name == "hub-cache"
 
 
 @pytest.mark.parametrize("offline", ["0", "1"])

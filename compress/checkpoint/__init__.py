@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,13 +46,12 @@ class Loader(Protocol):
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Read the weights."""
 
+    # Optional: ``load_tokenizer(spec, config, task)`` returns what ``load`` returns as the
+    # tokenizer, without reading weights (``config`` and ``task`` are ``load_config``'s);
+    # ``compress recipe check`` then checks the data with it (token counts, chat templates).
+
 
 UNKNOWN_MODEL = "not a built-in model name, a directory, a .gguf file or a cached hub id"
-
-
-def loader_for(loaders: Iterable[Loader], spec: ModelSpec) -> Loader | None:
-    """The first loader that claims ``spec``."""
-    return next((loader for loader in loaders if loader.claims(spec)), None)
 
 
 @dataclass(frozen=True)

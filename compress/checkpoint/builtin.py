@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import PretrainedConfig
 
 from compress.checkpoint import LoadedModel
-from compress.checkpoint.atomic import atomic_directory
+from compress.checkpoint.atomic import atomic_directory, prepare_parent, remove_stale
 from compress.checkpoint.loaders import DirectoryLoader, GGUFLoader
 from compress.errors import UserError
+from compress.locks import locked
 from compress.recipe import ModelSpec
 
 
@@ -64,6 +67,28 @@ def package_file(model: BuiltinModel) -> Path:
     return Path(spec.submodule_search_locations[0]) / model.relative_path
 
 
+def convert(model: BuiltinModel, source: Path, converted: Path) -> None:
+    """Convert the GGUF file ``source`` to the directory ``converted``, once.
+
+    Concurrent first runs (``torchrun``, parallel CI) take a lock beside ``converted``: one
+    converts, the others wait for it and reuse its result.
+    """
+    prepare_parent(converted)
+
+    def announce(holder: int | None) -> None:
+        who = f"pid {holder}" if holder else "another process"
+        print(f"waiting for {who}, which is converting {model.name} into {converted}", file=sys.stderr)
+
+    with locked(converted, wait=True, announce=announce):
+        if (converted / "config.json").is_file():
+            return
+        loaded = GGUFLoader().load(ModelSpec(name=str(source)))
+        # under the lock, a directory without config.json is an unfinished leftover
+        with atomic_directory(converted, overwrite=True) as staging:
+            loaded.model.save_pretrained(staging)
+            loaded.tokenizer.save_pretrained(staging)
+
+
 class BuiltinLoader:
     """The built-in names (``compress methods`` and the README list them)."""
 
@@ -79,12 +104,13 @@ class BuiltinLoader:
         source = package_file(model)
         if source.is_dir():
             return source
-        converted = cache_dir() / "models" / model.name
+        cache = cache_dir()
+        if cache.exists() and not cache.is_dir():
+            raise UserError("COMPRESS_CACHE is not a directory", str(cache))
+        converted = cache / "models" / model.name
+        remove_stale(converted)
         if not (converted / "config.json").is_file():
-            loaded = GGUFLoader().load(ModelSpec(name=str(source)))
-            with atomic_directory(converted, overwrite=False) as staging:
-                loaded.model.save_pretrained(staging)
-                loaded.tokenizer.save_pretrained(staging)
+            convert(model, source, converted)
         return converted
 
     def _spec(self, spec: ModelSpec) -> ModelSpec:
@@ -97,3 +123,6 @@ class BuiltinLoader:
         loaded = self.directory_loader.load(self._spec(spec))
         loaded.base_model = BUILTIN_MODELS[spec.name].hub_id
         return loaded
+
+    def load_tokenizer(self, spec: ModelSpec, config: PretrainedConfig, task: str) -> Any:
+        return self.directory_loader.load_tokenizer(self._spec(spec), config, task)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig
 
-from compress.checkpoint.loaders import check_safetensors, infer_task, meta_model
+from compress.checkpoint.loaders import infer_task, load_hf_config, meta_model, read_config_json, stored_tensors
 from compress.errors import UserError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -42,16 +40,9 @@ class CheckpointSummary:
 
 def tensor_bytes(directory: Path) -> dict[str, int]:
     """Bytes of every stored tensor, read from the safetensors headers only."""
-    sizes = {}
-    for file in check_safetensors(directory):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                piece = handle.get_slice(key)
-                count = 1
-                for dim in piece.get_shape():
-                    count *= dim
-                sizes[key] = count * DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return sizes
+    return {
+        key: math.prod(shape) * DTYPE_BYTES.get(dtype, 4) for key, (shape, dtype) in stored_tensors(directory).items()
+    }
 
 
 def compressed_tensors_storage(config: dict[str, Any]) -> dict[str, str]:
@@ -86,13 +77,17 @@ def layer_storage(name: str, quantization: dict[str, Any], stored: set[str]) -> 
 
 
 def inspect_checkpoint(directory: Path) -> CheckpointSummary:
+    """What ``directory`` holds, from config.json and the safetensors headers (no weights read).
+
+    A one-line UserError naming the directory when it is not a checkpoint this can describe:
+    no such directory, a file, a bad config.json, no safetensors, no Linear weights.
+    """
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise UserError("not a checkpoint directory: no config.json", str(directory))
-    raw_config = json.loads((directory / "config.json").read_text())
-    quantization = raw_config.get("quantization_config") or {}
+    quantization = read_config_json(directory).get("quantization_config") or {}
+    if not isinstance(quantization, dict):
+        raise UserError("config.json's quantization_config is not an object", str(directory / "config.json"))
     sizes = tensor_bytes(directory)
-    config = AutoConfig.from_pretrained(directory)
+    config = load_hf_config(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     skeleton = meta_model(config, infer_task(config))
@@ -105,6 +100,8 @@ def inspect_checkpoint(directory: Path) -> CheckpointSummary:
                 layers.append(
                     LayerSummary(name, layer_storage(name, quantization, stored), disk, 2 * module.weight.numel())
                 )
+    if not layers:
+        raise UserError("the safetensors files hold no weights of config.json's Linear layers", str(directory))
     unique = {id(p): p.numel() for p in skeleton.parameters()}
     fmt = quantization.get("quant_method", "dense")
     if fmt == "compressed-tensors":

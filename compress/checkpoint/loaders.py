@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,71 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
 )
 
 from compress.checkpoint import LoadedModel
-from compress.errors import UserError
+from compress.errors import Location, UserError, one_line
 from compress.recipe import ModelSpec
+
+REMOTE_CODE = (
+    "the architecture is Python code shipped with the checkpoint (auto_map in config.json); "
+    "it runs only with `trust_remote_code: true` in the recipe's model section"
+)
+
+
+def transformers_error(error: BaseException) -> str:
+    """transformers' (often multi-line) error as one line; its trust_remote_code refusal as ours."""
+    text = str(error)
+    return REMOTE_CODE if "trust_remote_code" in text else f"{type(error).__name__}: {one_line(text)}"
+
+
+def read_config_json(directory: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """config.json of a checkpoint directory as a dict, refused in one line when it is not one
+    transformers can build: missing, not JSON, not an object, no known ``model_type``, or custom
+    code (``auto_map``) without ``trust_remote_code``."""
+    path = directory / "config.json"
+    if directory.is_file():
+        raise UserError("a file, not a checkpoint directory", str(directory))
+    if not directory.is_dir():
+        raise UserError("no such checkpoint directory", str(directory))
+    if not path.is_file():
+        raise UserError("not a Hugging Face checkpoint: no config.json", str(directory))
+    text = path.read_bytes()
+    if not text.strip():
+        raise UserError("config.json is empty", str(path))
+    try:
+        raw = json.loads(text)
+    except UnicodeDecodeError:
+        raise UserError("config.json is not UTF-8 text", str(path)) from None
+    except json.JSONDecodeError as error:
+        where = Location(str(path), error.lineno, error.colno)
+        raise UserError(f"config.json is not valid JSON: {error.msg}", where) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config.json holds a JSON {type(raw).__name__}, not an object", str(path))
+    custom = bool(raw.get("auto_map"))
+    model_type = raw.get("model_type")
+    if not (isinstance(model_type, str) and model_type in CONFIG_MAPPING):
+        if custom and not trust_remote_code:
+            raise UserError(REMOTE_CODE, str(directory))
+        if not custom:
+            known = f"model_type {model_type!r} is" if model_type is not None else "no model_type"
+            raise UserError(f"config.json names {known} not an architecture this transformers knows", str(path))
+    return raw
+
+
+def load_hf_config(directory: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The checkpoint's config as transformers reads it, or a one-line UserError naming the directory."""
+    read_config_json(directory, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    # transformers builds the config from arbitrary JSON values: any exception means a bad value
+    except Exception as error:
+        raise UserError(f"unreadable config.json: {transformers_error(error)}", str(directory)) from None
+
 
 AUTO_CLASSES = {
     "causal-lm": AutoModelForCausalLM,
@@ -54,25 +112,69 @@ def torch_dtype(spec: ModelSpec) -> torch.dtype | str:
 
 
 def meta_model(config: PretrainedConfig, task: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A weightless copy of the architecture: module names, classes and shapes only."""
-    with torch.device("meta"):
-        return AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
+    """A weightless copy of the architecture: module names, classes and shapes only; a
+    one-line UserError naming the checkpoint when config.json's values cannot build it."""
+    try:
+        with torch.device("meta"):
+            return AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
+    # the model's constructor checks the config's values in its own way (ValueError, AttributeError, ...)
+    except Exception as error:
+        where = getattr(config, "name_or_path", "") or "config.json"
+        raise UserError(f"config.json does not build a model: {transformers_error(error)}", where) from None
 
 
-def check_safetensors(directory: Path) -> list[Path]:
-    """The directory's safetensors files; the library checks each header covers the whole file."""
+def stored_tensors(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every tensor in the directory's safetensors files, read from their
+    headers (the library checks each header covers its whole file). A one-line UserError when
+    there are none, or a file is corrupt."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
         hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
         raise UserError(f"no .safetensors weights in the checkpoint directory{hint}", str(directory))
+    check_shard_index(directory)
+    tensors = {}
     for file in files:
         try:
             with safe_open(file, framework="pt") as handle:
-                handle.keys()
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    piece = handle.get_slice(key)
+                    tensors[key] = (tuple(piece.get_shape()), piece.get_dtype())
         except (SafetensorError, OSError) as error:
-            raise UserError(f"corrupt safetensors file: {error}", str(file)) from None
-    return files
+            raise UserError(f"corrupt safetensors file: {one_line(str(error))}", str(file)) from None
+    return tensors
+
+
+def check_shard_index(directory: Path) -> None:
+    """Refuse a ``model.safetensors.index.json`` that is unreadable or names a shard that is not there."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        shards = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError("unreadable shard index: no JSON object with a weight_map", str(index)) from None
+    missing = sorted(str(shard) for shard in shards if not (directory / str(shard)).is_file())
+    if missing:
+        raise UserError(
+            f"model.safetensors.index.json names {missing[0]}, which is not in the directory", str(directory)
+        )
+
+
+def check_shapes(directory: Path, config: PretrainedConfig, task: str, trust_remote_code: bool) -> None:
+    """Refuse a stored weight whose shape is not the architecture's, naming it, before
+    transformers would log a table of mismatches and raise a message that names none."""
+    stored = stored_tensors(directory)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantized formats store packed tensors under the weights' own names
+    for name, tensor in meta_model(config, task, trust_remote_code).state_dict().items():
+        shape = stored.get(name, (None,))[0]
+        if shape is not None and shape != tuple(tensor.shape):
+            raise UserError(
+                f"weight {name} is stored as {list(shape)}, but config.json's architecture has {list(tensor.shape)}",
+                str(directory),
+            )
 
 
 def load_tokenizer(directory: Path, task: str, **kwargs: Any) -> Any:
@@ -94,14 +196,10 @@ class DirectoryLoader:
 
     def load_config(self, spec: ModelSpec) -> tuple[PretrainedConfig, str]:
         directory = Path(spec.name)
-        if not (directory / "config.json").is_file():
-            raise UserError("not a Hugging Face checkpoint: no config.json", str(directory))
-        try:
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as error:
-            raise UserError(f"unreadable config.json: {error}", str(directory)) from None
-        check_safetensors(directory)
-        return config, spec.task or infer_task(config)
+        config = load_hf_config(directory, spec.trust_remote_code)
+        task = spec.task or infer_task(config)
+        check_shapes(directory, config, task, spec.trust_remote_code)
+        return config, task
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         directory = Path(spec.name)
@@ -115,19 +213,24 @@ class DirectoryLoader:
                 output_loading_info=True,
             )
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            raise UserError(f"cannot load the checkpoint: {error}", str(directory)) from None
+            raise UserError(f"cannot load the checkpoint: {transformers_error(error)}", str(directory)) from None
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             raise UserError(
                 f"the checkpoint lacks {len(missing)} weight(s) the architecture needs, e.g. {missing[0]}",
                 str(directory),
             )
-        tokenizer = load_tokenizer(directory, task, trust_remote_code=spec.trust_remote_code)
+        tokenizer = self.load_tokenizer(spec, config, task)
+        return LoadedModel(model.eval(), tokenizer, config, task, base_model=directory.name)
+
+    def load_tokenizer(self, spec: ModelSpec, config: PretrainedConfig, task: str) -> Any:
+        """The tokenizer (or image processor) :meth:`load` returns, without reading weights."""
+        tokenizer = load_tokenizer(Path(spec.name), task, trust_remote_code=spec.trust_remote_code)
         if tokenizer is None and task == "image-classification":
             from compress.images import default_image_processor
 
             tokenizer = default_image_processor(config)
-        return LoadedModel(model.eval(), tokenizer, config, task, base_model=directory.name)
+        return tokenizer
 
 
 class GGUFLoader:
@@ -149,7 +252,7 @@ class GGUFLoader:
         try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"unreadable GGUF file: {error}", str(path)) from None
+            raise UserError(f"unreadable GGUF file: {transformers_error(error)}", str(path)) from None
         return config, "causal-lm"
 
     def load(self, spec: ModelSpec) -> LoadedModel:
@@ -158,7 +261,7 @@ class GGUFLoader:
         try:
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"cannot load GGUF file: {error}", str(path)) from None
+            raise UserError(f"cannot load GGUF file: {transformers_error(error)}", str(path)) from None
         model = dequantized_copy(loaded)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return LoadedModel(model, tokenizer, model.config, "causal-lm", base_model=path.stem)
@@ -216,3 +319,6 @@ class HubCacheLoader:
         loaded = self.directory_loader.load(self._local(spec))
         loaded.base_model = spec.name
         return loaded
+
+    def load_tokenizer(self, spec: ModelSpec, config: PretrainedConfig, task: str) -> Any:
+        return self.directory_loader.load_tokenizer(self._local(spec), config, task)

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
+from torch import nn
 
 from compress.checkpoint import Writer, WriterCapabilities, WriterOptions
-from compress.checkpoint.atomic import atomic_directory
+from compress.checkpoint.atomic import atomic_directory, prepare_parent, remove_stale
 from compress.context import Context
+from compress.distributed import is_main_process
+from compress.errors import UserError
+from compress.locks import LockBusy, locked, running_holder
 from compress.modelcard import model_card
+from compress.recipe import OutputSpec
 
 
 @contextmanager
@@ -34,6 +42,107 @@ def output_directory(
         shutil.copyfile(recipe_file, staging / "recipe.yaml")
         (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
         model_card(context, writer, recipe_file.read_text()).save(staging / "README.md")
+
+
+def writable_place(target: Path) -> Path:
+    """The existing directory ``target`` will be created in (its parent or the nearest
+    existing ancestor); a UserError when a file is in the way or nothing can be created there.
+
+    Tried by creating and removing an empty directory: permission bits do not tell, for
+    root or on a read-only mount.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise UserError("exists and is not a directory", str(target))
+    place = next(path for path in [target.parent, *target.parent.parents] if path.exists() or path.is_symlink())
+    if not place.is_dir():
+        raise UserError(f"{place} is not a directory", str(target))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=place))
+    except OSError as error:
+        raise UserError(f"cannot write in {place}: {error.strerror}", str(target)) from None
+    return place
+
+
+def estimated_output_bytes(model: nn.Module, quantized: dict[str, int], writer: Writer, itemsize: int) -> int:
+    """About how many bytes ``writer`` needs for ``model`` (a weightless copy is enough).
+
+    Every parameter counts at ``itemsize`` bytes, except the weights of the modules in
+    ``quantized`` (module name to weight bits), which count at their bits when the format
+    stores grids (every format but dense, which stores them dequantized); a format that
+    applies its own quantization (``requantizes``) counts Linear weights at 4 bits, its least.
+    Scales and zero points are left out: this is a lower bound, which refuses only runs that
+    cannot fit.
+    """
+    total = 0.0
+    seen: set[int] = set()  # tied weights (embeddings and LM head) are stored once
+    for name, module in model.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            bits = itemsize * 8
+            if parameter_name == "weight" and name in quantized and not isinstance(writer, DenseWriter):
+                bits = quantized[name]
+            elif parameter_name == "weight" and writer.requantizes and isinstance(module, nn.Linear):
+                bits = 4
+            total += parameter.numel() * bits / 8
+    return int(total)
+
+
+def check_output_place(target: Path, needed: int) -> None:
+    """Refuse an output directory that another run is writing, that cannot be created, or
+    whose disk lacks ``needed`` bytes."""
+    running = running_holder(Path(target)) if is_main_process() else None
+    if running is not None:
+        raise UserError(f"another compress run (pid {running}) is writing this output directory", str(target))
+    place = writable_place(target)
+    free = shutil.disk_usage(place).free
+    if needed > free:
+        raise UserError(
+            f"not enough free space: the output needs about {needed / 1e9:,.1f} GB, {place} has {free / 1e9:,.1f} GB",
+            str(target),
+        )
+
+
+def dtype_itemsize(dtype: object) -> int:
+    """Bytes per element of a dtype given as a torch dtype or its name; float32 when unknown."""
+    found = getattr(torch, str(dtype).removeprefix("torch."), None) if dtype is not None else None
+    return found.itemsize if isinstance(found, torch.dtype) else 4
+
+
+@contextmanager
+def output_reserved(output: OutputSpec | None, overwrite: bool) -> Iterator[None]:
+    """Hold the lock on the run's output directory for the whole run (main process only).
+
+    A second run on the same directory is refused at once, naming the process that holds
+    it; what killed runs left beside it is removed; the directory found existing (a run
+    that finished meanwhile) is refused without ``overwrite``. Parent directories created
+    for the lock are removed again if the run fails before writing.
+    """
+    if output is None or not is_main_process():
+        yield
+        return
+    target = Path(output.dir)
+    created = prepare_parent(target)
+    try:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(locked(target, wait=False))
+            except LockBusy as busy:
+                holder = f"pid {busy.holder}" if busy.holder else "another process"
+                raise UserError(
+                    f"another compress run ({holder}) is writing this output directory", str(target)
+                ) from None
+            remove_stale(target)
+            if target.exists() and not overwrite:
+                raise UserError("output directory exists (pass --overwrite to replace it)", str(target))
+            yield
+    except BaseException:
+        for directory in reversed(created):
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
 
 
 class DenseWriter:

@@ -1,0 +1,1 @@
+"""The fault corpus: bad inputs and faults, each run through the real CLI (see ``harness``)."""
