@@ -166,6 +166,38 @@ def test_resuming_with_a_changed_recipe_is_refused_naming_the_change(train_host,
         apply_recipe(train_host, check_recipe(train_host, changed), resume=True)
 
 
+def test_resume_accepts_other_cadences_and_more_steps_but_not_fewer(train_host, write_recipe, tmp_path):
+    straight = apply_recipe(train_host, check_recipe(train_host, training_recipe(write_recipe, tmp_path)))
+    expected = targeted_weights(straight)
+    (tmp_path / "out").rename(tmp_path / "first")
+    NextToken.interrupt_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        apply_recipe(train_host, check_recipe(train_host, training_recipe(write_recipe, tmp_path)))
+    NextToken.interrupt_at = None
+
+    fewer = training_recipe(write_recipe, tmp_path, steps=1)
+    with pytest.raises(UserError, match="checkpoint is at step 2, past this stage's steps: 1"):
+        apply_recipe(train_host, check_recipe(train_host, fewer), resume=True)
+
+    cadence = training_recipe(write_recipe, tmp_path, log_every=2, checkpoint_every=3, eval_every=1)
+    resumed = apply_recipe(train_host, check_recipe(train_host, cadence), resume=True)
+    assert resumed.report.stages[1].details["resumed_from_step"] == 2
+    for name, weight in targeted_weights(resumed).items():
+        assert torch.equal(weight, expected[name]), name
+
+    (tmp_path / "out").rename(tmp_path / "second")
+    NextToken.interrupt_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        apply_recipe(train_host, check_recipe(train_host, training_recipe(write_recipe, tmp_path)))
+    NextToken.interrupt_at = None
+    longer = apply_recipe(
+        train_host, check_recipe(train_host, training_recipe(write_recipe, tmp_path, steps=6)), resume=True
+    )
+    details = longer.report.stages[1].details
+    assert details["resumed_from_step"] == 2 and details["steps"] == 6
+    assert [step for step, _ in details["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_training_set_smaller_than_a_batch_fails_at_recipe_check(train_host, write_recipe, tmp_path):
     recipe = training_recipe(write_recipe, tmp_path, batch_size=16)
     with pytest.raises(UserError, match="8 samples, fewer than one batch"):

@@ -66,10 +66,21 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
-def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints."""
+RESUMABLE_PARAMETERS = ("log_every", "eval_every", "checkpoint_every", "steps")
+"""Parameters of the resumed stage that ``--resume`` accepts changed: how often it logs,
+evaluates and checkpoints, and how many steps it runs (extending a run; the schedule then
+spans the new total)."""
+
+
+def resumable_keys(stage_index: int) -> set[str]:
+    """The fingerprint keys of :data:`RESUMABLE_PARAMETERS` for the stage at ``stage_index``."""
+    return {f"stages[{stage_index}].{name}" for name in RESUMABLE_PARAMETERS}
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any], allowed: set[str] = frozenset()) -> list[str]:
+    """Human-readable differences between two fingerprints, except at the ``allowed`` keys."""
     changes = []
-    for key in sorted(saved.keys() | current.keys()):
+    for key in sorted((saved.keys() | current.keys()) - allowed):
         if saved.get(key, "<unset>") != current.get(key, "<unset>"):
             changes.append(f"{key}: {saved.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}")
     return changes

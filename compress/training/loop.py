@@ -41,6 +41,7 @@ from compress.training.checkpoint import (
     checkpoint_directory,
     fingerprint,
     recipe_changes,
+    resumable_keys,
 )
 from compress.training.method import Batch, TrainingMethod, TrainParams
 
@@ -412,12 +413,18 @@ class _Loop:
                 "pass --resume to continue from it, or delete it to start over",
                 str(self.directory),
             )
-        changes = recipe_changes(saved.fingerprint, self.state.fingerprint)
+        changes = recipe_changes(saved.fingerprint, self.state.fingerprint, resumable_keys(self.run_.index))
         if changes:
             raise UserError(
                 "cannot resume: the recipe changed since the checkpoint was written (" + "; ".join(changes) + ")",
                 str(self.directory),
             )
+        if saved.step > self.params.steps:
+            raise UserError(
+                f"cannot resume: the checkpoint is at step {saved.step}, past this stage's steps: {self.params.steps}",
+                str(self.directory),
+            )
+        saved.fingerprint = self.state.fingerprint  # later checkpoints record the recipe as resumed
         try:
             self.accelerator.load_state(str(self.directory))
         except (ValueError, RuntimeError) as error:  # e.g. a plugin version with other parameters wrote it
