@@ -92,6 +92,7 @@ def test_training_updates_weights_and_keeps_them_on_their_grids(train_host, writ
     assert record.details["steps"] == 4 and len(record.details["loss_curve"]) == 4
     assert record.details["constrained_layers"] == len(context.layers) > 0
     modules = dict(context.model.named_modules())
+    assert record.layers == {name: {"trained_parameters": modules[name].weight.numel()} for name in context.layers}
     for name, state in context.layers.items():
         weight = modules[name].weight.detach()
         assert torch.equal(state.quant.fake_quantize(weight), weight), name

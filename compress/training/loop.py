@@ -208,6 +208,8 @@ def train(context: Context, run: StageRun, method: TrainingMethod) -> None:
         samples = context.data(entry)
         evaluation[dataset] = [collate(samples[i : i + micro], pad_id) for i in range(0, len(samples), micro)]
     trainable = [p for module in run.targets.values() for p in module.parameters(recurse=False)]
+    for name, module in run.targets.items():
+        run.record.layers[name] = {"trained_parameters": sum(p.numel() for p in module.parameters(recurse=False))}
     constrain = (
         straight_through(run.targets, context.layers, latent_weights(context, run))
         if method.straight_through
