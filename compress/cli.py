@@ -43,7 +43,9 @@ def user_errors(command: Callable) -> Callable:
             sys.exit(error.exit_code)
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)
-            click.echo(f"interrupted by {'SIGTERM' if terminated else 'SIGINT'}: no output was written", err=True)
+            detail = f"; {interrupt}" if str(interrupt) else ""
+            signal_name = "SIGTERM" if terminated else "SIGINT"
+            click.echo(f"interrupted by {signal_name}: no output was written{detail}", err=True)
             sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
     return wrapper

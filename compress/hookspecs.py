@@ -209,7 +209,10 @@ def compress_stage_progress(
     :param context: the run's context.
     :param stage: the stage being run.
     :param step: steps done so far (1-based); ``total`` is the number planned, or None.
-    :param logs: the latest values to show, e.g. ``{"loss": 2.31, "lr": 1e-5}``.
+    :param logs: the latest values to show, e.g. ``{"loss": 2.31, "lr": 1e-5}``. The
+        training loop also reports held-out evaluation as ``{"eval_loss": ...}`` (keys
+        starting with ``eval_``) and, once after ``--resume``, ``{"resumed_from_step": N}``
+        with ``step`` = N.
     """
 
 

@@ -132,7 +132,7 @@ def test_nan_loss_stops_naming_the_step_and_writes_nothing(train_host, write_rec
     assert not (tmp_path / "out").exists()
 
 
-def test_interrupted_training_resumes_to_the_same_weights(train_host, write_recipe, tmp_path):
+def test_interrupted_training_resumes_to_the_same_weights(train_host, write_recipe, tmp_path, capsys):
     recipe = training_recipe(write_recipe, tmp_path, checkpoint_every=2)
     straight = apply_recipe(train_host, check_recipe(train_host, recipe))
     expected = targeted_weights(straight)
@@ -140,16 +140,23 @@ def test_interrupted_training_resumes_to_the_same_weights(train_host, write_reci
     (tmp_path / "out").rename(tmp_path / "first")
 
     NextToken.interrupt_at = 3
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt) as interrupt:
         apply_recipe(train_host, check_recipe(train_host, recipe))
     checkpoint = tmp_path / "out.checkpoints" / "2-next_token"
+    assert f"stopping after this step; checkpoint at {checkpoint}" in capsys.readouterr().err
+    assert str(interrupt.value) == (
+        f"training checkpoint at {checkpoint} (step 3/4); continue with compress apply RECIPE --resume"
+    )
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
     assert not (tmp_path / "out").exists()
 
     NextToken.interrupt_at = None
     with pytest.raises(UserError, match="pass --resume"):
         apply_recipe(train_host, check_recipe(train_host, recipe))
+    capsys.readouterr()
     resumed = apply_recipe(train_host, check_recipe(train_host, recipe), resume=True)
+    assert "next_token: resuming from step 3/4" in capsys.readouterr().err
     assert resumed.report.stages[1].details["resumed_from_step"] == 3
     assert resumed.report.stages[1].details["loss_curve"] == expected_curve
     for name, weight in targeted_weights(resumed).items():
@@ -197,6 +204,15 @@ def test_resume_accepts_other_cadences_and_more_steps_but_not_fewer(train_host, 
     details = longer.report.stages[1].details
     assert details["resumed_from_step"] == 2 and details["steps"] == 6
     assert [step for step, _ in details["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_held_out_losses_reach_the_console(train_host, write_recipe, tmp_path, capsys):
+    recipe = training_recipe(write_recipe, tmp_path, eval_data="evaluation", eval_every=2)
+    context = apply_recipe(train_host, check_recipe(train_host, recipe))
+    err = capsys.readouterr().err
+    for step, value in context.report.stages[1].details["eval_curve"]:
+        assert f"next_token step {step}: eval_loss {value:.4g}" in err
+    assert len(context.report.stages[1].details["eval_curve"]) == 2
 
 
 def test_training_set_smaller_than_a_batch_fails_at_recipe_check(train_host, write_recipe, tmp_path):

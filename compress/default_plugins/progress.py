@@ -1,5 +1,7 @@
 """Progress bars while stages run, and the summary tables at the end of a run."""
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -29,7 +31,16 @@ def compress_stage_progress(stage, step, total, logs):
     if bar is None:
         bar = _bars[id(stage)] = tqdm(total=total, desc=stage.label, unit="step", leave=False)
     bar.update(step - bar.n)
-    bar.set_postfix(logs, refresh=False)
+    # resumption and held-out values get lines of their own: the postfix shows only the latest training values
+    if "resumed_from_step" in logs:
+        tqdm.write(f"{stage.label}: resuming from step {step}" + (f"/{total}" if total else ""), file=sys.stderr)
+        return
+    held_out = {key: value for key, value in logs.items() if key.startswith("eval_")}
+    if held_out:
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in held_out.items())
+        tqdm.write(f"{stage.label} step {step}: {shown}", file=sys.stderr)
+    else:
+        bar.set_postfix(logs, refresh=False)
 
 
 @hookimpl

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from compress.context import Context, StageRun
 from compress.data import Sample, collate
@@ -155,12 +157,16 @@ def trainable_only(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator[
 
 
 @contextmanager
-def interrupt_deferred() -> Iterator[list[bool]]:
-    """Turn Ctrl-C into a flag the loop checks between steps (so a checkpoint is consistent)."""
+def interrupt_deferred(notice: str) -> Iterator[list[bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps (so a checkpoint is
+    consistent), acknowledged at once with ``notice``; a second Ctrl-C stops at once."""
     flag = [False]
 
     def remember(_signum: int, _frame: Any) -> None:
+        if flag[0]:
+            raise KeyboardInterrupt
         flag[0] = True
+        tqdm.write(notice, file=sys.stderr)
 
     try:
         previous = signal.signal(signal.SIGINT, remember)
@@ -299,17 +305,34 @@ class _Loop:
 
     def run(self) -> None:
         self._resume_or_refuse()
+        if self.state.step:
+            self.context.host.hook.compress_stage_progress(
+                context=self.context,
+                stage=self.run_.stage,
+                step=self.state.step,
+                total=self.params.steps,
+                logs={"resumed_from_step": self.state.step},
+            )
         params, record = self.params, self.run_.record
         started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens
         self.model.train()
-        with interrupt_deferred() as interrupted:
+        if self.directory is None:
+            notice = "stopping after this step (no checkpoint: the recipe has no output); Ctrl-C again stops now"
+        else:
+            notice = f"stopping after this step; checkpoint at {self.directory}; Ctrl-C again stops without it"
+        with interrupt_deferred(notice) as interrupted:
             while self.state.step < params.steps:
                 loss, logs = self._step()
                 self.state.step += 1
                 self._after_step(loss, logs)
                 if interrupted[0]:
                     self._save_checkpoint()
-                    raise KeyboardInterrupt
+                    if self.directory is None:
+                        raise KeyboardInterrupt
+                    raise KeyboardInterrupt(
+                        f"training checkpoint at {self.directory} (step {self.state.step}/{params.steps}); "
+                        "continue with compress apply RECIPE --resume"
+                    )
         seconds = time.perf_counter() - started
         record.details.update(
             steps=self.state.step,
@@ -371,7 +394,11 @@ class _Loop:
                 context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs=shown
             )
         if params.eval_every and self.evaluation and (step % params.eval_every == 0 or step == params.steps):
-            self.state.eval_curve.append((step, self._evaluate()))
+            value = self._evaluate()
+            self.state.eval_curve.append((step, value))
+            self.context.host.hook.compress_stage_progress(
+                context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs={"eval_loss": value}
+            )
         if params.checkpoint_every and step % params.checkpoint_every == 0 and step < params.steps:
             self._save_checkpoint()
 
