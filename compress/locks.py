@@ -73,13 +73,12 @@ def locked(target: Path, wait: bool, announce: Callable[[int | None], None] | No
     """
     path = lock_path(target)
     lock = FileLock(path, timeout=0)
-    held = announced = False
+    announced = False
     try:
         while True:
             with signals_held():
-                held = _acquire(lock, path)
-            if held:
-                break
+                if _acquire(lock, path):
+                    break
             if not wait:
                 raise LockBusy(path, holder(path))
             if announce is not None and not announced:
@@ -88,7 +87,9 @@ def locked(target: Path, wait: bool, announce: Callable[[int | None], None] | No
             time.sleep(POLL_S)
         yield
     finally:
-        if held:
+        # ``is_locked``, not a flag set after acquiring: another thread (the memory sampler, torch's)
+        # can take a signal the mask holds back here, and Python then runs the handler at once
+        if lock.is_locked:
             with signals_held():
                 # unlinked before the unlock: a waiter that then locks this inode finds it gone and retries
                 path.unlink(missing_ok=True)
