@@ -18,19 +18,51 @@ from typing import Any
 from compress.blocks import hidden_states, with_hidden_states
 from compress.checkpoint import LoadedModel, WriterCapabilities, WriterOptions
 from compress.context import Context, LayerState, OutlierSplit, StageRecord, StageRun
-from compress.data import IGNORE_INDEX, Sample, collate, model_inputs
+from compress.data import IGNORE_INDEX, JsonLinesSource, Sample, collate, model_inputs, records
 from compress.devices import move, on_device, onloaded, settle
 from compress.errors import UserError, did_you_mean
-from compress.evaluate import Metric, MetricParams, next_token_labels, next_token_log_probs
+from compress.evaluate import (
+    Metric,
+    MetricInputs,
+    MetricParams,
+    ModelMetric,
+    next_token_labels,
+    next_token_log_probs,
+)
 from compress.gradients import OutputLoss, block_output_gradients
+from compress.hessian import (
+    Hessian,
+    InputNorms,
+    InverseFactor,
+    collect_hessians,
+    collect_input_norms,
+    h_norms,
+    input_rows,
+    inverse_factor,
+    relative_output_error,
+)
 from compress.method import BlockMethod, BlockWork, LayerMethod, Method, MethodKind, MethodParams, Produces
 from compress.quant import QuantGrid, QuantScheme, check_group_width, compute_grid, weight_matrix
 from compress.quant.activations import ActivationQuant, ActivationScheme, activation_qparams, input_quantizer
 from compress.quant.params import QuantParams
 from compress.recipe import DataSpec, ModelSpec, load_recipe
-from compress.scoring import Scorer
-from compress.search import Candidate, CandidateRequest, collect_candidates, quantizer_settings
+from compress.scoring import ReferenceKL, Scorer
+from compress.search import (
+    COST_UNITS,
+    Budget,
+    Candidate,
+    CandidateOffer,
+    CandidateRequest,
+    LayerInputs,
+    collect_candidates,
+    grid_storage_bits,
+    quantizer_price,
+    quantizer_settings,
+    weight_cost,
+)
+from compress.search_method import SearchMethod, SearchParams, SearchSpace
 from compress.training.method import Batch, TrainingMethod, TrainParams
+from compress.training.slices import trainable_slice
 
 API_VERSION = "2.0"
 """The version of this API: the major number changes when a name is removed or changes
@@ -38,17 +70,25 @@ meaning, the minor number when names are added."""
 
 __all__ = [
     "API_VERSION",
+    "COST_UNITS",
     "IGNORE_INDEX",
     "ActivationQuant",
     "ActivationScheme",
     "Batch",
     "BlockMethod",
     "BlockWork",
+    "Budget",
     "Candidate",
+    "CandidateOffer",
     "CandidateRequest",
     "Context",
     "DataSpec",
     "DirectoryLoader",  # noqa: F822 (module __getattr__, imported on first use)
+    "Hessian",
+    "InputNorms",
+    "InverseFactor",
+    "JsonLinesSource",
+    "LayerInputs",
     "LayerMethod",
     "LayerState",
     "LoadedModel",
@@ -56,7 +96,9 @@ __all__ = [
     "MethodKind",
     "MethodParams",
     "Metric",
+    "MetricInputs",
     "MetricParams",
+    "ModelMetric",
     "ModelSpec",
     "OutlierSplit",
     "OutputLoss",
@@ -64,8 +106,12 @@ __all__ = [
     "QuantGrid",
     "QuantParams",
     "QuantScheme",
+    "ReferenceKL",
     "Sample",
     "Scorer",
+    "SearchMethod",
+    "SearchParams",
+    "SearchSpace",
     "StageRecord",
     "StageRun",
     "TrainParams",
@@ -78,10 +124,16 @@ __all__ = [
     "check_group_width",
     "collate",
     "collect_candidates",
+    "collect_hessians",
+    "collect_input_norms",
     "compute_grid",
     "did_you_mean",
+    "grid_storage_bits",
+    "h_norms",
     "hidden_states",
     "input_quantizer",
+    "input_rows",
+    "inverse_factor",
     "load_recipe",
     "model_inputs",
     "move",
@@ -89,8 +141,16 @@ __all__ = [
     "next_token_log_probs",
     "on_device",
     "onloaded",
+    "quantizer_price",
     "quantizer_settings",
+    "records",
+    "relative_output_error",
+    "semi_structured_layers",  # noqa: F822 (module __getattr__, imported on first use)
     "settle",
+    "to_semi_structured",  # noqa: F822 (module __getattr__, imported on first use)
+    "trainable_slice",
+    "verify_n_m",  # noqa: F822 (module __getattr__, imported on first use)
+    "weight_cost",
     "weight_matrix",
     "with_hidden_states",
 ]
@@ -101,4 +161,8 @@ def __getattr__(name: str) -> Any:
         from compress.checkpoint.loaders import DirectoryLoader
 
         return DirectoryLoader
+    if name in ("semi_structured_layers", "to_semi_structured", "verify_n_m"):  # checkpoint IO: the 2:4 speed path
+        from compress.checkpoint import sparse
+
+        return getattr(sparse, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -93,18 +93,38 @@ class Report:
 
     model: dict[str, Any]
     stages: list[StageRecord] = field(default_factory=list)
-    totals: dict[str, float] = field(default_factory=dict)
-    """All stages together, moves between host and device included: seconds and peak memory."""
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each phase of the run as far as it got, in order: ``load``, ``stages`` (all stages, moves
+    between host and device included), ``write``, ``evaluation``: ``seconds``, ``peak_host_bytes``
+    and ``peak_device_bytes``; an evaluation that Ctrl-C stopped after the write also has
+    ``interrupted: true``. (report.json is written after the evaluation: its own writing and
+    the model card's are not counted.)"""
     evaluation: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """Where the recipe came from (``source``: its file, or ``<mapping>``) and the ``overrides``
+    (``--set`` options) applied to it; the output's recipe.yaml holds the recipe as run."""
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """All phases together: their seconds added up, the largest of their peaks."""
+        if not self.phases:
+            return {}
+        return {
+            "seconds": sum(phase["seconds"] for phase in self.phases.values()),
+            "peak_host_bytes": max(phase["peak_host_bytes"] for phase in self.phases.values()),
+            "peak_device_bytes": max(phase["peak_device_bytes"] for phase in self.phases.values()),
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "stages": [stage.to_json() for stage in self.stages],
+            "phases": self.phases,
             "totals": self.totals,
             "evaluation": self.evaluation,
             "environment": self.environment,
+            "recipe": self.recipe,
         }
 
 
@@ -156,6 +176,9 @@ class Context:
     (``Method.writes_state`` / ``reads_state``; ``compress recipe check`` refuses a read no earlier
     stage writes). Training checkpoints hold it (pickled) and ``--resume`` restores it, tensors on
     the host."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Files a stage adds to the output directory, by name (a search's allocation plot); written
+    next to report.json, with the checkpoint, atomically."""
     _data: dict[str, list[Sample]] = field(default_factory=dict)
     _reference: nn.Module | None = None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,7 +104,12 @@ CHUNK_BYTES = 1 << 20
 
 
 def require_file(spec: DataSpec) -> None:
-    """Refuse a data file that is missing, unreadable or empty."""
+    """Refuse a data file that is missing, unreadable or empty, and the keys of Hub datasets."""
+    hub_keys = [key for key in ("name", "split", "revision") if getattr(spec, key) is not None]
+    hub_keys += ["streaming"] if spec.streaming else []
+    if hub_keys:
+        verb = "is" if len(hub_keys) == 1 else "are"
+        raise UserError(f"{', '.join(hub_keys)} {verb} for source: hub; {spec.source} data reads a file", hub_keys[0])
     if not spec.path.is_file():
         raise UserError("data file not found", str(spec.path))
     try:
@@ -188,22 +193,33 @@ class TextFileSource(TokenData):
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
         require_tokenizer(spec, tokenizer)
-        needed = spec.samples * spec.seq_len
-        size, limit = spec.path.stat().st_size, needed * BYTES_PER_TOKEN
-        # tokenize a prefix of the file, longer while it holds too few tokens
-        while True:
-            text = "".join(text_chunks(spec.path, limit))
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-            if ids.numel() >= needed or limit >= size:
-                break
-            limit *= 4
-        if ids.numel() < needed:
-            raise UserError(
-                f"has {ids.numel()} tokens, fewer than samples x seq_len = {spec.samples} x {spec.seq_len} = {needed}",
-                str(spec.path),
-            )
-        windows = ids[:needed].view(spec.samples, spec.seq_len)
-        return [{"input_ids": window, "labels": window.clone()} for window in windows.unbind(0)]
+        size = spec.path.stat().st_size
+        return token_windows(spec, tokenizer, lambda limit: ("".join(text_chunks(spec.path, limit)), limit >= size))
+
+
+def token_windows(spec: DataSpec, tokenizer: Any, prefix: Callable[[int], tuple[str, bool]]) -> list[Sample]:
+    """``spec.samples`` consecutive, non-overlapping windows of ``spec.seq_len`` tokens from the start
+    of a text tokenized as one stream (no special tokens), every token a label.
+
+    ``prefix(limit)`` gives about the first ``limit`` characters of the text and whether that is all
+    of it; the prefix tokenized grows (from :data:`BYTES_PER_TOKEN` a token needed, four times
+    more each time) while it holds too few tokens, so a long text is never read whole.
+    """
+    needed = spec.samples * spec.seq_len
+    limit = needed * BYTES_PER_TOKEN
+    while True:
+        text, whole = prefix(limit)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if ids.numel() >= needed or whole:
+            break
+        limit *= 4
+    if ids.numel() < needed:
+        raise UserError(
+            f"has {ids.numel()} tokens, fewer than samples x seq_len = {spec.samples} x {spec.seq_len} = {needed}",
+            str(spec.path),
+        )
+    windows = ids[:needed].view(spec.samples, spec.seq_len)
+    return [{"input_ids": window, "labels": window.clone()} for window in windows.unbind(0)]
 
 
 class JsonLinesSource(TokenData):
@@ -228,15 +244,21 @@ class JsonLinesSource(TokenData):
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
         require_tokenizer(spec, tokenizer)
+        samples = self.samples(records(spec), spec, tokenizer)
+        if len(samples) < spec.samples:
+            raise UserError(f"has {len(samples)} records, fewer than samples = {spec.samples}", str(spec.path))
+        return samples
+
+    def samples(self, records: Iterable[tuple[Location | str, dict]], spec: DataSpec, tokenizer: Any) -> list[Sample]:
+        """One sample per ``(where, record)``, tokenized by :meth:`tokenize` and cut to ``spec.seq_len``
+        tokens; a UserError at the record when ``loss_on: answers`` leaves no answer token in it."""
         samples = []
-        for where, record in records(spec):
+        for where, record in records:
             ids, labels = self.tokenize(record, spec, tokenizer, where)
             ids, labels = ids[: spec.seq_len], labels[: spec.seq_len]
             if spec.loss_on == "answers" and all(label == IGNORE_INDEX for label in labels):
                 raise UserError(f"no answer token within the first seq_len = {spec.seq_len} tokens", where)
             samples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
-        if len(samples) < spec.samples:
-            raise UserError(f"has {len(samples)} records, fewer than samples = {spec.samples}", str(spec.path))
         return samples
 
     def texts(self, record: dict, spec: DataSpec, where: Location) -> list[str]:

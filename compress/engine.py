@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compress.checkpoint.dtypes import model_dtype, stored_dtype
 from compress.checkpoint.output import output_directory, output_reserved
 from compress.context import (
     Context,
@@ -19,46 +22,64 @@ from compress.context import (
 )
 from compress.devices import onloaded
 from compress.distributed import is_main_process
+from compress.errors import OutputKept
 from compress.evaluate import evaluate
 from compress.host import PluginHost
 from compress.hub import export_output
 from compress.method import BlockMethod, LayerMethod
 from compress.quant.activations import quantized_inputs
-from compress.resources import measure
+from compress.resources import Usage, measure
 from compress.sequential import compress_blocks, compress_layers
 from compress.training.checkpoint import discard_checkpoints
 from compress.training.loop import train
 from compress.training.method import TrainingMethod
+from compress.tying import untie_targets
 from compress.validate import CheckedRecipe, PlannedStage
 
 
 def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
     recipe = checked.recipe
     device = resolve_device(recipe.run.device)
-    loaded = checked.loader.load(recipe.model)
+    with measure(device) as usage:
+        loaded = checked.loader.load(recipe.model)
+    model = {
+        "name": recipe.model.name,
+        "base_model": loaded.base_model,
+        "task": loaded.task,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+    }
+    if loaded.provenance is not None:
+        model["provenance"] = loaded.provenance
     report = Report(
-        model={
-            "name": recipe.model.name,
-            "base_model": loaded.base_model,
-            "task": loaded.task,
-            "parameters": sum(p.numel() for p in loaded.model.parameters()),
-            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        },
+        model=model,
+        phases={"load": asdict(usage)},
         environment=environment_info(device),
+        recipe={"source": str(checked.path), "overrides": list(checked.located.overrides.values())},
     )
     return Context(host, recipe, loaded, checked.loader, device, report)
 
 
+@contextmanager
+def phase(context: Context, name: str) -> Iterator[None]:
+    """Measure a phase of the run into ``context.report.phases[name]`` (also when it raises),
+    between the ``compress_phase_start`` and ``compress_phase_end`` hooks (the latter only
+    when it did not raise)."""
+    usage = Usage()
+    try:
+        with measure(context.device) as usage:
+            context.host.hook.compress_phase_start(context=context, phase=name)
+            yield
+    finally:
+        context.report.phases[name] = asdict(usage)
+    context.host.hook.compress_phase_end(context=context, phase=name, usage=context.report.phases[name])
+
+
 def run_stages(context: Context, checked: CheckedRecipe) -> None:
     whole = nullcontext() if context.sequential else onloaded(context.model, context.device)
-    with measure(context.device) as usage, whole:
+    with phase(context, "stages"), whole:
         for index, planned in enumerate(checked.stages):
             run_stage(context, checked, index, planned)
-    context.report.totals = {
-        "seconds": usage.seconds,
-        "peak_host_bytes": usage.peak_host_bytes,
-        "peak_device_bytes": usage.peak_device_bytes,
-    }
 
 
 def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: PlannedStage) -> None:
@@ -70,6 +91,8 @@ def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: Pla
         stage.label, method.name, method.kind, method.params.model_dump(mode="json"), method.produces().to_json()
     )
     run = StageRun(stage, method, {n: modules[n] for n in planned.target_names}, record, index, total)
+    if method.kind != "training" and (untied := untie_targets(context.model, run.targets)):
+        record.details["untied"] = untied
     context.host.hook.compress_stage_start(context=context, stage=stage, index=index, total=total)
     with measure(context.device) as usage, method.around_stage(context, run):
         dispatch(context, run)
@@ -98,38 +121,82 @@ def run_evaluation(context: Context, compressed: nn.Module) -> None:
     specs = context.recipe.evaluate
     if not specs:
         return
-    datasets = {spec.data: (context.recipe.data[spec.data], context.data(spec.data)) for spec in specs}
+    metrics = context.host.metrics()
+    datasets = {
+        spec.data: (context.recipe.data[spec.data], context.data(spec.data))
+        for spec in specs
+        if metrics[spec.metric].reads_data
+    }
     # the in-memory model holds the weight grids; recorded activation quantization is applied here
     in_memory = compressed is context.model
     with quantized_inputs(compressed, context.layers) if in_memory else nullcontext():
         context.report.evaluation = evaluate(
-            context.host, context.reference_model(), compressed, specs, datasets, context.device
+            context.host,
+            context.reference_model(),
+            compressed,
+            specs,
+            datasets,
+            context.device,
+            tokenizer=context.tokenizer,
+            data=context.data,
         )
 
 
-def read_written(context: Context, directory: Path) -> nn.Module:
+def read_written(context: Context, directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """The checkpoint just written to ``directory``, loaded like the recipe's model: by the
     recipe's loader when it reads such a directory, else by the first loader that claims it,
-    with the recipe's model options (dtype, trust_remote_code) and the run's task."""
-    spec = context.recipe.model.model_copy(update={"name": str(directory), "task": context.task, "revision": None})
+    with the recipe's model options (dtype, trust_remote_code) and the run's task; ``dtype``
+    overrides the recipe's."""
+    update = {"name": str(directory), "task": context.task, "revision": None}
+    if dtype is not None:
+        update["dtype"] = str(dtype).removeprefix("torch.")
+    spec = context.recipe.model.model_copy(update=update)
     loader = context.loader if context.loader.claims(spec) else context.host.loader_for(spec)
     return loader.load(spec).model.eval()
 
 
 def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool) -> None:
-    """Evaluate what is written: the staged checkpoint itself when the format requantizes."""
+    """Write the checkpoint, then evaluate what is written: the staged checkpoint itself when
+    the format requantizes or stores another dtype than the model's (read back in the model's
+    dtype, so the comparison with the original is of the stored values, not of the arithmetic).
+
+    An interrupt during the evaluation keeps the written checkpoint: the output is completed
+    without evaluation results (the report says the evaluation was interrupted) and
+    :class:`compress.errors.OutputKept` is raised.
+    """
     output = checked.recipe.output
     if not is_main_process():
         return
     if output is None:
-        run_evaluation(context, context.model)
+        if checked.recipe.evaluate:
+            with phase(context, "evaluation"):
+                run_evaluation(context, context.model)
         return
-    writer = checked.writer
-    with output_directory(context, writer, checked.writer_options, Path(checked.path), overwrite) as staging:
-        if writer.requantizes and checked.recipe.evaluate:
-            run_evaluation(context, read_written(context, staging))
-        else:
-            run_evaluation(context, context.model)
+    writer, options = checked.writer, checked.writer_options
+    cast = stored_dtype(options, context.model) != model_dtype(context.model)
+    interrupted = None
+    with output_directory(context, writer, checked.located.as_run(), overwrite) as staging:
+        with phase(context, "write"):
+            writer.write(context, staging, options)
+        if not checked.recipe.evaluate:
+            return
+        try:
+            with phase(context, "evaluation"):
+                if writer.requantizes or cast:
+                    dtype = model_dtype(context.model) if cast and not writer.requantizes else None
+                    run_evaluation(context, read_written(context, staging, dtype))
+                else:
+                    run_evaluation(context, context.model)
+        except KeyboardInterrupt as interrupt:
+            interrupted = interrupt
+            usage = context.report.phases.setdefault("evaluation", asdict(Usage()))
+            usage["interrupted"] = True
+            context.report.evaluation = {}
+            context.host.hook.compress_phase_end(context=context, phase="evaluation", usage=usage)
+    if interrupted is not None:
+        raise OutputKept(f"during evaluation: the output is complete, without evaluation results: {output.dir}") from (
+            interrupted
+        )
 
 
 def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = False, resume: bool = False) -> Context:
@@ -151,7 +218,11 @@ def run_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool, resume
     host.hook.compress_run_start(context=context)
     try:
         run_stages(context, checked)
-        evaluate_and_write(context, checked, overwrite)
+        try:
+            evaluate_and_write(context, checked, overwrite)
+        except OutputKept:
+            discard_checkpoints(context)  # the output is complete: there is nothing to resume
+            raise
         discard_checkpoints(context)
     except BaseException as error:
         host.hook.compress_run_failed(context=context, error=error)

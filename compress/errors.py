@@ -13,6 +13,8 @@ class Location:
     file: str
     line: int | None = None
     column: int | None = None
+    note: str | None = None
+    """What put the value there when the file did not, e.g. ``--set stages.0.bits=3``; printed after the position."""
 
     def __str__(self) -> str:
         parts = [self.file]
@@ -20,7 +22,7 @@ class Location:
             parts.append(str(self.line))
             if self.column is not None:
                 parts.append(str(self.column))
-        return ":".join(parts)
+        return ":".join(parts) + (f" ({self.note})" if self.note else "")
 
 
 class UserError(Exception):
@@ -38,6 +40,12 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class OutputKept(KeyboardInterrupt):
+    """An interrupt that came once the output was written (during its evaluation): the output
+    is complete, without evaluation results. Raised from the interrupt it stands for, so
+    ``__cause__`` tells SIGINT from SIGTERM."""
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:

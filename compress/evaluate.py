@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.data import IGNORE_INDEX, Batch, Sample, collate, model_inputs
+from compress.errors import UserError
+from compress.sample_data import label as sample_label
 
 if TYPE_CHECKING:
     from compress.host import PluginHost
@@ -36,9 +40,19 @@ class Metric:
     name: ClassVar[str]
     tasks: ClassVar[frozenset[str]]
     Params: ClassVar[type[MetricParams]] = MetricParams
+    reads_data: ClassVar[bool] = True
+    """False for a metric that brings its own data (lm-eval tasks): its entry needs no ``data:`` entry."""
+    by_default: ClassVar[bool] = True
+    """Whether ``compress eval`` without ``--metric`` runs it; False for metrics that need parameters
+    or data of a particular shape (unlearning's forget quality needs the retain model's)."""
 
     def __init__(self, params: MetricParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def check(self, spec: DataSpec, data: dict[str, DataSpec], config: Any) -> None:
+        """Raise UserError for an ``evaluate:`` entry that cannot run on this recipe (``spec`` the
+        data it reads, ``data`` every ``data:`` entry, ``config`` the model's), at ``compress recipe
+        check``; ``where`` names the offending key of the entry. The default accepts every entry."""
 
     def update(self, original: Any, compressed: Any, batch: Batch) -> None:
         """Take one batch: both models' outputs (``logits`` or ``last_hidden_state``) and the
@@ -48,6 +62,35 @@ class Metric:
     def result(self) -> dict[str, float]:
         """``{"original": ..., "compressed": ...}`` or ``{"compressed": ...}`` for comparisons."""
         raise NotImplementedError
+
+
+@dataclass
+class MetricInputs:
+    """What a :class:`ModelMetric` reads besides the two models."""
+
+    samples: list[Sample]
+    """The samples of the entry's ``data:``, with the source's extras."""
+    spec: DataSpec
+    tokenizer: Any
+    device: torch.device
+    data: Callable[[str], list[Sample]]
+    """Another ``data:`` entry's samples by name (UserError where there is none, as in ``compress eval``)."""
+
+
+class ModelMetric(Metric):
+    """A metric that runs the models itself: generation, several sequences per item (a
+    truth ratio), other data entries or checkpoints. It implements :meth:`measure` instead of
+    ``update`` and ``result``; the models are on the host when it is called."""
+
+    def measure(self, original: nn.Module, compressed: nn.Module, inputs: MetricInputs) -> dict[str, float]:
+        """``{"original": ..., "compressed": ...}`` or ``{"compressed": ...}``, as :meth:`Metric.result`."""
+        raise NotImplementedError
+
+    def rows(self, original: nn.Module, compressed: nn.Module, inputs: MetricInputs) -> dict[str, dict[str, Any]]:
+        """Several results of one entry, ``{row: values}``: each is reported under the entry's key
+        followed by ``/row`` (e.g. ``lm_eval/arc_easy/acc``), and its values may replace the
+        report's ``data``, ``samples`` and ``tokens``. The default: :meth:`measure`'s one, unnamed."""
+        return {"": self.measure(original, compressed, inputs)}
 
 
 def next_token_log_probs(output: Any) -> torch.Tensor:
@@ -207,30 +250,46 @@ def evaluate(
     metric_specs: list[MetricSpec],
     datasets: dict[str, tuple[DataSpec, list[Sample]]],
     device: torch.device,
+    tokenizer: Any = None,
+    data: Callable[[str], list[Sample]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every metric on its dataset: ``{key: {original?, compressed, data, samples, tokens, seq_len}}``.
 
     The key is :func:`metric_key`, so one metric on several datasets (forget and retain sets)
     or with several parameter sets keeps every result. ``tokens`` counts the real (unpadded)
-    input tokens.
+    input tokens. A :class:`ModelMetric` gets ``tokenizer`` and ``data`` (another entry's
+    samples by name) in its :class:`MetricInputs`.
     """
     metric_classes = host.metrics()
     results: dict[str, dict[str, Any]] = {}
     for data_name in dict.fromkeys(spec.data for spec in metric_specs):
-        spec, samples = datasets[data_name]
+        spec, samples = datasets.get(data_name, (None, []))  # absent: read by no metric (Metric.reads_data)
         entries = [m for m in metric_specs if m.data == data_name]
         metrics = []
         for entry in entries:
             metric_class = metric_classes[entry.metric]
             metrics.append(metric_class(metric_class.Params.model_validate(entry.params)))
-        compare_models(original, compressed, samples, metrics, device)
+        streamed = [metric for metric in metrics if not isinstance(metric, ModelMetric)]
+        if streamed:
+            compare_models(original, compressed, samples, streamed, device)
+        inputs = MetricInputs(samples, spec, tokenizer, device, data or no_other_data)
         tokens = sum(sample["input_ids"].numel() for sample in samples if "input_ids" in sample)
         for entry, metric in zip(entries, metrics):
-            results[metric_key(entry)] = {
-                **metric.result(),
-                "data": str(spec.path),
-                "samples": len(samples),
-                "tokens": tokens,
-                "seq_len": spec.seq_len,
-            }
+            rows = (
+                metric.rows(original, compressed, inputs) if isinstance(metric, ModelMetric) else {"": metric.result()}
+            )
+            # a metric without data: entry names its rows itself (lm_eval/arc_easy/acc)
+            key = metric_key(entry) if metric.reads_data else entry.metric
+            for row, values in rows.items():
+                results[key + (f"/{row}" if row else "")] = {
+                    "data": sample_label(spec.path) if spec else "",
+                    "samples": len(samples),
+                    "tokens": tokens,
+                    "seq_len": spec.seq_len if spec else None,
+                    **values,
+                }
     return results
+
+
+def no_other_data(name: str) -> list[Sample]:
+    raise UserError(f"this metric reads the data entry {name!r}, and only a recipe's evaluate: has data: entries")

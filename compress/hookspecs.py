@@ -127,7 +127,10 @@ def compress_register_metrics(register: Callable[[type], None]) -> None:
         validating the ``evaluate:`` entry's other keys), and
         ``update(original, compressed, batch)`` / ``result()`` that accumulate over
         batches (:data:`compress.data.Batch`) of evaluation data run through the original
-        and the compressed model.
+        and the compressed model; or, subclassing :class:`compress.evaluate.ModelMetric`,
+        ``measure(original, compressed, inputs)`` that runs the models itself (generation,
+        other data entries, other checkpoints). ``check(spec, data, config)`` refuses an
+        entry at ``compress recipe check``.
     """
 
 
@@ -157,11 +160,14 @@ def compress_layer_candidates(
     :param name: the layer's qualified module name, e.g. ``model.layers.3.mlp.up_proj``.
     :param module: the layer itself, with its current (original) weights.
     :param request: what the search wants: :class:`compress.search.CandidateRequest`
-        with the methods it accepts, the settings to vary (bits, sparsity) and the
-        cost unit of its budget.
-    :return: a list of :class:`compress.search.Candidate` (cost, error estimate, and a
-        callable that applies the variant), or ``None`` when the plugin has nothing for
-        this layer. The results of all plugins are concatenated.
+        with the methods it accepts, the settings to vary (bits, sparsity), the cost
+        unit of its budget (``bits``, ``bitops`` or ``params``) and, when the search
+        collected them, the layer's input statistics (``inputs.hessian``).
+    :return: a list of :class:`compress.search.Candidate` (cost, error, the variant's
+        weights and the state applying it records), or ``None`` when the plugin has
+        nothing for this layer. The results of all plugins are concatenated. A method
+        that answers declares what its candidates can be as its class's ``offers``
+        (:class:`compress.search.CandidateOffer`), which ``compress recipe check`` reads.
     """
 
 
@@ -223,6 +229,32 @@ def compress_stage_end(context: Context, stage: Stage, record: StageRecord) -> N
     :param record: what the stage did: wall time, peak host and device memory, the
         layers it changed and its per-layer details; it is already in
         ``context.report``.
+    """
+
+
+@hookspec
+def compress_phase_start(context: Context, phase: str) -> None:
+    """A phase of a ``compress apply`` run begins, after ``compress_run_start``.
+
+    :param context: the run's context.
+    :param phase: ``stages`` (all stages; each also has its stage hooks), ``write`` (the
+        writer fills the output's staging directory) or ``evaluation`` (the ``evaluate:``
+        metrics, when there are any; after the write when the recipe has an output). The model's ``load`` is
+        measured too but comes before any hook: its figures are in
+        ``context.report.phases["load"]`` at ``compress_run_start``.
+    """
+
+
+@hookspec
+def compress_phase_end(context: Context, phase: str, usage: dict[str, Any]) -> None:
+    """A phase of a ``compress apply`` run finished. Not called for a phase that raised
+    (``compress_run_failed`` is); an evaluation interrupted after the write ends normally.
+
+    :param context: the run's context.
+    :param phase: the phase, as :func:`compress_phase_start` names it.
+    :param usage: what ``report.json`` records for it under ``phases``: ``seconds``,
+        ``peak_host_bytes``, ``peak_device_bytes`` and, for an evaluation interrupted after
+        the write, ``interrupted: True``.
     """
 
 

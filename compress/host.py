@@ -57,6 +57,8 @@ LIFECYCLE_HOOKS = frozenset(
         "compress_block_done",
         "compress_stage_progress",
         "compress_stage_end",
+        "compress_phase_start",
+        "compress_phase_end",
         "compress_run_end",
         "compress_run_failed",
     }

@@ -19,7 +19,6 @@ directory is written except a missing README.md.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
@@ -28,6 +27,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from compress.checkpoint.loaders import stored_tensors
 from compress.errors import UserError
 from compress.host import PluginHost
+from compress.hub_download import hub_endpoint
 from compress.modelcard import directory_card
 from compress.recipe import HubExport, Recipe
 
@@ -73,8 +73,7 @@ def hub_token() -> str:
 
 def hub_api(token: str) -> HfApi:
     """An API client for ``HF_ENDPOINT``, read now (huggingface_hub reads it once, at import)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-    return HfApi(endpoint=endpoint, token=token)
+    return HfApi(endpoint=hub_endpoint(), token=token)
 
 
 def _first_line(error: BaseException) -> str:

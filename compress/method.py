@@ -9,7 +9,8 @@ A method declares how it runs through the class it derives from:
 - :class:`compress.training.method.TrainingMethod` (training): supplies a ``loss`` for the
   shared training loop, which trains the targeted layers (through their grids and masks
   when an earlier stage compressed them).
-- :class:`Method` with its own ``apply`` (search/allocation).
+- :class:`compress.search_method.SearchMethod` (search/allocation): chooses one candidate
+  variant per layer under a budget, with its own ``search``.
 
 The engine dispatches on that class; this module imports nothing from the engine.
 """
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from compress.context import Context, StageRun
     from compress.quant import QuantScheme
     from compress.recipe import DataSpec
+    from compress.search import CandidateOffer
 
 MethodKind = Literal["data-free", "calibration", "training", "search"]
 
@@ -46,6 +48,13 @@ class Produces:
     """``"unstructured"`` or an ``"N:M"`` pattern."""
     outliers: bool = False
     """Some weights are held apart from the main grid on a grid of their own (``OutlierSplit``)."""
+    mixed: tuple[QuantScheme, ...] = ()
+    """Mixed precision: the grids a search may give its layers, one per layer (``quant`` is then
+    None); the output format must hold each of them."""
+
+    def schemes(self) -> tuple[QuantScheme, ...]:
+        """Every grid some layer may hold: ``quant`` and the ``mixed`` ones."""
+        return (() if self.quant is None else (self.quant,)) + self.mixed
 
     def to_json(self) -> dict[str, Any]:
         """As report.json records it for each stage."""
@@ -54,6 +63,7 @@ class Produces:
             "activation_bits": self.activation_bits,
             "sparsity": self.sparsity,
             "outliers": self.outliers,
+            "mixed": [scheme.model_dump(mode="json") for scheme in self.mixed],
         }
 
 
@@ -82,6 +92,13 @@ class Method:
     reads_state: ClassVar[tuple[str, ...]] = ()
     """Keys of ``context.state`` the method reads; ``compress recipe check`` refuses the stage
     when no earlier stage writes one of them."""
+    keeps_zeros: ClassVar[bool] = False
+    """The method leaves a zero weight zero (its grid holds 0 and it moves no weight onto a
+    pruned one), so a layer an earlier stage pruned keeps its pattern. ``compress recipe check``
+    refuses a stage without it on layers an earlier stage pruned, unless it prunes them itself."""
+    offers: ClassVar[CandidateOffer | None] = None
+    """What the method's candidates for search methods can be (``compress_layer_candidates``):
+    the settings it understands, the cost units it prices. None: it offers none."""
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
@@ -109,6 +126,15 @@ class Method:
 
         Called at ``compress recipe check`` with the methods of the stages before this one,
         in order (e.g. a stage that reuses an earlier stage's grid checks it exists).
+        """
+
+    def check_stage(self, methods: dict[str, type[Method]], targets: dict[str, nn.Module], writer: Any) -> None:
+        """Raise :class:`compress.errors.UserError` if the stage cannot run as planned, from what
+        only the whole plan tells: the installed ``methods`` (by name), all ``targets`` together
+        (weightless meta modules) and the output ``writer`` (None when nothing is written).
+
+        Called at ``compress recipe check`` after the per-layer and format checks (a search
+        checks its candidate providers and its budget here). The default does nothing.
         """
 
     def produces(self) -> Produces:

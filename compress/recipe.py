@@ -7,6 +7,7 @@ the checks that need them (methods, files, targets).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import Location, UserError, did_you_mean
+from compress.sample_data import resolve as resolve_sample
 
 Key = tuple[str | int, ...]
 
@@ -25,7 +27,7 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     """The checkpoint to compress."""
 
-    name: str = Field(description="built-in name, directory, .gguf file or cached hub id")
+    name: str = Field(description="built-in name, directory, .gguf file or Hub id (org/name, downloaded once)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the weights are loaded in; auto keeps the checkpoint's"
     )
@@ -33,28 +35,49 @@ class ModelSpec(Strict):
         None, description="model head to load; inferred from config.architectures when unset"
     )
     trust_remote_code: bool = Field(False, description="run the checkpoint's own Python code")
-    revision: str | None = Field(None, description="hub revision, for cached hub ids")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub id")
 
 
 class DataSpec(Strict):
     """A named dataset: calibration, training or evaluation data."""
 
-    path: Path = Field(description="file to read (relative paths are from the working directory)")
+    path: Path = Field(
+        description="file to read (relative paths are from the working directory), or builtin:NAME for a sample "
+        "shipped with compress (builtin:wikitext-2-test); hub: a Hub dataset id, or a local dataset directory "
+        "or data file"
+    )
     source: str = Field("text", description="data source plugin that reads the file")
     samples: int = Field(128, gt=0, description="number of sequences to take")
     seq_len: int = Field(512, gt=0, description="tokens per sequence (jsonl, chat: the most; longer records are cut)")
     field: str | None = Field(
-        None, description="jsonl: the key holding the text (default text); chat: the messages (default messages)"
+        None,
+        description="jsonl: the key holding the text (default text); chat: the messages (default messages); "
+        "hub: the text column (default text)",
     )
     prompt_field: str | None = Field(
-        None, description="jsonl: the key holding a prompt; a sample is the prompt followed by the answer_field's text"
+        None,
+        description="jsonl, hub: the key (column) holding a prompt; a sample is the prompt followed by the "
+        "answer_field's text",
     )
-    answer_field: str | None = Field(None, description="jsonl: the key holding the answer to prompt_field")
+    answer_field: str | None = Field(
+        None, description="jsonl, hub: the key (column) holding the answer to prompt_field"
+    )
     loss_on: Literal["all", "answers"] = Field(
         "all",
         description="the tokens that are labels, which next-token losses and metrics read: all, or "
         "answers only (chat: the assistant turns; jsonl: answer_field)",
     )
+    name: str | None = Field(None, description="hub: the dataset's configuration (load_dataset's name)")
+    split: str | None = Field(None, description="hub: the split to read (default train)")
+    revision: str | None = Field(None, description="hub: the dataset repository's branch, tag or commit")
+    streaming: bool = Field(
+        False, description="hub: read only the rows the samples need instead of downloading the whole split"
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _shipped_sample(cls, value: Any) -> Any:
+        return resolve_sample(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _prompt_and_answer(self) -> DataSpec:
@@ -74,6 +97,11 @@ class Stage(BaseModel):
     name: str | None = None
     targets: list[str] | None = None
     ignore: list[str] | None = None
+    scheme: str | None = Field(
+        None,
+        description="a preset quantization scheme (W4A16, W8A8, ...: compress.presets) that sets the "
+        "method's grid parameters; keys the stage gives itself take precedence",
+    )
 
     @property
     def params(self) -> dict[str, Any]:
@@ -163,10 +191,10 @@ class Recipe(Strict):
     def _shorthands(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
             raw = dict(raw)
-            if isinstance(raw.get("model"), str):
-                raw["model"] = {"name": raw["model"]}
+            if "model" in raw:
+                raw["model"] = expanded(("model",), raw["model"])
             if isinstance(raw.get("evaluate"), list):
-                raw["evaluate"] = [{"metric": item} if isinstance(item, str) else item for item in raw["evaluate"]]
+                raw["evaluate"] = [expanded(("evaluate", i), item) for i, item in enumerate(raw["evaluate"])]
         return raw
 
     @model_validator(mode="after")
@@ -178,24 +206,73 @@ class Recipe(Strict):
         return self
 
 
-class LocatedRecipe:
-    """A parsed recipe with the file position of each of its values."""
+def expanded(key: Key, value: Any) -> Any:
+    """The mapping a shorthand at ``key`` stands for (``model: NAME`` is ``{name: NAME}``, an
+    ``evaluate:`` entry ``METRIC`` is ``{metric: METRIC}`` and ``{METRIC: {params}}`` is
+    ``{metric: METRIC, params...}``); any other value unchanged."""
+    if isinstance(value, str) and key == ("model",):
+        return {"name": value}
+    if len(key) == 2 and key[0] == "evaluate" and isinstance(key[1], int):
+        if isinstance(value, str):
+            return {"metric": value}
+        if isinstance(value, dict) and len(value) == 1:
+            ((name, params),) = value.items()
+            if name not in MetricSpec.model_fields and isinstance(params, dict):
+                return {"metric": name, **params}
+    return value
 
-    def __init__(self, path: Path, raw: Any, marks: dict[Key, tuple[int, int]]) -> None:
+
+class LocatedRecipe:
+    """A parsed recipe with the file position of each of its values.
+
+    ``text`` is the file's text; ``overrides`` maps the keys that ``--set`` options changed
+    to the option's text (``compress.overrides``), which every position at or under such a
+    key, or above it, names.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        raw: Any,
+        marks: dict[Key, tuple[int, int]],
+        text: str | None = None,
+        overrides: dict[Key, str] | None = None,
+    ) -> None:
         self.path = path
         self.raw = raw
         self.marks = marks
+        self.text = text
+        self.overrides = overrides or {}
 
     def where(self, key: Key) -> Location:
         """The position of the value at ``key``, or of its nearest ancestor that has one."""
         for end in range(len(key), -1, -1):
             if key[:end] in self.marks:
                 line, column = self.marks[key[:end]]
-                return Location(str(self.path), line, column)
-        return Location(str(self.path))
+                return self.noted(Location(str(self.path), line, column), key)
+        return self.noted(Location(str(self.path)), key)
+
+    def noted(self, location: Location, key: Key) -> Location:
+        """``location`` naming the overrides that set ``key``, a key above it or (``key`` not the
+        root) a key under it: the ones that can have caused a problem found at ``key``."""
+        related = [
+            text
+            for changed, text in self.overrides.items()
+            if changed == key[: len(changed)] or (key and key == changed[: len(key)])
+        ]
+        return replace(location, note=", ".join(related)) if related else location
 
     def error(self, message: str, key: Key) -> UserError:
         return UserError(message, self.where(key))
+
+    def as_run(self) -> str:
+        """The recipe as run, for the output's recipe.yaml: the file's own text when nothing
+        changed it, else the effective recipe after a comment naming its source and overrides."""
+        if self.text is not None and not self.overrides:
+            return self.text
+        changes = " ".join(self.overrides.values()).replace("\n", "\\n")
+        header = f"# the recipe as run: {self.path}" + (f" with {changes}" if changes else "")
+        return header + "\n" + yaml.safe_dump(self.raw, sort_keys=False, allow_unicode=True)
 
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -358,7 +435,7 @@ def parse_recipe_file(path: Path) -> LocatedRecipe:
         raise UserError("a recipe is a mapping with model, stages and output", Location(str(path), 1, 1))
     marks: dict[Key, tuple[int, int]] = {}
     _collect_marks(node, (), marks)
-    return LocatedRecipe(path, raw, marks)
+    return LocatedRecipe(path, raw, marks, text)
 
 
 def pydantic_error(
@@ -384,15 +461,19 @@ def _key_where(located: LocatedRecipe, key: Key) -> Location:
     parent, field = key[:-1], key[-1]
     mark = located.marks.get((*parent, field, "__key__"))
     if mark:
-        return Location(str(located.path), *mark)
+        return located.noted(Location(str(located.path), *mark), key)
     return located.where(key)
+
+
+def validate_recipe(located: LocatedRecipe) -> Recipe:
+    """Schema-check a parsed recipe (no plugins, no model)."""
+    try:
+        return Recipe.model_validate(located.raw)
+    except ValidationError as error:
+        raise pydantic_error(error, located, keys=list(Recipe.model_fields)) from None
 
 
 def load_recipe(path: Path) -> tuple[Recipe, LocatedRecipe]:
     """Parse and schema-check a recipe file (no plugins, no model)."""
     located = parse_recipe_file(path)
-    try:
-        recipe = Recipe.model_validate(located.raw)
-    except ValidationError as error:
-        raise pydantic_error(error, located) from None
-    return recipe, located
+    return validate_recipe(located), located

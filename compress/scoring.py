@@ -10,9 +10,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from compress.blocks import block_outputs, device_batch, hidden_states, skipping_blocks
+from compress.blocks import block_outputs, device_batch, forward, hidden_states, skipping_blocks
+from compress.data import IGNORE_INDEX
 from compress.errors import UserError, did_you_mean
-from compress.evaluate import Metric, metric_key
+from compress.evaluate import Metric, metric_key, next_token_labels, next_token_log_probs
 from compress.recipe import MetricSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -95,3 +96,57 @@ class Scorer:
             reference_output = run_reference(batch, reference_final.to(self.device))
             for metric in metrics:
                 metric.update(reference_output, output, batch)
+
+
+class ReferenceKL:
+    """KL(original ‖ model) of the next-token distributions on one dataset, differentiable, with the
+    original's log-probabilities computed once: the objective of searches that score whole
+    configurations (RCO's gradient steps, EvoPress's fitness).
+
+    When made, the reference (``context.reference_model()``) runs over the samples block by
+    block (one block on the device at a time, as :class:`Scorer` does) and its full-vocabulary
+    next-token log-probabilities are kept on the host in ``dtype`` (float16, as RCO caches
+    them: samples x tokens x vocabulary x 2 bytes, 1.6 GB for 32 x 512 tokens of SmolLM2).
+    :meth:`loss` then runs the scored model whole, on the device where its parameters are, so
+    the caller puts it there (a search onloads the model for the search in both run modes).
+    """
+
+    def __init__(self, context: Context, data: str = "calibration", dtype: torch.dtype = torch.float16) -> None:
+        if data not in context.recipe.data:
+            raise UserError(f"the KL objective reads data {data!r}, which the recipe's data: lacks")
+        self.device = context.device
+        self.samples = context.data(data)
+        reference = context.reference_model()
+        (finals,), returns_tuple = block_outputs(reference, self.samples, self.device)
+        self.log_probs: list[torch.Tensor] = []
+        self.scored: list[torch.Tensor] = []
+        with torch.no_grad(), skipping_blocks(reference, self.device, returns_tuple) as run:
+            for sample, (args, kwargs) in zip(self.samples, finals):
+                batch = device_batch(sample, self.device)
+                output = run(batch, hidden_states(args, kwargs).to(self.device))
+                self.log_probs.append(next_token_log_probs(output)[0].to("cpu", dtype))
+                self.scored.append((next_token_labels(batch)[0] != IGNORE_INDEX).to("cpu"))
+
+    @property
+    def tokens(self) -> list[int]:
+        """Scored next-token positions of each sample."""
+        return [int(scored.sum()) for scored in self.scored]
+
+    def loss(self, model: nn.Module, pieces: Sequence[tuple[int, int | None]]) -> torch.Tensor:
+        """Mean per scored token of KL(original ‖ ``model``) over ``pieces``, each a sample index and
+        how many leading tokens of it to use (None: all), as a scalar tensor that carries gradients
+        when grad mode is on. Samples run one at a time (a batch of one)."""
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for index, length in pieces:
+            batch = device_batch(self.samples[index], self.device)
+            if length is not None:
+                batch = {key: value[:, :length] if value.dim() > 1 else value for key, value in batch.items()}
+            positions = batch["input_ids"].shape[1] - 1
+            reference = self.log_probs[index][:positions].to(self.device, torch.float32)
+            scored = self.scored[index][:positions].to(self.device)
+            log_q = next_token_log_probs(forward(model, batch))[0]
+            per_token = (reference.exp() * (reference - log_q)).sum(-1)
+            total = total + per_token[scored].sum()
+            tokens += int(scored.sum())
+        return total / max(tokens, 1)

@@ -24,9 +24,18 @@ from compress.errors import Location, UserError, did_you_mean
 from compress.host import PluginHost
 from compress.hub import check_export
 from compress.method import Method, Produces
+from compress.presets import expand_scheme
 from compress.quant.grid import check_group_width
-from compress.recipe import DataSpec, LocatedRecipe, Recipe, Stage, load_recipe, pydantic_error
-from compress.targets import invalid_patterns, match_modules
+from compress.recipe import (
+    DataSpec,
+    LocatedRecipe,
+    Recipe,
+    Stage,
+    parse_recipe_file,
+    pydantic_error,
+    validate_recipe,
+)
+from compress.targets import invalid_patterns, match_modules, names_near
 
 
 @dataclass
@@ -66,8 +75,14 @@ def build_method(host: PluginHost, recipe: Recipe, located: LocatedRecipe, index
             ("stages", index, "method"),
         )
     method_class = methods[stage.method]
+    given = stage.params
+    if stage.scheme is not None:
+        try:
+            given = expand_scheme(stage.scheme, method_class.Params, stage.method, given)
+        except UserError as error:
+            raise located.error(error.message, ("stages", index, "scheme")) from None
     try:
-        params = method_class.Params.model_validate(stage.params)
+        params = method_class.Params.model_validate(given)
     except ValidationError as error:
         keys = [*method_class.Params.model_fields, *Stage.model_fields]
         raise pydantic_error(error, located, ("stages", index), keys) from None
@@ -91,7 +106,8 @@ def check_stage_targets(
     selected, unmatched = match_modules(model, targets, ignore)
     if unmatched:
         key = ("stages", index, "targets", targets.index(unmatched[0])) if stage.targets else ("stages", index)
-        raise located.error(f"target {unmatched[0]!r} matches no module of the model", key)
+        near = ", ".join(names_near(model, unmatched[0]))
+        raise located.error(f"target {unmatched[0]!r} matches no module of the model (near it: {near})", key)
     if not selected:
         key = ("stages", index, "ignore") if stage.ignore else ("stages", index)
         raise located.error(
@@ -138,6 +154,39 @@ def check_format_holds(writer: Writer, stages: list[PlannedStage], model: nn.Mod
                     f"({method.name}) compresses {name} ({kind})",
                     ("output", "format"),
                 )
+
+
+def check_zeros_kept(stages: list[PlannedStage], located: LocatedRecipe) -> None:
+    """Refuse a stage that would fill the zeros an earlier stage pruned into the same layers
+    (its method does not declare ``keeps_zeros`` and prunes nothing itself, e.g. gptq's updates)."""
+    for index, stage in enumerate(stages):
+        method = stage.method
+        if method.keeps_zeros or method.produces().sparsity is not None:
+            continue
+        for earlier_index, earlier in enumerate(stages[:index]):
+            pattern = earlier.method.produces().sparsity
+            shared = sorted(set(earlier.target_names) & set(stage.target_names))
+            if pattern is not None and shared:
+                raise located.error(
+                    f"stage {index + 1} ({method.name}) would fill the zeros of the {pattern} sparsity that stage "
+                    f"{earlier_index + 1} ({earlier.method.name}) leaves in {shared[0]}"
+                    + (f" and {len(shared) - 1} more layers" if len(shared) > 1 else "")
+                    + ": quantize before pruning, or in the pruning stage (sparsegpt's bits)",
+                    ("stages", index, "method"),
+                )
+
+
+def check_whole_stages(
+    host: PluginHost, stages: list[PlannedStage], model: nn.Module, writer: Writer | None, located: LocatedRecipe
+) -> None:
+    """Each method's :meth:`~compress.method.Method.check_stage`: what needs the whole plan."""
+    modules = dict(model.named_modules())
+    for index, stage in enumerate(stages):
+        try:
+            stage.method.check_stage(host.methods(), {n: modules[n] for n in stage.target_names}, writer)
+        except UserError as error:
+            message = f"{error.where}: {error.message}" if error.where else error.message
+            raise located.error(message, ("stages", index)) from None
 
 
 def data_error(located: LocatedRecipe, name: str, error: UserError) -> UserError:
@@ -195,9 +244,12 @@ def check_data_tokens(
             raise data_error(located, name, error) from None
 
 
-def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> CheckedRecipe:
-    """Validate a recipe completely without reading weights; raise a located UserError."""
-    recipe, located = load_recipe(path)
+def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool = True) -> CheckedRecipe:
+    """Validate a recipe (a file, or one already parsed, e.g. with ``--set`` overrides applied)
+    completely without reading weights; raise a located UserError."""
+    located = source if isinstance(source, LocatedRecipe) else parse_recipe_file(source)
+    recipe = validate_recipe(located)
+    path = located.path
     try:
         check_device(recipe.run.device)
     except UserError as error:
@@ -280,18 +332,30 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
             )
         if task not in metrics[spec.metric].tasks:
             raise located.error(f"metric {spec.metric!r} does not apply to a {task} model", ("evaluate", index))
-        if spec.data not in recipe.data:
+        if metrics[spec.metric].reads_data and spec.data not in recipe.data:
             raise located.error(
                 f"metric {spec.metric!r} reads data {spec.data!r}, which data: lacks", ("evaluate", index)
             )
         params_class = metrics[spec.metric].Params
+        # the parameters' place: under the metric's name in the {METRIC: {...}} shorthand
+        entry = (
+            ("evaluate", index, spec.metric)
+            if ("evaluate", index, spec.metric) in located.marks
+            else ("evaluate", index)
+        )
         try:
-            params_class.model_validate(spec.params)
+            metric_params = params_class.model_validate(spec.params)
         except ValidationError as error:
-            raise pydantic_error(error, located, ("evaluate", index), [*params_class.model_fields, "data"]) from None
+            raise pydantic_error(error, located, entry, [*params_class.model_fields, "data"]) from None
+        try:
+            metrics[spec.metric](metric_params).check(recipe.data.get(spec.data), recipe.data, config)
+        except UserError as error:
+            key = (*entry, error.where) if error.where in spec.params else entry
+            raise located.error(error.message, key) from None
 
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
+    check_zeros_kept(stages, located)
     if writer is not None:
         check_format_holds(writer, stages, skeleton, located)
         quantized = {
@@ -304,5 +368,6 @@ def check_recipe(host: PluginHost, path: Path, overwrite: bool = True) -> Checke
             )
         except UserError as error:
             raise located.error(f"output directory {error.where}: {error.message}", ("output", "dir")) from None
+    check_whole_stages(host, stages, skeleton, writer, located)
     check_data_tokens(loader, recipe, located, sources, config, task)  # the slowest check comes last
     return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options)

@@ -5,7 +5,7 @@ A random-weight model with Llama-3-8B's published shape (hidden 4096, intermedia
 embeddings) in bf16 is quantized with the ``rtn`` method (4 bits, symmetric, groups of
 128, every Linear except lm_head) by ``compress.engine.run_stages``, once with
 ``run.mode: sequential`` and once with ``run.mode: whole``. For each mode the script
-reports what ``run_stages`` records in ``report.totals`` (wall time, peak GPU memory,
+reports what ``run_stages`` records in ``report.phases["stages"]`` (wall time, peak GPU memory,
 peak host memory, the moves of the whole model included), the stage's own time, and the
 time before and after the stage inside ``run_stages`` (in whole mode: the move of the
 model to the GPU and the copy back into its host tensors), from a plugin that observes
@@ -169,7 +169,7 @@ def run_mode(args) -> dict:
     begin = time.perf_counter()
     run_stages(context, checked)  # whole mode: moves the model to the device and back itself
     finish = time.perf_counter()
-    totals = context.report.totals
+    totals = context.report.phases["stages"]
     record = context.report.stages[0]
     errors = [layer["relative_error"] for layer in record.layers.values()]
     to_device, to_host = clock.start - begin, finish - clock.end

@@ -179,7 +179,7 @@ def graph_check(device: torch.device) -> dict:
 
 def hessian_check(device: torch.device) -> float:
     """Largest difference between bf16-product and float32-product Hessians, relative to the largest entry."""
-    from compress_gptq.hessian import collect_hessians
+    from compress.hessian import collect_hessians
 
     generator = torch.Generator().manual_seed(1)
     layer = torch.nn.Linear(1024, 256).to(device, torch.bfloat16)
@@ -246,7 +246,7 @@ def run_ours(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     run_stages(context, checked)
-    totals = context.report.totals
+    totals = context.report.phases["stages"]
     record = context.report.stages[0]
     layers = record.layers
 

@@ -9,7 +9,12 @@ with
   bit width (``output: null``, no ``evaluate:``), checked with
   ``compress.validate.check_recipe`` and run with ``compress.engine.apply_recipe``:
   ``rtn``, ``kl_ptq`` (data-free), ``gptq`` and ``kl_ptq`` then ``gptq`` with
-  ``grid: inherit``;
+  ``grid: inherit``. kl_ptq runs at equal storage: ``bits_per_weight`` = bits + 16/64, the
+  exact figure of rtn and gptq at groups of 64 (4.25 at W4), with its default outlier
+  fractions as candidates; at groups of 64 that budget admits no outliers (a clipped grid
+  chosen by the KL criterion), so ``kl_ptq-g192`` (and ``kl_ptq-g192+gptq``) put the same
+  budget into groups of 192 (bits + 0.083) plus the outliers that fit;
+  ``--klptq-clips`` narrows the clip-ratio grid for slow machines;
 * LLM Compressor, installed in a separate virtual environment (``--lc-python``):
   ``oneshot`` with ``GPTQModifier`` and with ``QuantizationModifier`` (round-to-nearest,
   min-max observer) on the same model directory, the same targets and the same
@@ -36,6 +41,8 @@ Usage::
 
     python -m scripts.bench_ptq --lc-python /work/venv-lc/bin/python
     python -m scripts.bench_ptq --configs rtn,gptq --bits 4 --calib-samples 4 --eval-samples 1  # quick check
+    python -m scripts.bench_ptq --device cuda --calib-samples 128 --eval-samples 16 \
+        --configs rtn,kl_ptq,kl_ptq-g192,gptq,kl_ptq+gptq,kl_ptq-g192+gptq   # our methods on a GPU
 
 LLM Compressor's children run ``python -m scripts.bench_ptq`` with the other venv's
 interpreter from the repository root: this module imports only the standard library at
@@ -65,7 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 TARGET_REGEX = r"re:.*(q|k|v|o|gate|up|down)_proj$"
 GROUP_SIZE = 64
-OURS = ("rtn", "kl_ptq", "gptq", "kl_ptq+gptq")
+OURS = ("rtn", "kl_ptq", "gptq", "kl_ptq+gptq", "kl_ptq-g192", "kl_ptq-g192+gptq")
+WIDE_GROUP = 192
+"""Group size of the kl_ptq-g192 configurations (divides SmolLM2's widths 576 and 1536)."""
 LLMC = ("llmc-rtn", "llmc-gptq")
 CONFIGS = OURS + LLMC
 CODE_FILES = ("textwrap.py", "functools.py", "argparse.py", "json/decoder.py", "collections/__init__.py")
@@ -92,15 +101,17 @@ def log_probs(model, window):
 
 
 def evaluate_windows(model, windows, reference):
-    """Perplexity and mean KL(reference ‖ model) over windows; reference: list of log-prob tensors."""
-    nll, kl, tokens = 0.0, 0.0, 0
+    """Perplexity, mean KL(reference ‖ model) and top-1 agreement with the reference over windows;
+    reference: list of log-prob tensors."""
+    nll, kl, agree, tokens = 0.0, 0.0, 0, 0
     for window, ref in zip(windows, reference):
         lp = log_probs(model, window)
         labels = window[1:].view(-1, 1)
         nll += -lp.gather(-1, labels).sum().item()
         kl += (ref.exp() * (ref - lp)).sum().item()
+        agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
         tokens += labels.numel()
-    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens, "tokens": tokens}
+    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
 
 
 class RSSSampler:
@@ -152,17 +163,20 @@ def save_targets(model, path: Path) -> int:
 # --------------------------------------------------------------------------- our methods (child)
 
 
-def recipe_text(config: str, bits: int, calib: dict) -> str:
+def recipe_text(config: str, bits: int, calib: dict, clips: str | None = None, device: str = "cpu") -> str:
     stages = []
-    calibration = config in ("gptq", "kl_ptq+gptq")
-    common = f'    targets: ["{TARGET_REGEX}"]\n    bits: {bits}\n    group_size: {GROUP_SIZE}\n    symmetric: true\n'
+    calibration = config.endswith("gptq")
+    group = WIDE_GROUP if config.startswith("kl_ptq-g192") else GROUP_SIZE
+    common = f'    targets: ["{TARGET_REGEX}"]\n    bits: {bits}\n    group_size: {group}\n    symmetric: true\n'
     if config == "rtn":
         stages.append("  - method: rtn\n" + common)
-    if config in ("kl_ptq", "kl_ptq+gptq"):
-        stages.append("  - method: kl_ptq\n" + common + "    outlier_fraction: 0.01\n    outlier_bits: 8\n")
-    if config in ("gptq", "kl_ptq+gptq"):
+    if config.startswith("kl_ptq"):
+        budget = bits + 16 / GROUP_SIZE  # rtn's and gptq's exact storage at groups of GROUP_SIZE
+        clip = f"    clip_ratios: [{clips}]\n" if clips else ""
+        stages.append("  - method: kl_ptq\n" + common + f"    bits_per_weight: {budget}\n    outlier_bits: 8\n" + clip)
+    if calibration:
         extra = "".join(f"    {k}: {str(v).lower()}\n" for k, v in GPTQ_SETTINGS.items())
-        grid = "    grid: inherit\n" if config == "kl_ptq+gptq" else ""
+        grid = "    grid: inherit\n" if config.startswith("kl_ptq") else ""
         stages.append("  - method: gptq\n" + common + extra + grid)
     data = ""
     if calibration:
@@ -173,7 +187,7 @@ def recipe_text(config: str, bits: int, calib: dict) -> str:
     return (
         f"model: {{name: {model_dir()}, dtype: float32}}\n{data}stages:\n"
         + "".join(stages)
-        + "output: null\nrun: {device: cpu, mode: sequential}\n"
+        + f"output: null\nrun: {{device: {device}, mode: sequential}}\n"
     )
 
 
@@ -188,11 +202,11 @@ def run_ours(args) -> dict:
     host = PluginHost()
     host.load_plugins()
     recipe = Path(args.scratch) / f"{args.child}-w{args.bits}.yaml"
-    recipe.write_text(recipe_text(args.child, args.bits, json.loads(args.calib)))
+    recipe.write_text(recipe_text(args.child, args.bits, json.loads(args.calib), args.klptq_clips, args.device))
     checked = check_recipe(host, recipe)
     with RSSSampler() as total:
         context = apply_recipe(host, checked)
-    totals = context.report.totals
+    totals = context.report.phases["stages"]
     result = {
         "config": args.child,
         "bits": args.bits,
@@ -203,12 +217,14 @@ def run_ours(args) -> dict:
         "peak_rss_bytes": totals["peak_host_bytes"],
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    result["effective_bits"] = args.bits + 16 / GROUP_SIZE  # codes and fp16 scales; kl_ptq's own figure below
     for record in context.report.stages:
         layers = list(record.layers.values())
         if record.method == "kl_ptq" and layers:
             sizes = [context.model.get_submodule(n).weight.numel() for n in record.layers]
             result["effective_bits"] = sum(l["effective_bits"] * s for l, s in zip(layers, sizes)) / sum(sizes)
             result["outlier_fraction"] = sum(l["outlier_fraction"] * s for l, s in zip(layers, sizes)) / sum(sizes)
+            result["clip_ratio_mean"] = sum(l["clip_ratio"] for l in layers) / len(layers)
         if record.method == "gptq" and layers:
             result["gptq_objective_mean"] = sum(l["objective"] for l in layers) / len(layers)
             result["gptq_rtn_objective_mean"] = sum(l["rtn_objective"] for l in layers) / len(layers)
@@ -273,6 +289,7 @@ def run_llmc(args) -> dict:
     return {
         "config": args.child,
         "bits": args.bits,
+        "effective_bits": args.bits + 16 / GROUP_SIZE,
         "llmcompressor_modifier": repr(modifier)[:2000],
         "quantize_seconds": usage.seconds,  # oneshot() only
         "peak_rss_bytes": usage.peak,
@@ -344,8 +361,9 @@ def fmt_row(r: dict) -> str:
     def f(key, spec):
         return format(r[key], spec) if r.get(key) is not None else "–"
 
-    bits = "fp32" if r["config"] == "full precision" else f"W{r['bits']} g{GROUP_SIZE}"
-    eff = f"{r['effective_bits']:.2f}" if r.get("effective_bits") else "–"
+    group = WIDE_GROUP if r["config"].startswith("kl_ptq-g192") else GROUP_SIZE
+    bits = "fp32" if r["config"] == "full precision" else f"W{r['bits']} g{group}"
+    eff = f"{r['effective_bits']:.4f}" if r.get("effective_bits") else "–"
     return (
         f"| {r['config']} | {bits} | {eff} | {f('wiki_ppl', '.2f')} | {f('wiki_kl', '.4f')} | {f('code_ppl', '.3f')} "
         f"| {f('code_kl', '.4f')} | {f('quantize_seconds', '.1f')} "
@@ -374,6 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="where our methods run (evaluation stays on the CPU)")
+    parser.add_argument("--klptq-clips", default=None, help="kl_ptq clip ratios, comma-separated (default: its grid)")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     for hidden in ("--scratch", "--weights", "--result", "--calib", "--windows"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -438,6 +458,9 @@ def main(argv=None) -> int:
                 str(scratch / "calib.pt"),
                 "--threads",
                 str(args.threads),
+                "--device",
+                args.device,
+                *(["--klptq-clips", args.klptq_clips] if args.klptq_clips else []),
             ]
             t0 = time.perf_counter()
             code = subprocess.run(command, cwd=ROOT, check=False).returncode

@@ -101,9 +101,10 @@ def random_model(config, seed: int, threads: int):
     return model
 
 
-def plugin_host(method: str):
-    """A host with the installed plugins and the built-in plugin of ``method`` (registered by
-    hand where no distribution is installed, hence no entry points)."""
+def plugin_host(method: str, package: str | None = None):
+    """A host with the installed plugins and the built-in plugin of ``method`` (its package,
+    ``compress_<method>`` unless given, registered by hand where no distribution is
+    installed, hence no entry points)."""
     import importlib
 
     from compress.host import PluginHost
@@ -111,7 +112,8 @@ def plugin_host(method: str):
     host = PluginHost()
     host.load_plugins()
     if method not in host.methods():
-        host.register(importlib.import_module(f"compress_{method}"), name=method)
+        package = package or f"compress_{method}"
+        host.register(importlib.import_module(package), name=package.removeprefix("compress_"))
     return host
 
 

@@ -14,6 +14,7 @@ from compress.data import ChatSource, JsonLinesSource, TextFileSource, collate, 
 from compress.errors import UserError
 from compress.recipe import DataSpec
 from tests.conftest import WIKITEXT_VALID
+from tests.models import tiny_vit_config
 from tests.test_bad_input import assert_user_error, run_cli
 
 CHAT = [
@@ -173,19 +174,11 @@ def test_bad_answer_options_fail_at_recipe_check(entry, message, write_recipe, t
 
 
 def test_capture_feeds_pixel_values_to_an_image_model():
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     from compress.sequential import capture_block_inputs, find_blocks, hidden_states
 
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
+    config = tiny_vit_config(patch_size=4, num_labels=3)
     model = ViTForImageClassification(config).eval()
     samples = [{"pixel_values": torch.rand(3, 16, 16), "labels": torch.tensor(index)} for index in range(3)]
     blocks_name, blocks = find_blocks(model)

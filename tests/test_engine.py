@@ -17,6 +17,7 @@ from compress.engine import apply_recipe
 from compress.method import BlockMethod
 from compress.validate import check_recipe
 from tests.conftest import WIKITEXT_TEST
+from tests.models import tiny_vit_config
 
 
 def run(host, path: Path):
@@ -152,17 +153,10 @@ def test_encoder_embedding_cosine(host, minilm_dir, tmp_path):
 
 def test_image_classifier_data_free_round_trip(host, tmp_path):
     """A ViT classifier (random weights: only the engine and IO paths are under test here)."""
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+    from transformers import AutoModelForImageClassification, ViTForImageClassification
 
-    config = ViTConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        image_size=32,
-        patch_size=8,
-        num_labels=10,
-        architectures=["ViTForImageClassification"],
+    config = tiny_vit_config(
+        hidden_size=64, intermediate_size=128, image_size=32, num_labels=10, architectures=["ViTForImageClassification"]
     )
     source = tmp_path / "vit"
     ViTForImageClassification(config).save_pretrained(source)
@@ -306,6 +300,22 @@ def test_gptq_compresses_lm_head_after_the_blocks(run_recipe, mode):
     assert torch.equal(context.layers["lm_head"].quant.fake_quantize(weight), weight)
 
 
+def test_a_tied_lm_head_is_untied_before_it_is_quantized(run_recipe, tiny_model_dir):
+    """The embedding keeps its weights; the written checkpoint reloads untied, with the quantized head."""
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert original.lm_head.weight is original.model.embed_tokens.weight
+    stage = {"method": "rtn", "bits": 4, "group_size": 32, "targets": ["lm_head"], "ignore": []}
+    result = run_recipe({"stages": [stage], "output": {"dir": "out"}})
+    model = result.context.model
+    assert result.context.report.stages[0].details["untied"] == ["lm_head"]
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert not torch.equal(model.lm_head.weight, original.lm_head.weight)
+    written = AutoModelForCausalLM.from_pretrained(result.output)
+    assert written.lm_head.weight is not written.model.embed_tokens.weight
+    assert torch.equal(written.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(written.model.embed_tokens.weight, original.model.embed_tokens.weight)
+
+
 def record_streams_without_a_recipe(model, targets: list[str], samples: list[dict]) -> None:
     """Run ``record-streams`` on ``targets`` of ``model`` through ``compress_blocks`` itself."""
     import types
@@ -342,13 +352,10 @@ def test_a_target_the_forward_pass_never_reaches_is_refused_naming_it(tiny_model
 
 def test_a_vit_classifier_gets_the_class_token_after_the_final_norm():
     """The head of an image classifier pools inside the model's forward: the captured input is what it pools."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8
-    )
-    model = ViTForImageClassification(config).eval()
+    model = ViTForImageClassification(tiny_vit_config()).eval()
     samples = [{"pixel_values": torch.randn(3, 16, 16), "labels": torch.tensor(1)} for _ in range(3)]
     record_streams_without_a_recipe(model, ["classifier"], samples)
     seen = []

@@ -18,6 +18,7 @@ from compress.images import Accuracy, Agreement, ClassKL, ImageFolder, ImageFold
 from compress.recipe import DataSpec
 from compress.sequential import find_blocks
 from compress.validate import check_recipe
+from tests.models import tiny_vit_config
 
 CLASSES = ["cat", "dog", "frog"]
 PER_CLASS = 6
@@ -69,17 +70,9 @@ LABELS = {"id2label": dict(enumerate(CLASSES)), "label2id": {name: i for i, name
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-layer ViT for 32x32 images, patches of 8, width 32 (about 30k parameters)."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        **LABELS,
-    )
+    config = tiny_vit_config(image_size=32, **LABELS)
     torch.manual_seed(0)
     return save_classifier(ViTForImageClassification(config), tmp_path_factory.mktemp("vit"))
 
@@ -164,20 +157,12 @@ def test_a_tokenizer_is_not_an_image_processor(tmp_path, image_dir, tiny_model_d
 
 
 def test_a_checkpoint_without_image_processor_gets_the_default(tmp_path, image_dir):
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     from compress.checkpoint.loaders import DirectoryLoader
     from compress.recipe import ModelSpec
 
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        **LABELS,
-    )
+    config = tiny_vit_config(hidden_size=16, num_hidden_layers=1, intermediate_size=32, **LABELS)
     save_classifier(ViTForImageClassification(config), tmp_path / "bare", processor=False)
     loaded = DirectoryLoader().load(ModelSpec(name=str(tmp_path / "bare")))
     samples = ImageFolderSource().load(spec(image_dir, samples=3), loaded.tokenizer)
@@ -211,8 +196,8 @@ def test_image_metrics_by_hand():
 
 
 def test_conv_input_rows_times_the_weight_matrix_is_the_convolution():
+    from compress.hessian import input_rows
     from compress.quant import weight_matrix
-    from compress_gptq.hessian import input_rows
 
     conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=2, bias=False)
     x = torch.randn(2, 3, 9, 9)

@@ -25,12 +25,13 @@ from compress.checkpoint.builtin import BUILTIN_MODELS, BuiltinLoader
 from compress.checkpoint.loaders import (
     DirectoryLoader,
     GGUFLoader,
-    HubCacheLoader,
+    HubLoader,
     infer_task,
     meta_model,
 )
 from compress.errors import UserError
 from compress.recipe import ModelSpec
+from tests.models import tiny_vit_config
 
 TEXT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -288,18 +289,9 @@ def test_meta_model_matches_real_encoder(minilm_dir: Path) -> None:
 
 
 def test_meta_model_image_classifier() -> None:
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=10,
-        architectures=["ViTForImageClassification"],
-    )
+    config = tiny_vit_config(image_size=32, num_labels=10, architectures=["ViTForImageClassification"])
     skeleton = meta_model(config, infer_task(config))
     assert isinstance(skeleton, ViTForImageClassification)
     assert all(p.is_meta for p in skeleton.parameters())
@@ -511,22 +503,20 @@ def hub_cache(tmp_path: Path, tiny_lm_dir: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_hub_cache_claims(tiny_lm_dir: Path) -> None:
-    loader = HubCacheLoader()
+    loader = HubLoader()
     assert loader.claims(spec(REPO_ID))
     for other in ("smollm2-135m-instruct", "a/b/c", "/org/name", "org/", str(tiny_lm_dir), "model.gguf"):
         assert not loader.claims(spec(other)), other
 
 
-@pytest.mark.parametrize("offline", ["0", "1"])
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "COMPRESS_NO_DOWNLOAD"])
 def test_hub_cache_loads_cached_snapshot(
-    offline: str, hub_cache: Path, tiny_loaded, monkeypatch: pytest.MonkeyPatch
+    switch: str, hub_cache: Path, tiny_loaded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import huggingface_hub.constants
     from transformers import LlamaForCausalLM
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
-    loader = HubCacheLoader()
+    monkeypatch.setenv(switch, "1")  # downloads from the Hub are tested in tests/test_hub_models.py
+    loader = HubLoader()
     config, task = loader.load_config(spec(REPO_ID))
     assert task == "causal-lm" and config.num_hidden_layers == 2
     loaded = loader.load(spec(REPO_ID))
@@ -539,28 +529,25 @@ def test_hub_cache_loads_cached_snapshot(
 
 
 def test_hub_cache_is_found_by_the_host(hub_cache: Path, host) -> None:
-    assert host.loader_for(spec(REPO_ID)).name == "hub-cache"
+    assert host.loader_for(spec(REPO_ID)).name == "hub"
 
 
-@pytest.mark.parametrize("offline", ["0", "1"])
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "COMPRESS_NO_DOWNLOAD"])
 @pytest.mark.parametrize(
     ("repo_id", "revision"),
     [("compress-tests/not-cached", None), (REPO_ID, "no-such-branch")],
     ids=["unknown-id", "unknown-revision"],
 )
 def test_hub_cache_never_downloads(
-    repo_id: str, revision, offline: str, hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+    repo_id: str, revision, switch: str, hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
-    loader = HubCacheLoader()
+    monkeypatch.setenv(switch, "1")
+    loader = HubLoader()
     assert loader.claims(spec(repo_id))
     for call in (loader.load_config, loader.load):
-        with pytest.raises(UserError, match="never downloads") as raised:
+        with pytest.raises(UserError, match=f"{switch} is set and it is not in the local Hugging Face cache") as raised:
             call(spec(repo_id, revision=revision))
-        assert raised.value.where == repo_id
+        assert raised.value.where == (f"{repo_id}@{revision}" if revision else repo_id)
     assert not (hub_cache / "models--compress-tests--not-cached").exists()
 
 

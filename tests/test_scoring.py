@@ -10,6 +10,7 @@ import torch
 
 from compress.errors import UserError
 from compress.scoring import Scorer
+from tests.models import tiny_vit_config
 
 RTN_W3 = {"stages": [{"method": "rtn", "bits": 3, "group_size": 32}], "evaluate": ["kl", "top1"]}
 
@@ -83,19 +84,10 @@ def test_bad_scorer_arguments_are_refused_in_one_line(run_recipe, arguments, mes
 
 
 def tiny_vit():
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-        num_labels=5,
-    )
-    return ViTForImageClassification(config).eval()
+    return ViTForImageClassification(tiny_vit_config(num_labels=5)).eval()
 
 
 def test_an_image_classifier_scores_as_its_evaluation(compress_host):

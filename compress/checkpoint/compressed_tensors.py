@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compress.checkpoint import WriterCapabilities, WriterOptions
+from compress.checkpoint import WriterCapabilities
+from compress.checkpoint.dtypes import StoredDtypeOptions, cast_floating, record_dtype, stored_dtype
 from compress.errors import UserError
 
 if TYPE_CHECKING:
@@ -140,8 +141,8 @@ def quantization_config(model: nn.Module, schemes: dict[str, Schemes]):
     )
 
 
-def compress_layer(weight: torch.Tensor, grid: QuantGrid, scheme) -> dict[str, torch.Tensor]:
-    """The stored tensors of one Linear weight on ``grid`` (local names, no prefix)."""
+def compress_layer(weight: torch.Tensor, grid: QuantGrid, scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The stored tensors of one Linear weight on ``grid`` (local names, no prefix), scales in ``dtype``."""
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -149,7 +150,7 @@ def compress_layer(weight: torch.Tensor, grid: QuantGrid, scheme) -> dict[str, t
     if grid.zero_point is not None:
         local["weight_zero_point"] = grid.zero_point.to(torch.int8)
     packed = compressor.compress(local, scheme)
-    packed["weight_scale"] = packed["weight_scale"].to(weight.dtype)
+    packed["weight_scale"] = packed["weight_scale"].to(dtype)
     return {key: value.contiguous() for key, value in packed.items()}
 
 
@@ -176,19 +177,20 @@ class CompressedTensorsWriter:
     """
 
     name = "compressed-tensors"
-    Options = WriterOptions
+    Options = StoredDtypeOptions
     capabilities = WriterCapabilities(
         weight_bits=frozenset(range(2, 9)),
         granularities=frozenset({"tensor", "channel", "group"}),
         activation_quantization=True,
         sparsity=True,
+        packed_weights=True,
         layer_types=frozenset({"Linear"}),
     )
     # The method's own grids are written: the checkpoint is the in-memory model (exactly for
     # float32 models; up to the bf16/fp16 rounding of the scales otherwise).
     requantizes = False
 
-    def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
+    def write(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
         from compress.checkpoint.sparse import sparsity_config, write_sparsity_config
@@ -207,16 +209,19 @@ class CompressedTensorsWriter:
             for name in (scheme.targets if scheme.targets != ["Linear"] else schemes)
         }
 
+        dtype = stored_dtype(options, model)
         state_dict = model.state_dict()
         for name in schemes:
             state = context.layers[name]
             weight = modules[name].weight
             del state_dict[f"{name}.weight"]
-            stored = compress_layer(weight, state.quant, ct_schemes[name]) | input_qparams(state, weight.dtype)
+            stored = compress_layer(weight, state.quant, ct_schemes[name], dtype) | input_qparams(state, dtype)
             for key, value in stored.items():
                 state_dict[f"{name}.{key}"] = value
+        state_dict = cast_floating(state_dict, dtype)
 
         model.save_pretrained(directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size)
+        record_dtype(directory, dtype)
         ModelCompressor(quantization_config=config).update_config(str(directory))
         if sparsity is not None:
             write_sparsity_config(directory, sparsity)

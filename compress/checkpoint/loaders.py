@@ -1,4 +1,4 @@
-"""Loaders for Hugging Face directories, .gguf files and cached hub ids. No pickle, no network."""
+"""Loaders for Hugging Face directories, .gguf files and Hub ids. No pickle; the Hub only through huggingface_hub."""
 
 from __future__ import annotations
 
@@ -288,37 +288,58 @@ def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
     return plain.eval()
 
 
-class HubCacheLoader:
-    """A hub id (``org/name``) already in the local Hugging Face cache. Never downloads."""
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+"""What a model needs from its Hub repository: config, safetensors weights and their index,
+tokenizer (or image processor) files and the chat template; never pickles, ONNX or GGUF copies,
+nor anything in subfolders."""
+CODE_FILES = ["*.py"]
+"""The architecture's own code, fetched only with ``trust_remote_code: true``."""
 
-    name = "hub-cache"
+
+class HubLoader:
+    """A Hub model id (``org/name``), downloaded into the Hugging Face cache through huggingface_hub.
+
+    ``load_config`` (``compress recipe check``) fetches config.json alone, and the tokenizer files
+    when the data checks need them; ``load`` fetches :data:`MODEL_FILES`. ``HF_HUB_OFFLINE=1`` or
+    ``COMPRESS_NO_DOWNLOAD=1`` restricts it to what the cache holds (:mod:`compress.hub_download`).
+    """
+
+    name = "hub"
     directory_loader = DirectoryLoader()
 
     def claims(self, spec: ModelSpec) -> bool:
-        parts = spec.name.split("/")
-        return len(parts) == 2 and all(parts) and not Path(spec.name).exists()
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
 
-    def _local(self, spec: ModelSpec) -> ModelSpec:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
+        if len(spec.name.split("/")) != 2 or Path(spec.name).exists():
+            return False
         try:
-            directory = snapshot_download(spec.name, revision=spec.revision, local_files_only=True)
-        except (LocalEntryNotFoundError, FileNotFoundError):
-            raise UserError(
-                "not a local path and not in the local Hugging Face cache "
-                "(compress never downloads; fetch it first with `hf download`)",
-                spec.name,
-            ) from None
-        return spec.model_copy(update={"name": directory})
+            validate_repo_id(spec.name)
+        except HFValidationError:
+            return False
+        return True
+
+    def _snapshot(self, spec: ModelSpec, patterns: list[str]) -> ModelSpec:
+        from compress.hub_download import snapshot
+
+        code = CODE_FILES if spec.trust_remote_code else []
+        directory = snapshot(spec.name, "model", spec.revision, [*patterns, *code])
+        if not (directory / "config.json").is_file():
+            raise UserError("not a transformers model: its Hub repository has no config.json", spec.name)
+        return spec.model_copy(update={"name": str(directory)})
 
     def load_config(self, spec: ModelSpec) -> tuple[PretrainedConfig, str]:
-        return self.directory_loader.load_config(self._local(spec))
+        local = self._snapshot(spec, ["config.json"])
+        if any(Path(local.name).glob("*.safetensors")):  # the weights are cached: check them too
+            return self.directory_loader.load_config(local)
+        config = load_hf_config(Path(local.name), spec.trust_remote_code)
+        return config, spec.task or infer_task(config)
 
     def load(self, spec: ModelSpec) -> LoadedModel:
-        loaded = self.directory_loader.load(self._local(spec))
+        loaded = self.directory_loader.load(self._snapshot(spec, MODEL_FILES))
         loaded.base_model = spec.name
         return loaded
 
     def load_tokenizer(self, spec: ModelSpec, config: PretrainedConfig, task: str) -> Any:
-        return self.directory_loader.load_tokenizer(self._local(spec), config, task)
+        tokenizer_files = [pattern for pattern in MODEL_FILES if pattern != "*.safetensors"]
+        return self.directory_loader.load_tokenizer(self._snapshot(spec, tokenizer_files), config, task)

@@ -11,37 +11,41 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
-from compress.checkpoint import Writer, WriterCapabilities, WriterOptions
+from compress.checkpoint import Writer, WriterCapabilities
 from compress.checkpoint.atomic import atomic_directory, prepare_parent, remove_stale
+from compress.checkpoint.dtypes import StoredDtypeOptions, cast_floating, record_dtype, stored_dtype
 from compress.context import Context
 from compress.distributed import is_main_process
 from compress.errors import UserError
 from compress.locks import LockBusy, locked, running_holder
 from compress.modelcard import model_card
+from compress.plots import LOSS_CURVE_FILE, write_loss_curve
 from compress.recipe import OutputSpec
 
 
 @contextmanager
-def output_directory(
-    context: Context, writer: Writer, options: BaseModel, recipe_file: Path, overwrite: bool
-) -> Iterator[Path]:
-    """Write the checkpoint with ``writer`` into a staging directory and yield it.
+def output_directory(context: Context, writer: Writer, recipe_text: str, overwrite: bool) -> Iterator[Path]:
+    """Yield the staging directory of the run's output, for the caller to write the checkpoint
+    into with ``writer`` (and read it back, for evaluation).
 
-    The caller may read the checkpoint back (evaluation); afterwards recipe.yaml,
-    report.json and the model card are added, with the report as it is then, and the
-    directory is renamed into place. Nothing appears if anything raises.
+    Afterwards recipe.yaml (``recipe_text``, the recipe as run), the stages' files,
+    report.json, the loss-curve plot (when a stage trained) and the model card are added,
+    with the report as it is then, and the directory is renamed into place. Nothing appears
+    if anything raises.
     """
     output = context.recipe.output
     assert output is not None
     with atomic_directory(output.dir, overwrite=overwrite) as staging:
-        writer.write(context, staging, options)
         yield staging
-        shutil.copyfile(recipe_file, staging / "recipe.yaml")
-        (staging / "report.json").write_text(json.dumps(context.report.to_json(), indent=2) + "\n")
-        model_card(context, writer, recipe_file.read_text()).save(staging / "README.md")
+        (staging / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        for name, content in context.files.items():
+            (staging / name).write_bytes(content)
+        report = context.report.to_json()
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_loss_curve(report["stages"], staging / LOSS_CURVE_FILE)
+        model_card(context, writer, recipe_text).save(staging / "README.md")
 
 
 def writable_place(target: Path) -> Path:
@@ -159,11 +163,11 @@ class DenseWriter:
     """
 
     name = "dense"
-    Options = WriterOptions
+    Options = StoredDtypeOptions
     capabilities = WriterCapabilities(sparsity=True, outliers=True)
     requantizes = False
 
-    def write(self, context: Context, directory: Path, options: WriterOptions) -> None:
+    def write(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
         from compress.checkpoint.sparse import sparse_layers
 
         model = context.model
@@ -172,7 +176,10 @@ class DenseWriter:
             from compress.checkpoint.sparse import sparsity_config
 
             sparsity = sparsity_config(model, context.layers)
-        model.save_pretrained(directory, max_shard_size=context.recipe.output.max_shard_size)
+        dtype = stored_dtype(options, model)
+        state_dict = cast_floating(model.state_dict(), dtype)
+        model.save_pretrained(directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size)
+        record_dtype(directory, dtype)
         if sparsity is not None:
             from compress.checkpoint.sparse import write_sparsity_config
 

@@ -1,5 +1,6 @@
 from compress import hookimpl
 from compress.data import ChatSource, JsonLinesSource, TextFileSource
+from compress.hub_data import HubDataSource
 from compress.images import ImageFolderSource
 
 
@@ -9,3 +10,4 @@ def compress_register_data_sources(register):
     register(JsonLinesSource())
     register(ChatSource())
     register(ImageFolderSource())
+    register(HubDataSource())

@@ -1,6 +1,6 @@
 from compress import hookimpl
 from compress.checkpoint.builtin import BuiltinLoader
-from compress.checkpoint.loaders import DirectoryLoader, GGUFLoader, HubCacheLoader
+from compress.checkpoint.loaders import DirectoryLoader, GGUFLoader, HubLoader
 
 
 @hookimpl
@@ -8,4 +8,4 @@ def compress_register_loaders(register):
     register(BuiltinLoader())
     register(GGUFLoader())
     register(DirectoryLoader())
-    register(HubCacheLoader())
+    register(HubLoader())

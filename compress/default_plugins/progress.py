@@ -1,4 +1,9 @@
-"""Progress bars while stages run, and the summary tables at the end of a run."""
+"""The console of ``compress apply``: a line as each phase starts and ends (load, stages, write,
+evaluation), progress bars while stages run, and the summary tables at the end of a run.
+
+Bars are removed when done and a line takes their place, so the console keeps a record of
+every phase with its time, and no phase runs without a line saying what is happening.
+"""
 
 import sys
 
@@ -10,6 +15,33 @@ from compress import hookimpl
 
 console = Console(stderr=True)
 _bars: dict[int, tqdm] = {}
+
+
+@hookimpl
+def compress_run_start(context):
+    model, load = context.report.model, context.report.phases["load"]
+    console.print(
+        f"loaded {model['name']} ({model['parameters'] / 1e6:,.1f}M parameters, {model['dtype']}) "
+        f"in {load['seconds']:.1f} s"
+    )
+
+
+@hookimpl
+def compress_phase_start(context, phase):
+    output = context.recipe.output
+    if phase == "write":
+        console.print(f"writing {output.dir} ({output.format})")
+    elif phase == "evaluation":
+        metrics = ", ".join(spec.metric for spec in context.recipe.evaluate)
+        if metrics:
+            console.print(f"evaluating {metrics}")
+
+
+@hookimpl
+def compress_phase_end(phase, usage):
+    state = "interrupted after" if usage.get("interrupted") else "done in"
+    device = f", peak device {gib(usage['peak_device_bytes'])} GiB" if usage["peak_device_bytes"] else ""
+    console.print(f"{phase}: {state} {usage['seconds']:.1f} s (peak host {gib(usage['peak_host_bytes'])} GiB{device})")
 
 
 @hookimpl
@@ -48,6 +80,7 @@ def compress_stage_end(stage, record):
     bar = _bars.pop(id(stage), None)
     if bar is not None:
         bar.close()
+    console.print(f"{stage.label}: {len(record.layers)} layers in {record.seconds:.1f} s")
 
 
 @hookimpl
@@ -76,19 +109,20 @@ def compress_run_end(context):
             gib(record.peak_host_bytes),
             gib(record.peak_device_bytes),
         )
-    totals = context.report.totals
-    if totals:
+    all_stages = context.report.phases.get("stages")
+    if all_stages:
         stages.add_row(
             "",
             "all stages",
             "",
             "",
-            f"{totals['seconds']:.1f}",
-            gib(totals["peak_host_bytes"]),
-            gib(totals["peak_device_bytes"]),
+            f"{all_stages['seconds']:.1f}",
+            gib(all_stages["peak_host_bytes"]),
+            gib(all_stages["peak_device_bytes"]),
             style="bold",
         )
     console.print(stages)
+    console.print(phases_table(context.report))
     for record in context.report.stages:
         curve = record.details.get("loss_curve")
         if curve:
@@ -100,6 +134,24 @@ def compress_run_end(context):
         console.print(evaluation_table(context.report.evaluation))
     if context.recipe.output is not None:
         console.print(f"wrote {context.recipe.output.dir}")
+
+
+def phases_table(report):
+    """Each phase of the run with its time and peak memory, and the run's total."""
+    table = Table(title="run")
+    for column in ("phase", "time (s)", "peak host (GiB)", "peak device (GiB)"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    rows = [*report.phases.items(), ("total", report.totals)]
+    for name, usage in rows:
+        label = f"{name} (interrupted)" if usage.get("interrupted") else name
+        table.add_row(
+            label,
+            f"{usage['seconds']:.1f}",
+            gib(usage["peak_host_bytes"]),
+            gib(usage["peak_device_bytes"]),
+            style="bold" if name == "total" else None,
+        )
+    return table
 
 
 def evaluation_table(evaluation):

@@ -66,10 +66,10 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
-RESUMABLE_PARAMETERS = ("log_every", "eval_every", "checkpoint_every", "steps")
+RESUMABLE_PARAMETERS = ("log_every", "eval_every", "checkpoint_every", "steps", "report_to", "logging_dir")
 """Parameters of the resumed stage that ``--resume`` accepts changed: how often it logs,
-evaluates and checkpoints, and how many steps it runs (extending a run; the schedule then
-spans the new total)."""
+evaluates and checkpoints, how many steps it runs (extending a run; the schedule then
+spans the new total), and where it reports."""
 
 
 def resumable_keys(stage_index: int) -> set[str]:
@@ -78,9 +78,12 @@ def resumable_keys(stage_index: int) -> set[str]:
 
 
 def recipe_changes(saved: dict[str, Any], current: dict[str, Any], allowed: set[str] = frozenset()) -> list[str]:
-    """Human-readable differences between two fingerprints, except at the ``allowed`` keys."""
+    """Human-readable differences between two fingerprints, except at the ``allowed`` keys and
+    the keys under them (a list's items, a mapping's keys)."""
     changes = []
-    for key in sorted((saved.keys() | current.keys()) - allowed):
+    for key in sorted(saved.keys() | current.keys()):
+        if any(key == prefix or key.startswith((f"{prefix}[", f"{prefix}.")) for prefix in allowed):
+            continue
         if saved.get(key, "<unset>") != current.get(key, "<unset>"):
             changes.append(f"{key}: {saved.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}")
     return changes

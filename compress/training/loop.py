@@ -6,8 +6,10 @@ rest on accelerate, so one recipe trains the same run on the CPU, one GPU or sev
 config): ``batch_size`` is the global batch of each dataset per optimizer step, split over
 the devices and, past ``micro_batch_size``, accumulated; bf16 autocast over fp32 master
 weights, gradient checkpointing, the straight-through path through layers an earlier stage
-quantized or pruned (:mod:`compress.straight_through`), a learning-rate schedule, gradient
-clipping, evaluation every N steps, checkpoints every N steps and on Ctrl-C, resuming
+quantized or pruned (:mod:`compress.straight_through`), a learning-rate schedule
+(``transformers.get_scheduler``), gradient clipping, evaluation every N steps, experiment
+trackers (``report_to``, :mod:`compress.training.trackers`), library warnings written once
+above the progress bar, checkpoints every N steps and on Ctrl-C, resuming
 (``compress apply --resume``) only with the recipe that wrote the checkpoint, and a stop
 on a NaN or inf loss that names the step.
 
@@ -17,7 +19,6 @@ trained; the rest of the model is frozen.
 
 from __future__ import annotations
 
-import math
 import shutil
 import signal
 import sys
@@ -36,6 +37,7 @@ from compress.context import Context, StageRun
 from compress.data import Sample, collate
 from compress.devices import onloaded
 from compress.errors import UserError
+from compress.library_warnings import warnings_above_the_bar
 from compress.straight_through import straight_through
 from compress.training.checkpoint import (
     CHECKPOINT_STATE,
@@ -46,22 +48,11 @@ from compress.training.checkpoint import (
     resumable_keys,
 )
 from compress.training.method import Batch, TrainingMethod, TrainParams
+from compress.training.trackers import StageTrackers, accelerator_options
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or inf."""
-
-
-def learning_rate_factor(params: TrainParams, step: int) -> float:
-    """The schedule's multiplier of ``lr`` for optimizer step ``step`` (0-based)."""
-    if step < params.warmup_steps:
-        return (step + 1) / params.warmup_steps
-    progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
-    if params.schedule == "linear":
-        return 1.0 - progress
-    if params.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
 
 
 def batch_split(params: TrainParams, devices: int, stage: str) -> tuple[int, int]:
@@ -191,7 +182,9 @@ def train(context: Context, run: StageRun, method: TrainingMethod) -> None:
         low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         precision = "bf16" if context.device.type == "cuda" or low else "no"
     # autocast and accumulation are ours (_Loop): accelerate's are process-wide and tied to one dataloader
-    accelerator = Accelerator(cpu=context.device.type == "cpu", device_placement=False)
+    accelerator = Accelerator(
+        cpu=context.device.type == "cpu", device_placement=False, **accelerator_options(context, run)
+    )
     stage = f"stage {run.stage.label!r}"
     micro, accumulation = batch_split(params, accelerator.num_processes, stage)
     set_seed(context.recipe.run.seed + run.index)
@@ -221,7 +214,12 @@ def train(context: Context, run: StageRun, method: TrainingMethod) -> None:
         if method.straight_through
         else nullcontext(0)
     )
-    with onloaded(model, context.device), fp32_master_weights(trainable), constrain as constrained:
+    with (
+        warnings_above_the_bar(),
+        onloaded(model, context.device),
+        fp32_master_weights(trainable),
+        constrain as constrained,
+    ):
         if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         try:
@@ -294,17 +292,23 @@ class _Loop:
         in_model = {id(p) for p in context.model.parameters()}
         self.extra = [p for p in self.parameters if id(p) not in in_model]
         # the scheduler stays unprepared: accelerate would step it once per process
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: learning_rate_factor(self.params, step)
-        )
+        self.scheduler = self.params.scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(context.model, optimizer)
         self.directory = checkpoint_directory(context, run)
         accelerator.register_for_checkpointing(self.scheduler)
         accelerator.register_for_checkpointing(_Carried(self.extra, context))
         self.state = TrainerState(fingerprint=fingerprint(context, run))
+        self.trackers = StageTrackers(accelerator, context, run)
 
     def run(self) -> None:
         self._resume_or_refuse()
+        self.trackers.start()
+        try:
+            self._train()
+        finally:
+            self.trackers.finish()
+
+    def _train(self) -> None:
         if self.state.step:
             self.context.host.hook.compress_stage_progress(
                 context=self.context,
@@ -315,6 +319,7 @@ class _Loop:
             )
         params, record = self.params, self.run_.record
         started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens
+        self.logged = (started, start_tokens)
         self.model.train()
         if self.directory is None:
             notice = "stopping after this step (no checkpoint: the recipe has no output); Ctrl-C again stops now"
@@ -390,12 +395,19 @@ class _Loop:
             self.state.loss_curve.append((step, value))
             shown = {"loss": round(value, 4), "lr": float(f"{self.scheduler.get_last_lr()[0]:.3g}")}
             shown.update({key: round(float(item), 4) for key, item in logs.items()})
+            shown.update(self.method.log_values(self.context, self.run_, step))
             self.context.host.hook.compress_stage_progress(
                 context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs=shown
             )
+            now, tokens = time.perf_counter(), self.state.tokens
+            rate = (tokens - self.logged[1]) / max(now - self.logged[0], 1e-9)
+            self.logged = (now, tokens)
+            lr = self.scheduler.get_last_lr()[0]
+            self.trackers.log(step, {**shown, "loss": value, "lr": lr, "tokens_per_second": rate})
         if params.eval_every and self.evaluation and (step % params.eval_every == 0 or step == params.steps):
             value = self._evaluate()
             self.state.eval_curve.append((step, value))
+            self.trackers.log(step, {"eval_loss": value})
             self.context.host.hook.compress_stage_progress(
                 context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs={"eval_loss": value}
             )

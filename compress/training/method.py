@@ -7,14 +7,16 @@ rest (optimizer, schedule, global batch and accumulation, devices, checkpoints).
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.data import Batch
-from compress.errors import UserError
+from compress.errors import UserError, one_line
 from compress.method import Method, MethodKind, MethodParams
 
 if TYPE_CHECKING:
@@ -24,6 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["Batch", "TrainParams", "TrainingMethod"]
 
 DataNames = str | dict[str, str] | None
+Schedule = Literal[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "polynomial",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+]
+"""transformers' schedules that need no metric at each step (not reduce_lr_on_plateau, greedy)."""
 
 
 class TrainParams(MethodParams):
@@ -50,8 +65,18 @@ class TrainParams(MethodParams):
     )
     lr: float = Field(1e-5, gt=0, description="peak learning rate (of AdamW unless the method chooses)")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
-    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="decay after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr over this many steps")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="warm-up over this fraction of steps (rounded up); instead of warmup_steps"
+    )
+    schedule: Schedule = Field(
+        "cosine", description="learning-rate schedule after warm-up, transformers.get_scheduler's name"
+    )
+    schedule_kwargs: dict[str, float | int] = Field(
+        {},
+        description="the schedule's own parameters (get_scheduler's scheduler_specific_kwargs), e.g. "
+        "{min_lr_rate: 0.1} for cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null for no clipping")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto",
@@ -69,6 +94,29 @@ class TrainParams(MethodParams):
     checkpoint_every: int | None = Field(
         None, gt=0, description="steps between training checkpoints (also written on Ctrl-C)"
     )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        [],
+        description="experiment trackers (accelerate's) that get loss, lr, tokens_per_second and eval_loss at each "
+        "log point: tensorboard, wandb or both; wandb follows WANDB_MODE (offline) and its other variables",
+    )
+    logging_dir: Path | None = Field(
+        None, description="where the trackers write; default: runs/ next to the output directory"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        from compress.training.trackers import missing_tracker
+
+        refusal = missing_tracker(value)
+        if refusal:
+            raise ValueError(refusal)
+        return value
 
     @model_validator(mode="after")
     def _micro_batch_divides(self) -> TrainParams:
@@ -77,6 +125,39 @@ class TrainParams(MethodParams):
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _schedule_builds(self) -> TrainParams:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.schedule == "constant" and self.warmup:
+            raise ValueError("schedule constant has no warm-up: use constant_with_warmup")
+        try:  # transformers checks the schedule's own parameters when it builds one
+            self.scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"schedule {self.schedule}: {one_line(str(error))}") from None
+        return self
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: ``warmup_steps``, or ``warmup_ratio`` of ``steps`` rounded up (as transformers' Trainer)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.steps)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule over ``steps`` optimizer steps, from ``transformers.get_scheduler``.
+
+        It is a ``LambdaLR`` whose state (the step) checkpoints save; a resumed run with more
+        ``steps`` builds it over the new total and continues at the saved step.
+        """
+        from transformers import get_scheduler
+
+        return get_scheduler(
+            self.schedule,
+            optimizer,
+            num_warmup_steps=self.warmup,
+            num_training_steps=self.steps,
+            scheduler_specific_kwargs=self.schedule_kwargs,
+        )
 
 
 class TrainingMethod(Method):
@@ -98,6 +179,7 @@ class TrainingMethod(Method):
     """Train layers an earlier stage quantized or pruned through their fixed grids and masks
     (:mod:`compress.straight_through`). A method that moves masks or grids itself (SR-STE)
     sets it to False and keeps ``context.layers`` true on its own."""
+    keeps_zeros: ClassVar[bool] = True  # the straight-through estimator keeps an earlier stage's masks
 
     def data_names(self) -> dict[str, str]:
         """The ``data:`` entry each of :attr:`datasets` reads (UserError when ``data`` does not fit them)."""
@@ -180,6 +262,13 @@ class TrainingMethod(Method):
         over the micro-batch: the loop averages micro-steps and devices.
         """
         raise NotImplementedError
+
+    def log_values(self, context: Context, run: StageRun, step: int) -> dict[str, float]:
+        """Values shown beside the loss at each log point (every ``log_every`` steps and the
+        last), computed after that optimizer step on every process (e.g. SR-STE's mask
+        divergence); keep in ``context.state`` what a resumed run needs to continue them.
+        The default: none."""
+        return {}
 
     def finish(self, context: Context, run: StageRun) -> None:
         """Called once after the last step (also after a failure): release what prepare took."""

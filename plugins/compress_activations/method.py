@@ -67,6 +67,7 @@ class ActivationScales(BlockMethod):
 
     name = "activation_scales"
     Params = ActivationScalesParams
+    keeps_zeros = True  # the weights are not changed
 
     def __init__(self, params: ActivationScalesParams) -> None:
         super().__init__(params)

@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al., 2022) as a sequential calibration method: parameters, the
-block-by-block driver and the per-layer report. The Hessians are in ``hessian.py``, the
-solve in ``solve.py``."""
+block-by-block driver and the per-layer report. The Hessians come from the host
+(``compress.api.collect_hessians``), the solve is in ``solve.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from torch import nn
 from compress.api import (
     BlockMethod,
     BlockWork,
+    CandidateOffer,
     Context,
+    Hessian,
     Method,
     OutlierSplit,
     Produces,
@@ -25,11 +27,14 @@ from compress.api import (
     QuantScheme,
     StageRun,
     UserError,
+    collect_hessians,
     compute_grid,
+    h_norms,
+    inverse_factor,
+    quantizer_price,
     weight_matrix,
 )
-from compress_gptq.hessian import Hessian, collect_hessians, h_norms
-from compress_gptq.solve import KernelCache, inverse_factor, output_error, quantize_in_place
+from compress_gptq.solve import KernelCache, output_error, quantize_in_place
 
 
 class GPTQParams(QuantParams):
@@ -128,6 +133,7 @@ class GPTQ(BlockMethod):
     name = "gptq"
     Params = GPTQParams
     supported_modules = (nn.Linear, nn.Conv2d)
+    offers = CandidateOffer({"group_size": [128], "symmetric": [True]}, needs_inputs=True, price=quantizer_price)
 
     def check_layer(self, name: str, module: nn.Module) -> None:
         """Convolutions are solved on their unfolded input patches: plain ones only."""

@@ -4,7 +4,7 @@ Definitions follow the paper and the authors' reference implementation
 (IST-DASLab/gptq, ``gptq.py``):
 
 * dead inputs (``H_jj = 0``): ``H_jj := 1`` and weight column j := 0;
-* dampening ``H += percdamp · mean(diag H) · I``;
+* dampening ``H += percdamp · mean(diag H) · I`` (both in the host's ``inverse_factor``);
 * the upper Cholesky factor ``U`` of ``H⁻¹`` drives the column-by-column quantization, with
   lazy batch updates in column blocks of ``block_size``;
 * group grids are computed when the quantizer reaches the group's first column.
@@ -28,20 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.api import QuantGrid, QuantScheme, UserError, check_group_width, compute_grid
+from compress.api import (
+    InverseFactor,
+    QuantGrid,
+    QuantScheme,
+    UserError,
+    check_group_width,
+    compute_grid,
+    inverse_factor,
+)
 from compress_gptq import fused as fused_loop
-
-
-@dataclass
-class InverseFactor:
-    """``U``, the upper Cholesky factor of the dampened ``H⁻¹``, in the solve's column order."""
-
-    upper: torch.Tensor
-    perm: torch.Tensor | None
-    """Column order (activation ordering), or None for the natural order."""
-    dead: torch.Tensor
-    """bool (in,): inputs that never fire (``H_jj = 0``), natural order."""
-    damp: float
 
 
 @dataclass
@@ -57,40 +53,6 @@ class GPTQResult:
     row_errors: torch.Tensor
     """(out,) Σ over columns of ``((w − q) / U_jj)²``: per row, ``ΔW H_d ΔWᵀ`` with ``H_d`` the
     dampened Hessian (as ΔW = E·U and U H_d Uᵀ = I); twice the reference code's ``Losses``."""
-
-
-def inverse_factor(
-    hessian: torch.Tensor, percdamp: float, act_order: bool, name: str | None = None, *, consume: bool = False
-) -> InverseFactor:
-    """Dead inputs, ordering, dampening and ``U``; ``consume``: ``hessian`` may be overwritten
-    and is released as soon as its Cholesky factor exists (the caller must hold no other
-    reference for the memory to go)."""
-    H = hessian if consume else hessian.detach().float().clone()
-    del hessian
-    if not torch.isfinite(H).all():
-        raise UserError("the calibration activations reaching this layer contain NaN or inf", name)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
-    damp = percdamp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    try:
-        L = torch.linalg.cholesky(H)
-        del H
-        inverse = torch.cholesky_inverse(L, out=L)  # in place: one matrix fewer at the peak
-        del L
-        upper = torch.linalg.cholesky(inverse, upper=True)
-        del inverse
-    except torch.linalg.LinAlgError:
-        raise UserError(
-            f"the dampened Hessian is not positive definite (percdamp {percdamp}); raise percdamp", name
-        ) from None
-    if not torch.isfinite(upper).all():
-        raise UserError(f"the dampened Hessian is singular (percdamp {percdamp}); raise percdamp", name)
-    return InverseFactor(upper, perm, dead, damp.item())
 
 
 @torch.no_grad()
@@ -135,15 +97,9 @@ def gptq_quantize(
 
 
 def output_error(result: GPTQResult, factor: InverseFactor, target: torch.Tensor, rows: slice = slice(None)) -> float:
-    """``tr(ΔW H ΔWᵀ)`` of ``rows`` of the solve (``target``: those rows' weights), with no H.
-
-    ΔW = E·U and U H_d Uᵀ = I give ``ΔW H_d ΔWᵀ = E Eᵀ`` (``row_errors``); the dampening's
-    share ``damp·‖ΔW‖²`` is taken off. Dead columns add nothing: H is zero there.
-    """
-    delta = target.float() - result.weight[rows]
-    delta[:, factor.dead.to(delta.device)] = 0
-    errors, damped = torch.stack([result.row_errors[rows].sum(), delta.square().sum()]).tolist()  # one sync
-    return errors - factor.damp * damped
+    """``tr(ΔW H ΔWᵀ)`` of ``rows`` of the solve (``target``: those rows' weights), with no H
+    (:meth:`compress.api.InverseFactor.output_error`)."""
+    return factor.output_error(result.row_errors[rows], target.float() - result.weight[rows])
 
 
 def _check(W: torch.Tensor, scheme: QuantScheme, name: str | None) -> None:

@@ -1,15 +1,19 @@
+"""kl_ptq: data-free PTQ with adaptive-LASSO outliers and a KL-chosen grid (the method and its layer)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.api import (
     Candidate,
+    CandidateOffer,
     CandidateRequest,
     Context,
     LayerMethod,
@@ -23,30 +27,32 @@ from compress.api import (
     check_group_width,
     compute_grid,
     quantizer_settings,
+    weight_cost,
 )
+from compress_kl_ptq.criterion import check_estimator, weight_kl
+from compress_kl_ptq.storage import least_bits_per_weight, storage_parts
 
-SCALE_BITS = 16
-"""Bits of one stored scale (fp16/bf16), as ``compress_rtn.method.storage_bits`` counts it."""
-ZERO_POINT_BITS = 8
-"""Bits of one stored zero point (int8), asymmetric grids only."""
-DITHER_POINTS = 8
-"""Points per weight with which the histogram estimator spreads a level over its cell."""
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+"""Default shrink factors of the inlier grid's range (1 = round-to-nearest's max-abs range)."""
+BUDGET_FRACTIONS = (0.0, 0.0025, 0.005, 0.01, 0.02)
+"""Outlier fractions searched by default when a ``bits_per_weight`` budget is given."""
 
 
 class KLPTQParams(QuantParams):
     """Parameters of ``kl_ptq``: the inlier grid (per group, or per output channel with
-    ``group_size: null``; the outlier grid has the same granularity) and the outlier split."""
+    ``group_size: null``; the outlier grid has the same granularity), the outlier split, the
+    candidate grids and the storage budget."""
 
     granularities = ("channel", "group")
 
-    outlier_fraction: float | None = Field(
+    outlier_fraction: float | list[float] | None = Field(
         0.01,
-        ge=0.0,
-        lt=0.5,
-        description="Target fraction of weights held apart as outliers. The adaptive-LASSO "
-        "penalty lambda is set so that exactly round(fraction x weights) weights of the layer "
-        "(or of each group, see lambda_scope) pass the soft threshold |w| - lambda/|w| > 0. "
-        "Leave unset (null) when outlier_lambda is given.",
+        description="Fraction of weights held apart as outliers: one value, or a list of candidate "
+        "fractions of which the criterion picks one per layer (among those within bits_per_weight). "
+        "The adaptive-LASSO penalty lambda is set so that exactly round(fraction x weights) weights "
+        "of the layer (or of each group, see lambda_scope) pass the soft threshold "
+        "|w| - lambda/|w| > 0. Default 0.01, or [0, 0.0025, 0.005, 0.01, 0.02] when bits_per_weight "
+        "is given. Leave unset (null) when outlier_lambda is given.",
     )
     outlier_lambda: float | None = Field(
         None,
@@ -66,24 +72,41 @@ class KLPTQParams(QuantParams):
         8,
         ge=2,
         le=8,
-        description="Bits per outlier weight. Outliers get a grid of their own per group "
-        "(scale from the group's outliers only); the default 8 is the mixed precision of AdpQ "
+        description="Bits per outlier weight. Outliers get a round-to-nearest grid of their own per "
+        "group (scale from the group's outliers only); the default 8 is the mixed precision of AdpQ "
         "(salient weights kept at higher precision).",
     )
     outlier_index: Literal["csr", "bitmap"] = Field(
         "csr",
-        description="How the outlier positions are stored, for the effective-bits accounting: "
+        description="How the outlier positions are stored, for the storage accounting: "
         "'csr' = a ceil(log2(in_features))-bit column index per outlier plus a "
         "ceil(log2(in_features+1))-bit outlier count per row; 'bitmap' = one mask bit per weight.",
     )
-    kl_estimator: Literal["gaussian", "laplace", "histogram"] = Field(
-        "gaussian",
-        description="How KL(original || quantized) between the layer's weight distributions is "
-        "measured. 'gaussian' / 'laplace': closed-form KL between fits of the two samples "
-        "(mean/std, or median/mean absolute deviation). 'histogram': nonparametric, on one common "
-        "binning of the layer's range, with each quantization level's mass spread uniformly over "
-        "its cell (the quantized distribution as a density); unreliable when the original weights "
-        "are themselves discrete (e.g. dequantized from a GGUF file).",
+    clip_ratios: list[float] = Field(
+        list(CLIP_RATIOS),
+        min_length=1,
+        description="Candidate shrink factors of each inlier group's range: the inlier grid is "
+        "round-to-nearest's on the group's inliers with its range (max-abs, or min and max when "
+        "asymmetric) multiplied by the factor, so factors below 1 clip the largest inliers. Every "
+        "factor is tried with every outlier fraction; the criterion picks the pair.",
+    )
+    bits_per_weight: float | None = Field(
+        None,
+        gt=0,
+        description="Storage budget per layer, in bits per weight, counting everything stored: codes, "
+        "scales, zero points, outlier codes, outlier scales and outlier positions. Candidates above it "
+        "are not considered; a layer no candidate fits is refused with the nearest achievable figure "
+        "(at recipe check where the shapes decide it).",
+    )
+    kl_estimator: str = Field(
+        "pointwise",
+        description="How KL(original || quantized) is measured (compress_kl_ptq.criterion). "
+        "'pointwise' (default): every weight smoothed by one Gaussian of the layer's weight variance, "
+        "KL between the smoothed joint distributions of (position, value), = mean squared error / "
+        "(2 variance); it penalises rounding and clipping alike. 'gaussian' / 'laplace': closed-form "
+        "KL between fits of the two value distributions; 'histogram': nonparametric KL of the value "
+        "distributions on one common binning (each level spread over its cell). The three marginal "
+        "ones ignore which weight moved and rank grids poorly against output error (docs/benchmarks.md).",
     )
     kl_bins: int = Field(
         1024,
@@ -91,28 +114,42 @@ class KLPTQParams(QuantParams):
         le=65536,
         description="Bins of the common binning used by the histogram estimator.",
     )
-    scale_candidates: int = Field(
-        5,
-        ge=1,
-        le=64,
-        description="Inlier scales tried per layer (symmetric grids): evenly spaced between the "
-        "tightest scale that still keeps every inlier within half a step (it uses both ends of "
-        "the signed code range) and the plain round-to-nearest scale max|w|/(qmax+1/2). The "
-        "one with the smallest KL is kept. 1 = the tightest scale only.",
-    )
 
     @model_validator(mode="before")
     @classmethod
-    def _lambda_replaces_fraction(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("outlier_lambda") is not None and "outlier_fraction" not in data:
+    def _defaults_of_the_fraction(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "outlier_fraction" in data:
+            return data
+        if data.get("outlier_lambda") is not None:
             return {**data, "outlier_fraction": None}
+        if data.get("bits_per_weight") is not None:
+            return {**data, "outlier_fraction": list(BUDGET_FRACTIONS)}
         return data
 
     @model_validator(mode="after")
     def _one_of_fraction_or_lambda(self) -> Self:
         if (self.outlier_fraction is None) == (self.outlier_lambda is None):
             raise ValueError("give exactly one of outlier_fraction and outlier_lambda")
+        if self.outlier_fraction is not None:
+            if not self.fractions():
+                raise ValueError("outlier_fraction: give at least one fraction")
+            if any(not 0 <= f < 0.5 for f in self.fractions()):
+                raise ValueError(f"outlier_fraction: every fraction must be in [0, 0.5), got {self.outlier_fraction}")
+        if any(not 0 < r <= 1 for r in self.clip_ratios):
+            raise ValueError(f"clip_ratios: every ratio must be in (0, 1], got {self.clip_ratios}")
         return self
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_estimator(cls, value: str) -> str:
+        return check_estimator(value)
+
+    def fractions(self) -> list[float]:
+        """The candidate outlier fractions, ascending ([] with a fixed outlier_lambda)."""
+        if self.outlier_fraction is None:
+            return []
+        fractions = self.outlier_fraction if isinstance(self.outlier_fraction, list) else [self.outlier_fraction]
+        return sorted(set(fractions))
 
     def outlier_scheme(self) -> QuantScheme:
         """The outliers' grid: ``outlier_bits`` wide, the inlier grid's granularity."""
@@ -122,65 +159,95 @@ class KLPTQParams(QuantParams):
         """Input columns that share a scale in a layer ``columns`` wide (all of them per channel)."""
         return columns if self.group_size is None else self.group_size
 
+    def least_bits(self, shape: tuple[int, int]) -> tuple[float, float]:
+        """The fewest bits per weight any candidate fraction can take in a layer of ``shape``, and
+        that fraction (see ``least_bits_per_weight``)."""
+        width = self.group_width(shape[1])
+        return min(
+            (
+                least_bits_per_weight(
+                    shape, width, self.bits, self.symmetric, f, self.outlier_bits, self.outlier_index
+                ),
+                f,
+            )
+            for f in self.fractions()
+        )
+
 
 class KLPTQ(LayerMethod):
     """KL-guided statistical pre-calibration (Ghaffari et al., arXiv 2501.09107; AdpQ, arXiv 2405.13358).
 
-    Data-free and weight-adaptive: no calibration data is read. Each layer goes through
-    three steps.
+    Data-free and weight-adaptive: no calibration data is read. The papers' full texts are not
+    available here; what their summaries state is marked (paper), the rest is this
+    implementation's design.
 
-    Outliers by adaptive-LASSO soft thresholding. With the adaptive penalty lambda/|w| per
-    weight, the soft-thresholded weight sign(w)·max(|w| − lambda/|w|, 0) is non-zero exactly
+    Outliers by adaptive-LASSO soft thresholding (paper). With the adaptive penalty lambda/|w|
+    per weight, the soft-thresholded weight sign(w)·max(|w| − lambda/|w|, 0) is non-zero exactly
     when |w| > sqrt(lambda); those weights are the outliers (salient weights), the rest the
     inliers. The threshold only selects: the original values are quantized, not the shrunk
-    ones. lambda comes from a target outlier fraction (outlier_fraction; one lambda per layer
-    by default, since the LASSO problem of the papers has one penalty per weight matrix, or
-    one per group with lambda_scope: group) or is given (outlier_lambda). The count is met
-    exactly: a tie of equal magnitudes at the threshold, which no lambda can split, is split
-    deterministically (by position within a group; in torch.topk's order per layer).
+    ones (design). lambda comes from an outlier fraction (one lambda per layer by default, since
+    the LASSO problem of the papers has one penalty per weight matrix, or one per group with
+    lambda_scope: group) or is given (outlier_lambda). The count is met exactly: a tie at the
+    threshold, which no lambda can split, is split deterministically.
 
     Two grids. Inliers are quantized per group of group_size input columns (per output channel
-    with group_size: null) on a bits-bit grid whose scale comes from the group's inliers only;
-    outliers on a grid of their own (outlier_bits, default 8: AdpQ's mixed precision), its
-    scale from the group's outliers only. Both follow compressed-tensors conventions (signed codes, round half to even). No
-    inlier is clipped: every inlier lies within half a step of its group's scale.
+    with group_size: null) on a bits-bit grid whose range comes from the group's inliers only;
+    outliers on a round-to-nearest grid of their own (outlier_bits, default 8: AdpQ's mixed
+    precision (paper)), its scale from the group's outliers only. compressed-tensors conventions
+    (signed codes, round half to even).
 
-    KL-guided grid choice. The papers' claim is that separating the outliers keeps the
-    quantized weights' distribution close in KL divergence to the original's. The method
-    measures that KL per layer and minimises it over the inlier scales that keep every inlier
-    within half a step (scale_candidates scales from the tightest one, which also uses the
-    extra negative code, up to plain round-to-nearest's). Clipping is not searched: a weight
-    that would be clipped is by construction an outlier. The KL of a continuous and a discrete
-    distribution is taken by default between Gaussian fits (closed form): the papers reason
-    about the weights as a sample of a density, and a nonparametric histogram estimate
-    (offered, with Laplace fits) proved unstable on real checkpoints whose weights are
-    themselves discrete.
+    KL-guided choice of the grid (paper: the quantized weights keep the original's information,
+    measured by KL; the estimator and the candidate set are design). Candidates are every pair
+    of an outlier fraction (outlier_fraction, one value or a list) and a clip ratio
+    (clip_ratios: the inlier range shrunk by the factor, as AWQ's and OmniQuant's clipping
+    searches do); the pair of least KL(original ‖ quantized) is kept, among the pairs whose exact
+    storage is within bits_per_weight when a budget is given. The default estimator is the
+    pointwise one (compress_kl_ptq.criterion): the KL between the Gaussian-smoothed joint
+    distributions of (position, value), which reduces to the weight MSE over twice the layer's
+    weight variance. Unlike a KL between the two value distributions, it sees which weight
+    moved, penalises clipping and rounding alike, and ranks grids as the layers' output error
+    on real activations does (docs/benchmarks.md); the marginal estimators remain selectable.
+    Without a budget more outliers always lower the KL, so a list of fractions is meant to be
+    used with bits_per_weight (that is its default); with a budget the criterion trades the
+    outliers' storage against inlier bits only through what the budget leaves.
+
+    Pseudo-activations (paper, mentioned only in its summary): the output error of a layer is
+    E‖(W − Ŵ)x‖² = tr(ΔW E[xxᵀ] ΔWᵀ); with no data, pseudo-activations drawn isotropically
+    (E[xxᵀ] = I) give exactly ‖ΔW‖², the criterion used here, so they would only add sampling
+    noise. A non-isotropic choice would need a model of the inputs that a data-free method does
+    not have; none is implemented.
 
     The weights are replaced by their dequantized values. context.layers[name] gets
-    LayerState("kl_ptq", quant=<inlier grid>, outliers=OutlierSplit(mask, <outlier grid>)); the
-    outlier grid is a QuantGrid over the full weight shape (one scale per group, 1 in groups
-    without outliers) of which only the masked entries matter.
+    LayerState("kl_ptq", quant=<inlier grid>, outliers=OutlierSplit(mask, <outlier grid>)).
+    Writers that store only LayerState.quant cannot hold the outliers (recipe check refuses
+    compressed-tensors): use the dense writer, or outlier_fraction: 0 for a plain grid (clipped
+    round-to-nearest chosen by the criterion).
 
-    Report per layer: kl (the minimised KL), kl_rtn (the same estimator on plain
+    Report per layer: kl (of the chosen candidate), kl_rtn (the same estimator on plain
     round-to-nearest at the same bits and group size), outlier_fraction, outliers, lambda (the
-    median over groups with lambda_scope: group), scale_choice (0 = tightest scale,
-    1 = round-to-nearest's), relative_error and relative_error_rtn (‖W − Ŵ‖/‖W‖) and
-    effective_bits, the exact storage per weight: bits per weight for the dense inlier code
-    matrix (outlier positions hold a placeholder code), a 16-bit scale (and an 8-bit zero point
-    when asymmetric) per group, outlier_bits per outlier, a 16-bit scale (and zero point) per
-    group holding at least one outlier, and the outlier positions (outlier_index: CSR column
-    indices plus per-row counts, or a 1-bit mask per weight); a layer without outliers pays
-    for no outlier structure. The parts are under storage_bits.
-
-    Writers that store only LayerState.quant cannot hold the outliers: use the dense writer
-    (the weights already hold the dequantized values).
+    median over groups with lambda_scope: group), clip_ratio, candidates (pairs tried within the
+    budget), relative_error and relative_error_rtn (‖W − Ŵ‖/‖W‖), effective_bits (exact storage
+    per weight, compress_kl_ptq.storage) and its parts under storage_bits.
     """
 
     name = "kl_ptq"
     Params = KLPTQParams
+    # the cost depends on the outliers found, so no price from shapes; no BitOps either, as the
+    # outliers sit on a grid of their own
+    offers = CandidateOffer({"group_size": [128], "outlier_fraction": [0.01]}, costs=frozenset({"bits", "params"}))
 
     def produces(self) -> Produces:
-        return Produces(quant=self.params.scheme(), outliers=True)
+        outliers = self.params.outlier_lambda is not None or any(f > 0 for f in self.params.fractions())
+        return Produces(quant=self.params.scheme(), outliers=outliers)
+
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        budget = self.params.bits_per_weight
+        if budget is None or not self.params.fractions():
+            return
+        shape = (module.weight.shape[0], module.weight[0].numel())
+        least, fraction = self.params.least_bits(shape)
+        if budget < least:
+            raise UserError(budget_message(budget, least, fraction, exact=fraction == 0), name)
 
     def compress_layer(self, context: Context, name: str, module: nn.Module) -> dict[str, Any]:
         result = quantize_layer(name, module.weight.data, self.params)
@@ -188,6 +255,15 @@ class KLPTQ(LayerMethod):
         state = result.state()
         context.update_layer(name, method=state.method, quant=state.quant, outliers=state.outliers)
         return result.report()
+
+
+def budget_message(budget: float, least: float, fraction: float, exact: bool) -> str:
+    """The one line refusing a budget below every candidate."""
+    nearest = f"{least:.4f}" if exact else f"at least {least:.4f}"
+    return (
+        f"bits_per_weight: {budget} cannot be met by any candidate grid: the nearest achievable is "
+        f"{nearest} bits per weight (outlier_fraction {fraction})"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,47 +303,6 @@ def lambda_for_count(magnitudes: torch.Tensor, count: torch.Tensor | int) -> tor
 
 
 # ---------------------------------------------------------------------------------------
-# KL estimators
-
-
-def weight_kl(
-    original: torch.Tensor, quantized: torch.Tensor, step: torch.Tensor, estimator: str, bins: int = 1024
-) -> float:
-    """KL(original ‖ quantized) between the distributions of two weight samples, in nats.
-
-    ``step`` is each quantized weight's grid step (its cell width), used by the histogram
-    estimator to turn the discrete quantized distribution into a density.
-    """
-    p = original.detach().float().flatten()
-    q = quantized.detach().float().flatten()
-    if estimator == "gaussian":
-        (v1, mu1), (v2, mu2) = (tuple(t.double() for t in torch.var_mean(x)) for x in (p, q))
-        s1, s2 = v1.sqrt().clamp_min(1e-30), v2.sqrt().clamp_min(1e-30)
-        return (torch.log(s2 / s1) + (s1**2 + (mu1 - mu2) ** 2) / (2 * s2**2) - 0.5).item()
-    if estimator == "laplace":
-        mu1, mu2 = p.double().median(), q.double().median()
-        b1 = (p.double() - mu1).abs().mean().clamp_min(1e-30)
-        b2 = (q.double() - mu2).abs().mean().clamp_min(1e-30)
-        d = (mu1 - mu2).abs()
-        return (torch.log(b2 / b1) + d / b2 + (b1 / b2) * torch.exp(-d / b1) - 1).item()
-    half = step.detach().float().flatten().expand_as(q) / 2
-    lo = torch.minimum(p.min(), (q - half).min()).item()
-    hi = torch.maximum(p.max(), (q + half).max()).item()
-    if hi <= lo:
-        return 0.0
-    hist_p = torch.histc(p, bins, lo, hi).double() / p.numel()
-    offsets = (torch.arange(DITHER_POINTS, device=q.device, dtype=torch.float32) + 0.5) / DITHER_POINTS - 0.5
-    hist_q = torch.zeros(bins, dtype=torch.float64, device=q.device)
-    for offset in offsets:  # one pass per offset keeps memory at one copy of the weights
-        hist_q += torch.histc(q + 2 * half * offset, bins, lo, hi).double()
-    hist_q /= q.numel() * DITHER_POINTS
-    eps = 1e-12
-    hist_q = (hist_q + eps) / (1 + bins * eps)
-    nonzero = hist_p > 0
-    return (hist_p[nonzero] * torch.log(hist_p[nonzero] / hist_q[nonzero])).sum().item()
-
-
-# ---------------------------------------------------------------------------------------
 # the layer
 
 
@@ -280,11 +315,9 @@ class LayerResult:
     report_entries: dict[str, Any]
 
     def state(self) -> LayerState:
-        return LayerState(
-            method=KLPTQ.name,
-            quant=self.grid.to("cpu"),
-            outliers=OutlierSplit(self.mask.cpu(), self.outlier_grid.to("cpu")),
-        )
+        """The layer's state; no outlier split when the layer holds no outliers."""
+        outliers = OutlierSplit(self.mask.cpu(), self.outlier_grid.to("cpu")) if self.mask.any() else None
+        return LayerState(method=KLPTQ.name, quant=self.grid.to("cpu"), outliers=outliers)
 
     def report(self) -> dict[str, Any]:
         return self.report_entries
@@ -294,14 +327,19 @@ def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
 
 
-def split_outliers(weight: torch.Tensor, params: KLPTQParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The outlier mask and lambda (a 0-d tensor, or one per group for ``lambda_scope: group``)."""
+def split_outliers(
+    weight: torch.Tensor, params: KLPTQParams, fraction: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outlier mask and lambda (a 0-d tensor, or one per group for ``lambda_scope: group``) for
+    ``fraction`` of the weights, or for ``params``' fixed lambda or single fraction."""
     w = weight.detach().float()
-    if params.outlier_lambda is not None:
+    if fraction is None and params.outlier_lambda is not None:
         lam = torch.tensor(params.outlier_lambda, dtype=torch.float64, device=w.device)
         return soft_threshold(w, lam)[1], lam
+    if fraction is None:
+        (fraction,) = params.fractions()
     if params.lambda_scope == "layer":
-        count = round(params.outlier_fraction * w.numel())
+        count = round(fraction * w.numel())
         magnitudes = w.abs().flatten()
         # only the count + 1 largest magnitudes matter (a full sort of the layer is slow)
         top = torch.topk(magnitudes, min(count + 1, magnitudes.numel()), sorted=True)
@@ -313,7 +351,7 @@ def split_outliers(weight: torch.Tensor, params: KLPTQParams) -> tuple[torch.Ten
         return mask.view_as(w), lam
     width = params.group_width(w.shape[1])
     groups = group_view(w, width)
-    count = round(params.outlier_fraction * width)
+    count = round(fraction * width)
     lam = lambda_for_count(groups.abs(), count)  # (rows, n_groups)
     return top_count_mask(groups.abs(), count).flatten(-2), lam
 
@@ -327,26 +365,11 @@ def top_count_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
     return mask.scatter_(-1, order[..., :count], True)
 
 
-def tight_symmetric_scale(values: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Smallest scale per group that keeps every value within half a step: the positive side may
-    reach (qmax + 1/2)·scale and the negative side (qmin − 1/2)·scale."""
-    width = scheme.group_size if scheme.granularity == "group" else values.shape[-1]
-    groups = group_view(values.float(), width)
-    positive = groups.amax(-1).clamp_min(0) / (scheme.qmax + 0.5)
-    negative = (-groups.amin(-1)).clamp_min(0) / (0.5 - scheme.qmin)
-    return torch.maximum(positive, negative)
-
-
-def grid_for(values: torch.Tensor, scheme: QuantScheme, choice: float) -> QuantGrid:
-    """The grid of ``values`` (zeros where a weight belongs to the other grid). Asymmetric grids
-    are round-to-nearest's (already within half a step); symmetric ones interpolate between
-    the tight scale (``choice`` 0) and round-to-nearest's (``choice`` 1)."""
-    rtn = compute_grid(values, scheme)
-    if not scheme.symmetric or choice == 1.0:
-        return rtn
-    tight = tight_symmetric_scale(values, scheme)
-    scale = tight + choice * (rtn.scale - tight)
-    return QuantGrid(scheme, scale.masked_fill(tight == 0, 1.0), None)  # empty groups: scale 1, as compute_grid
+def clipped_grid(values: torch.Tensor, scheme: QuantScheme, ratio: float) -> QuantGrid:
+    """Round-to-nearest's grid of ``values`` (zeros where a weight belongs to the other grid) with
+    each group's range shrunk by ``ratio``: the grid of ``ratio × values``, whose scale is
+    ``ratio`` times round-to-nearest's and whose zero point is the same."""
+    return compute_grid(values * ratio if ratio != 1.0 else values, scheme)
 
 
 def per_weight_step(grid: QuantGrid, shape: torch.Size) -> torch.Tensor:
@@ -354,28 +377,82 @@ def per_weight_step(grid: QuantGrid, shape: torch.Size) -> torch.Tensor:
 
 
 def effective_bits(shape: tuple[int, int], mask: torch.Tensor, params: KLPTQParams) -> tuple[float, dict[str, int]]:
-    """Exact storage of a layer in bits per weight, and the parts it adds up from."""
-    rows, columns = shape
-    weights = rows * columns
-    per_group = SCALE_BITS + (0 if params.symmetric else ZERO_POINT_BITS)
-    width = params.group_width(columns)
-    groups = weights // width
-    outliers = int(mask.sum())
-    groups_with_outliers = int(group_view(mask, width).any(-1).sum())
-    if outliers == 0:
-        index = 0
-    elif params.outlier_index == "csr":
-        index = outliers * math.ceil(math.log2(columns)) + rows * math.ceil(math.log2(columns + 1))
-    else:
-        index = weights
-    parts = {
-        "inlier_codes": weights * params.bits,
-        "inlier_scales": groups * per_group,
-        "outlier_codes": outliers * params.outlier_bits,
-        "outlier_scales": groups_with_outliers * per_group,
-        "outlier_index": index,
-    }
-    return sum(parts.values()) / weights, parts
+    """Exact storage of a layer with outliers ``mask`` in bits per weight, and the parts it adds up from."""
+    width = params.group_width(shape[1])
+    parts = storage_parts(
+        shape,
+        width,
+        params.bits,
+        params.symmetric,
+        int(mask.sum()),
+        int(group_view(mask, width).any(-1).sum()),
+        params.outlier_bits,
+        params.outlier_index,
+    )
+    return sum(parts.values()) / (shape[0] * shape[1]), parts
+
+
+@dataclass
+class Split:
+    """One outlier split of a layer: its fraction (None for a fixed lambda), mask, lambda and storage."""
+
+    fraction: float | None
+    mask: torch.Tensor
+    lam: torch.Tensor
+    bits: float
+    parts: dict[str, int]
+
+
+def outlier_splits(name: str, w: torch.Tensor, params: KLPTQParams) -> list[Split]:
+    """The candidate splits within the budget; UserError naming the nearest achievable when none is."""
+    splits = []
+    for fraction in params.fractions() or [None]:
+        mask, lam = split_outliers(w, params, fraction)
+        bits, parts = effective_bits(tuple(w.shape), mask, params)
+        splits.append(Split(fraction, mask, lam, bits, parts))
+    budget = params.bits_per_weight
+    within = [s for s in splits if budget is None or s.bits <= budget]
+    if not within:
+        nearest = min(splits, key=lambda s: s.bits)
+        fraction = nearest.fraction if nearest.fraction is not None else float(nearest.mask.float().mean())
+        raise UserError(budget_message(budget, nearest.bits, fraction, exact=True), name)
+    return within
+
+
+@dataclass
+class Trial:
+    """One candidate grid of a layer: an outlier split and a clip ratio, and the weight they give."""
+
+    split: Split
+    ratio: float
+    grid: QuantGrid
+    outlier_grid: QuantGrid
+    quantized: torch.Tensor
+
+    def steps(self) -> torch.Tensor:
+        """Each weight's grid step (the histogram estimator's cell width)."""
+        shape = self.quantized.shape
+        return torch.where(
+            self.split.mask, per_weight_step(self.outlier_grid, shape), per_weight_step(self.grid, shape)
+        )
+
+
+def trials(name: str, w: torch.Tensor, params: KLPTQParams) -> Iterator[Trial]:
+    """Every candidate (outlier fraction x clip ratio) of the float32 weight ``w`` within the budget."""
+    scheme, outlier_scheme = params.scheme(), params.outlier_scheme()
+    for split in outlier_splits(name, w, params):
+        inliers = w.masked_fill(split.mask, 0.0)
+        outlier_grid = compute_grid(w.masked_fill(~split.mask, 0.0), outlier_scheme)
+        outlier_values = outlier_grid.fake_quantize(w)
+        for ratio in params.clip_ratios:
+            grid = clipped_grid(inliers, scheme, ratio)
+            quantized = torch.where(split.mask, outlier_values, grid.fake_quantize(w))
+            yield Trial(split, ratio, grid, outlier_grid, quantized)
+
+
+def criterion(w: torch.Tensor, trial: Trial, estimator: str, bins: int = 1024) -> float:
+    """The KL of ``trial`` against the original weight ``w`` by ``estimator``."""
+    return weight_kl(w, trial.quantized, trial.steps() if estimator == "histogram" else None, estimator, bins)
 
 
 def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> LayerResult:
@@ -386,32 +463,22 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
         raise UserError("weights contain NaN or inf", name)
     check_group_width(params.scheme(), weight.shape[1], name)
     w = weight.detach().float()
-    scheme, outlier_scheme = params.scheme(), params.outlier_scheme()
-    mask, lam = split_outliers(w, params)
-    inliers, outliers = w.masked_fill(mask, 0.0), w.masked_fill(~mask, 0.0)
-
-    outlier_grid = grid_for(outliers, outlier_scheme, 0.0)
-    outlier_values = outlier_grid.fake_quantize(w)
-    outlier_step = per_weight_step(outlier_grid, w.shape)
-
-    choices = [0.0] if params.scale_candidates == 1 else torch.linspace(0, 1, params.scale_candidates).tolist()
-    best = None
-    for choice in choices:
-        grid = grid_for(inliers, scheme, choice)
-        quantized = torch.where(mask, outlier_values, grid.fake_quantize(w))
-        step = torch.where(mask, outlier_step, per_weight_step(grid, w.shape))
-        kl = weight_kl(w, quantized, step, params.kl_estimator, params.kl_bins)
+    scheme = params.scheme()
+    best, tried = None, 0
+    for trial in trials(name, w, params):
+        kl = criterion(w, trial, params.kl_estimator, params.kl_bins)
+        tried += 1
         if best is None or kl < best[0]:
-            best = (kl, choice, grid, quantized)
-    kl, choice, grid, quantized = best
+            best = (kl, trial)
+    kl, trial = best
+    split, quantized = trial.split, trial.quantized
 
     rtn_grid = compute_grid(w, scheme, name)
     rtn = rtn_grid.fake_quantize(w)
     kl_rtn = weight_kl(w, rtn, per_weight_step(rtn_grid, w.shape), params.kl_estimator, params.kl_bins)
 
     norm = w.pow(2).sum().clamp_min(1e-24)
-    bits, parts = effective_bits(tuple(w.shape), mask, params)
-    outlier_count = int(mask.sum())
+    outlier_count = int(split.mask.sum())
     report = {
         "bits": params.bits,
         "outlier_bits": params.outlier_bits,
@@ -420,14 +487,17 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
         "kl_estimator": params.kl_estimator,
         "outlier_fraction": outlier_count / w.numel(),
         "outliers": outlier_count,
-        "lambda": (lam.median() if lam.ndim else lam).item(),
-        "scale_choice": choice,
+        "lambda": (split.lam.median() if split.lam.ndim else split.lam).item(),
+        "clip_ratio": trial.ratio,
+        "candidates": tried,
         "relative_error": ((quantized - w).pow(2).sum() / norm).sqrt().item(),
         "relative_error_rtn": ((rtn - w).pow(2).sum() / norm).sqrt().item(),
-        "effective_bits": bits,
-        "storage_bits": parts,
+        "effective_bits": split.bits,
+        "storage_bits": split.parts,
     }
-    return LayerResult(quantized.to(weight.dtype), grid, mask, outlier_grid, report)
+    if params.bits_per_weight is not None:
+        report["bits_per_weight_budget"] = params.bits_per_weight
+    return LayerResult(quantized.to(weight.dtype), trial.grid, split.mask, trial.outlier_grid, report)
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,18 +506,14 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
 
 def kl_ptq_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:
     """kl_ptq variants of a Linear layer for each requested ``bits`` (and ``group_size``), with the
-    default outlier settings (or ``outlier_fraction`` values when the request lists them)."""
+    default outlier settings (or ``outlier_fraction`` values when the request lists them); each
+    priced at its exact storage (``storage_bits``: codes, scales, outlier values and positions)."""
     candidates = []
-    for setting in quantizer_settings(module, request, {"group_size": [128], "outlier_fraction": [0.01]}):
-        params = KLPTQParams(**setting)
-        result = quantize_layer(name, module.weight.data, params)
-        cost = sum(result.report_entries["storage_bits"].values())
+    for setting in quantizer_settings(module, request, KLPTQ.offers.defaults):
+        result = quantize_layer(name, module.weight.data, KLPTQParams(**setting))
+        bits = sum(result.report_entries["storage_bits"].values())
+        kept = module.weight.numel()
+        cost = weight_cost(request.cost, kept=kept, weight_bits=setting["bits"], storage_bits=bits)
         error = result.report_entries["relative_error"] ** 2
-
-        def apply(target: nn.Module, params: KLPTQParams = params) -> LayerState:
-            applied = quantize_layer(name, target.weight.data, params)
-            target.weight.data = applied.weight
-            return applied.state()
-
-        candidates.append(Candidate(KLPTQ.name, setting, cost, error, apply))
+        candidates.append(Candidate(KLPTQ.name, setting, cost, error, result.weight, result.state()))
     return candidates

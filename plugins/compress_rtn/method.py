@@ -10,6 +10,7 @@ from compress.api import (
     ActivationQuant,
     ActivationScheme,
     Candidate,
+    CandidateOffer,
     CandidateRequest,
     Context,
     LayerMethod,
@@ -19,6 +20,8 @@ from compress.api import (
     QuantScheme,
     UserError,
     compute_grid,
+    grid_storage_bits,
+    quantizer_price,
     quantizer_settings,
     weight_matrix,
 )
@@ -58,6 +61,8 @@ class RoundToNearest(LayerMethod):
     name = "rtn"
     Params = RTNParams
     supported_modules = (nn.Linear, nn.Conv2d)
+    keeps_zeros = True  # every grid holds 0 (its range always contains it)
+    offers = CandidateOffer({"group_size": [128], "symmetric": [True]}, price=quantizer_price)
 
     def __init__(self, params: QuantScheme) -> None:
         # a plain QuantScheme (rtn built in code, e.g. by tests) quantizes the weights only
@@ -90,29 +95,16 @@ def quantize_layer(name: str, module: nn.Module, scheme: QuantScheme) -> tuple[L
 
 def storage_bits(weight: torch.Tensor, scheme: QuantScheme) -> int:
     """Bits to store a layer on ``scheme``: the codes plus a 16-bit scale (and an 8-bit zero point) each."""
-    rows, columns = weight.shape
-    if scheme.granularity == "group":
-        groups = rows * (columns // scheme.group_size)
-    else:
-        groups = rows if scheme.granularity == "channel" else 1
-    return weight.numel() * scheme.bits + groups * (16 + (0 if scheme.symmetric else 8))
+    return grid_storage_bits(tuple(weight.shape), scheme)
 
 
 def rtn_candidates(name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:
-    """rtn variants of a Linear layer for each requested bit width (and group size)."""
+    """rtn variants of a Linear layer for each requested bit width (and group size, symmetry)."""
     candidates = []
-    for setting in quantizer_settings(module, request, {"group_size": [128]}):
-        scheme = QuantScheme(**setting)
+    for setting in quantizer_settings(module, request, RoundToNearest.offers.defaults):
         trial = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device)
         trial.weight.data = module.weight.data.clone()
-        _, error = quantize_layer(name, trial, scheme)
-        candidates.append(
-            Candidate(
-                method=RoundToNearest.name,
-                setting=setting,
-                cost=storage_bits(module.weight, scheme),
-                error=error,
-                apply=lambda target, scheme=scheme: quantize_layer(name, target, scheme)[0],
-            )
-        )
+        state, error = quantize_layer(name, trial, QuantScheme(**setting))
+        cost = quantizer_price(module, setting, request.cost)
+        candidates.append(Candidate(RoundToNearest.name, setting, cost, error, trial.weight.data, state))
     return candidates

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from compress import hessian
+from compress.hessian import collect_hessians
 from compress.quant import QuantScheme, compute_grid
 from compress_gptq import fused
-from compress_gptq.hessian import collect_hessians
 from compress_gptq.solve import KernelCache, gptq_quantize
 from tests.plugins.gptq.test_gptq import FAST_CASES, correlated_problem
 
@@ -99,8 +100,6 @@ def test_low_precision_products_change_nothing_on_cpu(product_bytes):
 def test_unavailable_low_precision_products_fall_back_to_float32(monkeypatch, product_bytes):
     """Forced on the CPU, where the mixed-dtype addmm does not exist: bf16 staging, then the
     float32 products, with a warning, giving the float32 path's sums to rounding."""
-    from compress_gptq import hessian
-
     monkeypatch.setattr(hessian, "_low_precision", lambda flat: flat.dtype == torch.bfloat16)
     block, layers, inputs = bf16_problem()
     cpu = torch.device("cpu")
@@ -114,8 +113,6 @@ def test_unavailable_low_precision_products_fall_back_to_float32(monkeypatch, pr
 def test_bf16_products_in_bands_when_addmm_wants_a_bf16_input(monkeypatch):
     """The CPU has neither mixed-dtype op: ``mm`` with ``out_dtype`` is stood in for (bf16
     factors, float32 result), ``addmm``'s is not and fails, so the bands form runs."""
-    from compress_gptq import hessian
-
     plain_mm, bands = torch.mm, []
 
     def mm(a, b, out_dtype=None):

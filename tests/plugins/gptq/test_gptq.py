@@ -13,11 +13,11 @@ from torch import nn
 
 from compress.engine import apply_recipe
 from compress.errors import UserError
+from compress.hessian import collect_hessians, inverse_factor, relative_output_error
 from compress.quant import QuantScheme, compute_grid
 from compress.validate import check_recipe
-from compress_gptq.hessian import collect_hessians, relative_output_error
 from compress_gptq.method import GPTQ, GPTQParams
-from compress_gptq.solve import gptq_quantize, inverse_factor, quantize_in_place
+from compress_gptq.solve import gptq_quantize, quantize_in_place
 from compress_gptq.solve import output_error as error_from_solve
 from compress_rtn.method import RoundToNearest
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID

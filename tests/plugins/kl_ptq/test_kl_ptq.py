@@ -107,18 +107,28 @@ def test_lambda_for_count_separates_distinct_magnitudes():
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(2, True), (3, True), (4, False)])
-def test_every_inlier_within_half_a_step(bits, symmetric, real_layers):
+def test_inliers_within_half_a_step_or_clipped(bits, symmetric, real_layers):
+    """Unclipped (clip ratio 1): every inlier within half a step of its value. Clipped: an inlier
+    is either within half a step or clipped to the edge of its group's range."""
     for name, weight in real_layers.items():
-        params = KLPTQParams(bits=bits, group_size=64, symmetric=symmetric)
-        result = quantize_layer(name, weight, params)
-        step = result.grid.scale.repeat_interleave(64, dim=1)
-        error = (result.weight.float() - weight.float()).abs()
-        inlier = ~result.mask
-        assert (error[inlier] <= step[inlier] * 0.5 * (1 + 1e-5)).all(), name
-        # the weights lie on the two grids
-        assert torch.equal(result.grid.fake_quantize(result.weight)[inlier], result.weight[inlier])
-        outlier_grid = result.outlier_grid
-        assert torch.equal(outlier_grid.fake_quantize(result.weight)[result.mask], result.weight[result.mask])
+        for clips in ([1.0], [0.7]):
+            params = KLPTQParams(bits=bits, group_size=64, symmetric=symmetric, clip_ratios=clips)
+            result = quantize_layer(name, weight, params)
+            step = result.grid.scale.repeat_interleave(64, dim=1)
+            error = (result.weight.float() - weight.float()).abs()
+            inlier = ~result.mask
+            within = error <= step * 0.5 * (1 + 1e-5)
+            if clips == [1.0]:
+                assert within[inlier].all(), name
+            else:
+                codes = result.grid.quantize(result.weight)
+                clipped = (codes == result.grid.scheme.qmin) | (codes == result.grid.scheme.qmax)
+                assert (within | clipped)[inlier].all(), name
+                assert (~within & inlier).any(), name  # 0.7 clips some inliers
+            # the weights lie on the two grids
+            assert torch.equal(result.grid.fake_quantize(result.weight)[inlier], result.weight[inlier])
+            outlier_grid = result.outlier_grid
+            assert torch.equal(outlier_grid.fake_quantize(result.weight)[result.mask], result.weight[result.mask])
 
 
 def test_effective_bits_hand_computed():
@@ -151,17 +161,23 @@ def test_report_storage_matches_effective_bits(real_layers):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_kl_not_above_rtn_on_real_layers(bits, real_layers):
+def test_kl_and_error_below_rtn_on_real_layers(bits, real_layers):
     from compress.quant import compute_grid
-    from compress_kl_ptq.method import per_weight_step, weight_kl
+    from compress_kl_ptq.criterion import weight_kl
 
     for name, weight in real_layers.items():
-        report = quantize_layer(name, weight, KLPTQParams(bits=bits, group_size=64)).report()
+        params = KLPTQParams(bits=bits, group_size=64, clip_ratios=[1.0, 0.9])
+        report = quantize_layer(name, weight, params).report()
         grid = compute_grid(weight, QuantScheme(bits=bits, group_size=64))
-        rtn_kl = weight_kl(weight, grid.fake_quantize(weight), per_weight_step(grid, weight.shape), "gaussian")
+        rtn_kl = weight_kl(weight, grid.fake_quantize(weight), None, "pointwise")
         assert report["kl_rtn"] == pytest.approx(rtn_kl)
         assert report["kl"] <= rtn_kl, name
         assert report["relative_error"] < report["relative_error_rtn"], name
+        # pointwise KL is half the squared relative error, scaled by mean square over variance
+        w = weight.double()
+        assert report["kl"] == pytest.approx(
+            report["relative_error"] ** 2 / 2 * w.pow(2).mean().item() / w.var(correction=0).item(), rel=1e-4
+        )
 
 
 def test_method_sets_layer_state(real_layers):
@@ -230,7 +246,7 @@ def test_recipe_end_to_end(write_recipe, tmp_path):
 
     from compress.cli import cli
 
-    recipe = write_recipe(stages=[{"method": "kl_ptq", "bits": 3, "group_size": 64}])
+    recipe = write_recipe(stages=[{"method": "kl_ptq", "bits": 3, "group_size": 64, "clip_ratios": [1.0, 0.9]}])
     result = CliRunner().invoke(cli, ["apply", str(recipe)])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -299,3 +315,118 @@ def test_a_format_without_outlier_storage_is_refused_at_recipe_check(host, write
     )
     with pytest.raises(UserError, match="'compressed-tensors' cannot store outlier weights .* stage 1 \\(kl_ptq\\)"):
         check_recipe(host, path)
+
+
+# ---------------------------------------------------------------------------------------
+# criterion, candidate grids, budget
+
+
+def test_pointwise_sees_which_weight_moved_and_marginals_do_not():
+    """A permutation of the quantized weights has the same value distribution: the marginal
+    estimators score it as the original grid, the pointwise one as the damage it is."""
+    from compress_kl_ptq.criterion import weight_kl
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02
+    result = quantize_layer("w", w, KLPTQParams(bits=4, group_size=64, clip_ratios=[1.0]))
+    shuffled = result.weight.flatten()[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(4))]
+    shuffled = shuffled.view_as(w)
+    for estimator in ("gaussian", "laplace"):
+        assert weight_kl(w, shuffled, None, estimator) == pytest.approx(weight_kl(w, result.weight, None, estimator))
+    assert weight_kl(w, shuffled, None, "pointwise") > 100 * weight_kl(w, result.weight, None, "pointwise")
+
+
+def test_pointwise_penalises_clipping_and_rounding():
+    """Too much clipping and too coarse a grid both raise the criterion; an interior clip ratio
+    (mild clipping, finer steps) can beat round-to-nearest's range on a heavy-tailed layer."""
+    from compress_kl_ptq.method import criterion, trials
+
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(5)).pow(3) * 0.02  # heavy-tailed
+    params = KLPTQParams(bits=3, group_size=64, outlier_fraction=0.0, clip_ratios=[1.0, 0.8, 0.3])
+    scores = {t.ratio: criterion(w, t, "pointwise") for t in trials("w", w, params)}
+    assert scores[0.8] < scores[1.0] and scores[0.8] < scores[0.3]
+    coarse = KLPTQParams(bits=2, group_size=64, outlier_fraction=0.0, clip_ratios=[0.8])
+    assert criterion(w, next(trials("w", w, coarse)), "pointwise") > scores[0.8]
+
+
+def test_choice_is_the_least_criterion_among_all_candidates(real_layers):
+    from compress_kl_ptq.method import criterion, trials
+
+    weight = real_layers["model.layers.1.mlp.down_proj"]
+    params = KLPTQParams(bits=3, group_size=64, outlier_fraction=[0.0, 0.01, 0.02], clip_ratios=[1.0, 0.9, 0.8])
+    scores = [(criterion(weight, t, "pointwise"), t.split.fraction, t.ratio) for t in trials("d", weight, params)]
+    assert len(scores) == 9
+    report = quantize_layer("d", weight, params).report()
+    best = min(scores)
+    assert report["candidates"] == 9 and report["kl"] == best[0] and report["clip_ratio"] == best[2]
+    assert report["outlier_fraction"] == pytest.approx(best[1], abs=1 / weight.numel())
+
+
+def test_budget_is_met_exactly_and_buys_outliers(real_layers):
+    weight = real_layers["model.layers.1.mlp.down_proj"]
+    chosen = []
+    for budget in (3.25, 3.3, 3.4, 3.7):
+        params = KLPTQParams(bits=3, group_size=64, bits_per_weight=budget, clip_ratios=[1.0, 0.9])
+        report = quantize_layer("d", weight, params).report()
+        assert report["effective_bits"] <= budget
+        assert report["effective_bits"] == sum(report["storage_bits"].values()) / weight.numel()
+        chosen.append(report["outlier_fraction"])
+    assert chosen[0] == 0.0 and chosen == sorted(chosen) and chosen[-1] > 0.0
+
+
+def test_unreachable_budget_names_the_nearest_achievable(real_layers):
+    weight = real_layers["model.layers.1.mlp.down_proj"]
+    cheapest = 3 + 16 / 64
+    with pytest.raises(UserError, match=f"the nearest achievable is {cheapest:.4f} bits") as error:
+        quantize_layer("d", weight, KLPTQParams(bits=3, group_size=64, bits_per_weight=3.2))
+    assert error.value.where == "d"
+    # only outlier fractions that the layer cannot afford: the exact figure of the cheapest one
+    params = KLPTQParams(bits=3, group_size=64, bits_per_weight=3.26, outlier_fraction=[0.01, 0.02])
+    least = effective_bits(tuple(weight.shape), split_outliers(weight, params, 0.01)[0], params)[0]
+    with pytest.raises(
+        UserError, match=f"nearest achievable is {least:.4f} bits per weight \\(outlier_fraction 0.01\\)"
+    ):
+        quantize_layer("d", weight, params)
+
+
+def test_check_layer_lower_bound(real_layers):
+    """At recipe check only shapes are known: the bound is exact without outliers and never above
+    what the weights then cost."""
+    weight = real_layers["model.layers.1.mlp.down_proj"]
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    for fraction in (0.0, 0.005, 0.02):
+        params = KLPTQParams(bits=4, group_size=64, outlier_fraction=fraction)
+        least, _ = params.least_bits(tuple(weight.shape))
+        actual = effective_bits(tuple(weight.shape), split_outliers(weight, params)[0], params)[0]
+        assert least == actual if fraction == 0 else least <= actual
+    KLPTQ(KLPTQParams(bits=4, group_size=64, bits_per_weight=4.25)).check_layer("d", layer)
+    with pytest.raises(UserError, match="nearest achievable is 4.2500 bits"):
+        KLPTQ(KLPTQParams(bits=4, group_size=64, bits_per_weight=4.24)).check_layer("d", layer)
+
+
+def test_fraction_defaults_and_estimator_names():
+    assert KLPTQParams(bits=4).fractions() == [0.01]
+    assert KLPTQParams(bits=4, bits_per_weight=4.3).fractions() == [0.0, 0.0025, 0.005, 0.01, 0.02]
+    with pytest.raises(ValueError, match="did you mean 'histogram'"):
+        KLPTQParams(bits=4, kl_estimator="histogramm")
+    with pytest.raises(ValueError, match=r"every fraction must be in \[0, 0.5\)"):
+        KLPTQParams(bits=4, outlier_fraction=[0.01, 0.6])
+    with pytest.raises(ValueError, match=r"every ratio must be in \(0, 1\]"):
+        KLPTQParams(bits=4, clip_ratios=[1.2])
+
+
+def test_without_outliers_the_grid_is_deployable(host, write_recipe, tmp_path):
+    """outlier_fraction: 0 is a plain (clipped, KL-chosen) grid: no outlier split, and
+    compressed-tensors accepts the stage."""
+    from compress.validate import check_recipe
+
+    method = KLPTQ(KLPTQParams(bits=4, group_size=64, outlier_fraction=0.0))
+    assert not method.produces().outliers
+    layer = nn.Linear(256, 64, bias=False)
+    context = FakeContext()
+    method.compress_layer(context, "l", layer)
+    assert context.layers["l"].outliers is None
+    path = write_recipe(
+        stages=[{"method": "kl_ptq", "bits": 4, "group_size": 32, "outlier_fraction": 0.0}],
+        output={"dir": str(tmp_path / "out"), "format": "compressed-tensors"},
+    )
+    check_recipe(host, path)

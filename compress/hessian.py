@@ -1,10 +1,21 @@
-"""GPTQ's layer Hessians ``H = 2/N Σ_n X_n X_nᵀ`` (Frantar et al., 2022, section 3), collected
-from a block's calibration inputs, and output errors measured through them."""
+"""Second-order statistics of a layer's inputs, collected from a block's calibration inputs.
+
+* ``H = 2/N Σ_n X_n X_nᵀ`` (GPTQ, Frantar et al., 2022, section 3; SparseGPT, Frantar &
+  Alistarh, 2023, uses the same matrix): :func:`collect_hessians`;
+* the per-input norms ``‖X_j‖₂`` that Wanda (Sun et al., 2023) scores weights with, without
+  the (in, in) matrix: :func:`collect_input_norms` (a running sum of squares, as the
+  reference code's ``WrappedGPT.add_batch``), or :meth:`Hessian.input_norms` (its diagonal);
+* the upper Cholesky factor of the dampened ``H⁻¹`` that GPTQ's and SparseGPT's column
+  loops use: :func:`inverse_factor`;
+* output errors measured through ``H``: :func:`h_norms`, :func:`relative_output_error`.
+
+Layers that read the very same input tensor (q/k/v, gate/up) share one statistic.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.api import on_device
+from compress.devices import on_device
+from compress.errors import UserError
 
 ROWS_PER_CHUNK = 1024
 """Rows of a weight handled at once when measuring errors through H (bounds temporaries)."""
@@ -39,6 +51,24 @@ class Hessian:
         """The matrix, dropping this object's reference (the caller may overwrite it)."""
         matrix, self.matrix = self.matrix, None
         return matrix
+
+    def input_norms(self) -> torch.Tensor:
+        """``√(Σ_n ‖X_n,j‖² / N)`` per input j, from the diagonal (what :class:`InputNorms` gives)."""
+        return (self.matrix.diagonal() / 2).sqrt()
+
+
+@dataclass
+class InputNorms:
+    """Per-input sums of squares, shared by every layer that reads the same input tensor."""
+
+    squares: torch.Tensor
+    """``Σ_n Σ_tokens x_j²`` in float32, (in,)."""
+    samples: int = 0
+    tokens: int = 0
+
+    def norms(self) -> torch.Tensor:
+        """``√(Σ_n ‖X_n,j‖² / N)``: the reference code's ``sqrt(scaler_row)`` (a mean over samples)."""
+        return (self.squares / max(self.samples, 1)).sqrt()
 
 
 @contextmanager
@@ -93,7 +123,7 @@ class _RunningProduct:
     buffer) and are multiplied straight into the float32 sum (``LOW_PRECISION_FORMS``: the
     first that this torch runs); products of bf16/fp16 values are exact in float32, so only
     the accumulation order differs from the float32 path, which is taken for good if no form
-    runs.
+    runs. ``finish`` scales the sum to ``2/N``.
     """
 
     def __init__(self, state: Hessian, capacity: int, low_precision: bool = False) -> None:
@@ -124,6 +154,10 @@ class _RunningProduct:
             self._product(self.staging[: self.filled])
             self.filled = 0
 
+    def finish(self) -> None:
+        self.flush()
+        self.state.matrix.mul_(2.0 / self.state.samples)
+
     def _product(self, flat: torch.Tensor) -> None:
         H = self.state.matrix
         while self.forms and _low_precision(flat):
@@ -134,11 +168,24 @@ class _RunningProduct:
                 self.forms.pop(0)
                 if not self.forms:
                     warnings.warn(
-                        f"gptq: bf16/fp16 Hessian products unavailable ({error}); using float32 copies", stacklevel=2
+                        f"bf16/fp16 Hessian products unavailable ({error}); using float32 copies", stacklevel=2
                     )
         with _exact_tf32(self.dtype, flat.device):  # the activations' dtype, not the staging's
             flat = flat.float()
             H.addmm_(flat.T, flat)
+
+
+class _RunningSquares:
+    """``Σ x_j²`` of one input, in float32 (no staging: the sum is elementwise)."""
+
+    def __init__(self, state: InputNorms) -> None:
+        self.state = state
+
+    def add(self, flat: torch.Tensor) -> None:
+        self.state.squares.add_(torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square_())
+
+    def finish(self) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -163,8 +210,43 @@ def collect_hessians(
     """
     if product_bytes is None:
         product_bytes = CUDA_PRODUCT_BYTES if device.type == "cuda" else 0
-    hessians: dict[str, Hessian] = {}
-    products: dict[int, _RunningProduct] = {}
+
+    def start(flat: torch.Tensor) -> tuple[Hessian, _RunningProduct]:
+        width = flat.shape[1]
+        state = Hessian(torch.zeros(width, width, dtype=torch.float32, device=flat.device))
+        return state, _RunningProduct(state, product_bytes // (4 * width), low_precision)
+
+    return _collect(block, layers, inputs, device, start)
+
+
+@torch.no_grad()
+def collect_input_norms(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple[tuple, dict]], device: torch.device
+) -> tuple[dict[str, InputNorms], list[list[str]]]:
+    """Run ``block`` over ``inputs`` and sum each layer's squared inputs per input column.
+
+    Same grouping and return shape as :func:`collect_hessians`, at the cost of a vector per
+    input instead of a matrix: what Wanda needs.
+    """
+
+    def start(flat: torch.Tensor) -> tuple[InputNorms, _RunningSquares]:
+        state = InputNorms(torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device))
+        return state, _RunningSquares(state)
+
+    return _collect(block, layers, inputs, device, start)
+
+
+def _collect(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: list[tuple[tuple, dict]],
+    device: torch.device,
+    start: Callable[[torch.Tensor], tuple[Any, Any]],
+) -> tuple[dict[str, Any], list[list[str]]]:
+    """Forward ``inputs`` through ``block``, feeding each distinct layer input's rows to one
+    accumulator (``start(rows)`` makes a state and its accumulator on first sight)."""
+    states: dict[str, Any] = {}
+    accumulators: dict[int, Any] = {}
     groups: list[list[str]] = []
     seen: dict[str, torch.Tensor] = {}
 
@@ -186,25 +268,21 @@ def collect_hessians(
             for names in shared.values():
                 x = seen[names[0]]
                 flat = input_rows(layers[names[0]], x)
-                state = hessians.get(names[0])
+                state = states.get(names[0])
                 if state is None:
-                    width = flat.shape[1]
-                    state = Hessian(torch.zeros(width, width, dtype=torch.float32, device=flat.device))
-                    hessians.update(dict.fromkeys(names, state))
-                    products[id(state)] = _RunningProduct(state, product_bytes // (4 * width), low_precision)
-                products[id(state)].add(flat)
+                    state, accumulators[id(state)] = start(flat)
+                    states.update(dict.fromkeys(names, state))
                 state.samples += x.shape[0] if x.dim() > 2 else 1
                 state.tokens += flat.shape[0]
+                accumulators[id(state)].add(flat)
                 del flat
             seen.clear()
-        for product in products.values():
-            product.flush()
+        for accumulator in accumulators.values():
+            accumulator.finish()
     finally:
         for handle in handles:
             handle.remove()
-    for state in {id(state): state for state in hessians.values()}.values():
-        state.matrix.mul_(2.0 / state.samples)
-    return hessians, groups
+    return states, groups
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +300,66 @@ def _patches(module: nn.Module) -> tuple | None:
     if isinstance(module, nn.Conv2d):
         return module.kernel_size, module.dilation, module.padding, module.stride
     return None
+
+
+@dataclass
+class InverseFactor:
+    """``U``, the upper Cholesky factor of the dampened ``H⁻¹``, in the solve's column order."""
+
+    upper: torch.Tensor
+    perm: torch.Tensor | None
+    """Column order (activation ordering), or None for the natural order."""
+    dead: torch.Tensor
+    """bool (in,): inputs that never fire (``H_jj = 0``), natural order."""
+    damp: float
+
+    def output_error(self, row_errors: torch.Tensor, delta: torch.Tensor) -> float:
+        """``tr(ΔW H ΔWᵀ)`` of a column loop's rows, with no H: ``delta`` (rows, in) is ΔW and
+        ``row_errors`` its rows' Σ ``((w − q) / U_jj)²``.
+
+        The loop makes ΔW = E·U and U H_d Uᵀ = I, so ``ΔW H_d ΔWᵀ = E Eᵀ`` (``row_errors``); the
+        dampening's share ``damp·‖ΔW‖²`` is taken off. Dead columns add nothing: H is zero there.
+        """
+        delta = delta.float().masked_fill(self.dead.to(delta.device), 0)
+        errors, damped = torch.stack([row_errors.sum(), delta.square().sum()]).tolist()  # one sync
+        return errors - self.damp * damped
+
+
+def inverse_factor(
+    hessian: torch.Tensor, percdamp: float, act_order: bool, name: str | None = None, *, consume: bool = False
+) -> InverseFactor:
+    """Dead inputs, ordering, dampening and ``U``, as GPTQ's and SparseGPT's reference code
+    (``gptq.py: fasterquant``, ``sparsegpt.py: fasterprune``): ``H_jj := 1`` where ``H_jj = 0``
+    (the caller zeroes those weight columns), ``H += percdamp · mean(diag H) · I``,
+    ``U = chol(H⁻¹)ᵀ``. ``act_order``: columns by descending ``diag H`` (GPTQ only).
+    ``consume``: ``hessian`` may be overwritten and is released as soon as its Cholesky
+    factor exists (the caller must hold no other reference for the memory to go)."""
+    H = hessian if consume else hessian.detach().float().clone()
+    del hessian
+    if not torch.isfinite(H).all():
+        raise UserError("the calibration activations reaching this layer contain NaN or inf", name)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+        del H
+        inverse = torch.cholesky_inverse(L, out=L)  # in place: one matrix fewer at the peak
+        del L
+        upper = torch.linalg.cholesky(inverse, upper=True)
+        del inverse
+    except torch.linalg.LinAlgError:
+        raise UserError(
+            f"the dampened Hessian is not positive definite (percdamp {percdamp}); raise percdamp", name
+        ) from None
+    if not torch.isfinite(upper).all():
+        raise UserError(f"the dampened Hessian is singular (percdamp {percdamp}); raise percdamp", name)
+    return InverseFactor(upper, perm, dead, damp.item())
 
 
 def h_norm(delta: torch.Tensor, H: torch.Tensor) -> float:

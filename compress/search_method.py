@@ -1,0 +1,345 @@
+"""The base class of search methods: one candidate variant per layer, chosen under a budget.
+
+:class:`SearchMethod` owns what every search shares; a subclass only implements
+:meth:`SearchMethod.search` over a :class:`SearchSpace`:
+
+1. ``compress recipe check`` (:meth:`SearchMethod.check_stage`): every requested setting is
+   understood and the budget's unit priced by some provider, every targeted layer has one,
+   the output format can meet the unit, and the budget lies between the cheapest and the
+   dearest configuration when the providers price from shapes;
+2. collect: when a provider needs input statistics, the calibration data streams through
+   the original model's blocks (one on the device at a time in sequential mode) and each
+   targeted layer's Hessian ``2/N Σ X Xᵀ`` goes with its request; every provider's
+   candidates are gathered per layer (their weights kept on the host);
+3. search: the subclass returns one candidate index per layer, the model on the device in
+   both run modes (whole-model forward passes);
+4. commit: the chosen variants are put into the model and recorded in ``context.layers``;
+   report.json gets per layer the candidate, its cost and error, and per stage the budget,
+   the achieved cost and the time spent collecting and searching; a PNG of the per-layer
+   allocation goes next to report.json.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.blocks import capture_block_inputs, find_blocks, run_block, within
+from compress.context import Context, StageRun
+from compress.devices import onloaded
+from compress.errors import UserError, did_you_mean
+from compress.hessian import collect_hessians
+from compress.method import Method, MethodKind, MethodParams, Produces
+from compress.quant import QuantScheme
+from compress.search import Budget, Candidate, CandidateOffer, CandidateRequest, LayerInputs, collect_candidates
+
+
+class SearchParams(MethodParams):
+    """Parameters every search method shares: the candidates it considers and its budget."""
+
+    providers: list[str] | None = Field(
+        None,
+        description="Methods whose candidates are considered (a list of names such as gptq); default: every installed "
+        "method that offers candidates (`compress methods NAME` says what each understands).",
+    )
+    settings: dict[str, list[Any]] = Field(
+        description="Values to try per setting, e.g. {bits: [2, 3, 4, 5, 6, 7, 8], group_size: [64]}; "
+        "settings a provider does not list take its defaults."
+    )
+    budget: Budget = Field(
+        description="The budget, in one cost unit: {bits_per_weight: 3.0} (storage of the targeted "
+        "weights with their scales, per weight), {bits: N} (their total), {bitops_per_weight: 48}, "
+        "{bitops: N} (per token), {params_kept: 0.5} (fraction of targeted weights kept), {params: N}. "
+        "The chosen configuration costs at most the budget, and as close to it as the candidates allow."
+    )
+
+
+@dataclass
+class LayerChoices:
+    """One targeted layer and its candidates."""
+
+    name: str
+    module: nn.Module
+    candidates: list[Candidate]
+
+    @property
+    def weights(self) -> int:
+        return self.module.weight.numel()
+
+
+class SearchSpace:
+    """Every targeted layer's candidates, their costs, and the configuration in the model.
+
+    A configuration is one candidate index per layer. Costs are also given per layer as
+    ``density`` (cost per weight of the layer) and ``share`` (the layer's fraction of the
+    targeted weights), so that a configuration's cost per weight is ``Σ_i share_i ·
+    density_i,k_i``: the weighted average RCO's manifold is built on (bits per weight when
+    the unit is bits).
+    """
+
+    def __init__(self, layers: list[LayerChoices], budget: Budget) -> None:
+        self.layers = layers
+        self.budget = budget
+        self.weights = sum(layer.weights for layer in layers)
+        self.target = budget.total(self.weights) / self.weights
+        """The budget as cost per targeted weight."""
+        width = max(len(layer.candidates) for layer in layers)
+        self.valid = torch.zeros(len(layers), width, dtype=torch.bool)
+        self.density = torch.zeros(len(layers), width, dtype=torch.float64)
+        self.errors = torch.zeros(len(layers), width, dtype=torch.float64)
+        for i, layer in enumerate(layers):
+            count = len(layer.candidates)
+            self.valid[i, :count] = True
+            self.density[i, :count] = torch.tensor([c.cost / layer.weights for c in layer.candidates])
+            self.errors[i, :count] = torch.tensor([c.error for c in layer.candidates])
+        self.share = torch.tensor([layer.weights / self.weights for layer in layers], dtype=torch.float64)
+        self.current: list[int | None] = [None] * len(layers)
+
+    @property
+    def costs(self) -> torch.Tensor:
+        """(layers, candidates) cost of each candidate per targeted weight (0 where a layer has fewer)."""
+        return self.density * self.share[:, None]
+
+    def cost(self, choice: list[int]) -> float:
+        """A configuration's cost per targeted weight."""
+        return sum(self.costs[i, k].item() for i, k in enumerate(choice))
+
+    def bounds(self) -> tuple[float, float]:
+        """The cheapest and the dearest configuration's cost per targeted weight."""
+        costs = self.costs
+        cheapest = costs.masked_fill(~self.valid, float("inf")).min(1).values.sum().item()
+        return cheapest, costs.max(1).values.sum().item()
+
+    def put(self, choice: list[int]) -> None:
+        """Give every layer the weights of its chosen candidate (only the layers whose choice changed)."""
+        with torch.no_grad():
+            for i, k in enumerate(choice):
+                if self.current[i] != k:
+                    self.layers[i].candidates[k].apply(self.layers[i].module)
+                    self.current[i] = k
+
+
+class SearchMethod(Method):
+    """A search: one candidate per targeted layer under a budget (subclasses implement :meth:`search`)."""
+
+    kind: ClassVar[MethodKind] = "search"
+    Params: ClassVar[type[SearchParams]] = SearchParams
+    needs_data: ClassVar[tuple[str, ...]] = ("calibration",)
+
+    def search(self, context: Context, run: StageRun, space: SearchSpace) -> list[int]:
+        """One candidate index per layer of ``space``, costing at most ``space.target`` per weight;
+        the model is on the device. Put stage-level results in ``run.record.details``."""
+        raise NotImplementedError
+
+    # --- recipe check ----------------------------------------------------------------
+
+    def produces(self) -> Produces:
+        """Mixed precision: a grid for each requested bits x group size x symmetric; sparsity when requested."""
+        settings = self.params.settings
+        schemes = []
+        for bits in settings.get("bits", []):
+            for group_size in settings.get("group_size", [128]):
+                for symmetric in settings.get("symmetric", [True]):
+                    schemes.append(QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+        sparsity = None
+        if "sparsity" in settings:
+            patterns = {value for value in settings["sparsity"] if isinstance(value, str)}
+            sparsity = patterns.pop() if len(patterns) == 1 and len(settings["sparsity"]) == 1 else "unstructured"
+        return Produces(mixed=tuple(dict.fromkeys(schemes)), sparsity=sparsity)
+
+    def providers(self, methods: dict[str, type[Method]]) -> dict[str, CandidateOffer]:
+        """The offers of the providers this search asks, by method name."""
+        offering = {name: cls.offers for name, cls in methods.items() if cls.offers is not None}
+        if self.params.providers is None:
+            return offering
+        for name in self.params.providers:
+            if name not in offering:
+                hint = did_you_mean(name, list(offering))
+                raise UserError(f"no installed method named {name!r} offers candidates{hint}")
+        return {name: offering[name] for name in self.params.providers}
+
+    def check_stage(self, methods: dict[str, type[Method]], targets: dict[str, nn.Module], writer: Any) -> None:
+        providers = self.providers(methods)
+        request = self.request()
+        for setting in request.settings:
+            if not any(setting in offer.settings for offer in providers.values()):
+                known = "; ".join(f"{name}: {', '.join(sorted(offer.settings))}" for name, offer in providers.items())
+                raise UserError(f"candidate setting {setting!r} is understood by no provider ({known})")
+        unit = self.params.budget.unit
+        if not any(unit in offer.costs for offer in providers.values()):
+            raise UserError(f"cost unit {unit!r} is priced by no provider of {', '.join(providers)}")
+        if writer is not None and unit in ("bits", "bitops") and not writer.capabilities.packed_weights:
+            raise UserError(
+                f"a budget in {self.params.budget.key} cannot be met by output format {writer.name!r}, which "
+                "does not store weights as their integer codes (use compressed-tensors)"
+            )
+        cheapest = dearest = 0.0
+        priced = True
+        for name, module in targets.items():
+            usable = {
+                provider: offer.settings_for(module, request)
+                for provider, offer in providers.items()
+                if isinstance(module, offer.modules) and unit in offer.costs
+            }
+            if not any(usable.values()):
+                raise UserError(
+                    f"no candidate provider offers variants of this {type(module).__name__} with settings "
+                    f"{dict(request.settings)} (providers: {', '.join(providers)})",
+                    name,
+                )
+            prices = [
+                offer.price(module, setting, unit)
+                for provider, offer in providers.items()
+                if offer.price is not None
+                for setting in usable.get(provider, [])
+            ]
+            priced = priced and all(providers[p].price is not None for p in usable if usable[p])
+            if prices:
+                cheapest, dearest = cheapest + min(prices), dearest + max(prices)
+        if priced:
+            weights = sum(module.weight.numel() for module in targets.values())
+            self.check_budget(cheapest / weights, dearest / weights, weights)
+
+    def check_budget(self, cheapest: float, dearest: float, weights: int) -> None:
+        """Refuse a budget below the cheapest or above the dearest configuration (costs per weight)."""
+        budget = self.params.budget
+        target = budget.total(weights) / weights
+        key = budget.key
+        if target < cheapest * (1 - 1e-9):
+            raise UserError(
+                f"budget {key}: {budget.value:g} is below the cheapest configuration "
+                f"({key}: {budget.in_key(cheapest * weights, weights):.6g}, every layer at its cheapest candidate)"
+            )
+        if target > dearest * (1 + 1e-9):
+            raise UserError(
+                f"budget {key}: {budget.value:g} is above the dearest configuration "
+                f"({key}: {budget.in_key(dearest * weights, weights):.6g}, every layer at its dearest candidate)"
+            )
+
+    def request(self) -> CandidateRequest:
+        providers = None if self.params.providers is None else frozenset(self.params.providers)
+        return CandidateRequest(dict(self.params.settings), providers, self.params.budget.unit)
+
+    # --- the run ---------------------------------------------------------------------
+
+    def apply(self, context: Context, run: StageRun) -> None:
+        started = time.perf_counter()
+        space = SearchSpace(self.collect(context, run), self.params.budget)
+        cheapest, dearest = space.bounds()
+        self.check_budget(cheapest, dearest, space.weights)
+        collected = time.perf_counter()
+        whole = onloaded(context.model, context.device) if context.sequential else nullcontext()
+        with whole:
+            choice = self.search(context, run, space)
+            space.put(choice)
+        searched = time.perf_counter()
+        self.commit(context, run, space, choice)
+        budget = self.params.budget
+        run.record.details.update(
+            {
+                "budget": {budget.key: budget.value},
+                "achieved": {budget.key: budget.in_key(space.cost(choice) * space.weights, space.weights)},
+                "cheapest": {budget.key: budget.in_key(cheapest * space.weights, space.weights)},
+                "dearest": {budget.key: budget.in_key(dearest * space.weights, space.weights)},
+                "candidates": sum(len(layer.candidates) for layer in space.layers),
+                "collect_seconds": collected - started,
+                "search_seconds": searched - collected,
+            }
+        )
+        context.files[f"{run.stage.label}-allocation.png"] = allocation_plot(space, choice, run.stage.label)
+
+    def collect(self, context: Context, run: StageRun) -> list[LayerChoices]:
+        """Every targeted layer's candidates, with its input statistics when a provider needs them."""
+        request = self.request()
+        providers = self.providers(context.host.methods())
+        if any(offer.needs_inputs for offer in providers.values()):
+            found = self.collect_with_inputs(context, run, request)
+        else:
+            found = {}
+            for name, module in run.targets.items():
+                with onloaded(module, context.device) if context.sequential else nullcontext():
+                    found[name] = collect_candidates(context, name, module, request)
+        layers = []
+        for name, module in run.targets.items():
+            candidates = found.get(name) or []
+            if not candidates:
+                raise UserError(f"no candidate provider offered a variant of this layer ({request.settings})", name)
+            for candidate in candidates:
+                candidate.weight = candidate.weight.to("cpu")
+            layers.append(LayerChoices(name, module, candidates))
+        return layers
+
+    def collect_with_inputs(
+        self, context: Context, run: StageRun, request: CandidateRequest
+    ) -> dict[str, list[Candidate]]:
+        """Stream the calibration data through the original model's blocks; ask for each targeted
+        layer's candidates with its Hessian. Targets outside the blocks get no statistics."""
+        model, device = context.model, context.device
+        blocks_name, blocks = find_blocks(model)
+        inputs = capture_block_inputs(model, blocks, blocks_name, context.data("calibration"), device)
+        found: dict[str, list[Candidate]] = {}
+        for index, block in enumerate(blocks):
+            block_name = f"{blocks_name}.{index}"
+            in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
+            with onloaded(block, device) if context.sequential else nullcontext():
+                if in_block:
+                    hessians, _ = collect_hessians(block, in_block, inputs, device)
+                    for name, module in in_block.items():
+                        statistics = LayerInputs(hessians[name].matrix, hessians[name].tokens)
+                        found[name] = collect_candidates(context, name, module, replace(request, inputs=statistics))
+                    del hessians
+                if any(within(n, blocks_name) and n not in found for n in run.targets):
+                    inputs, _ = run_block(block, inputs, device)
+            context.host.hook.compress_block_done(
+                context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
+            )
+        for name, module in run.targets.items():
+            if name not in found:
+                with onloaded(module, device) if context.sequential else nullcontext():
+                    found[name] = collect_candidates(context, name, module, request)
+        return found
+
+    def commit(self, context: Context, run: StageRun, space: SearchSpace, choice: list[int]) -> None:
+        """Record the chosen variants (already in the model) in ``context.layers`` and the report."""
+        for layer, k in zip(space.layers, choice):
+            candidate = layer.candidates[k]
+            state = candidate.state
+            context.update_layer(layer.name, method=state.method, quant=state.quant, sparsity=state.sparsity)
+            run.record.layers[layer.name] = {
+                "method": candidate.method,
+                "setting": candidate.setting,
+                "cost": candidate.cost,
+                "cost_per_weight": candidate.cost / layer.weights,
+                "error": candidate.error,
+            }
+
+
+def allocation_plot(space: SearchSpace, choice: list[int], title: str) -> bytes:
+    """A PNG bar chart of each layer's chosen cost per weight, with the budget as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    values = [space.density[i, k].item() for i, k in enumerate(choice)]
+    figure, axes = pyplot.subplots(figsize=(max(6.0, 0.06 * len(values) + 2), 3.5))
+    try:
+        axes.bar(range(len(values)), values, width=0.9, color="#4c72b0")
+        axes.axhline(space.target, color="#c44e52", linestyle="--", label=f"budget {space.target:.4g}")
+        axes.set_xlabel("targeted layer (model order)")
+        axes.set_ylabel(f"{space.budget.unit} per weight")
+        axes.set_title(f"{title}: per-layer allocation")
+        axes.legend(loc="upper right")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+    finally:
+        pyplot.close(figure)
+    return buffer.getvalue()

@@ -1,0 +1,182 @@
+"""TOFU-style question/answer data: the ``qa`` data source, and the forget/retain overlap count.
+
+A record is a JSON object as in TOFU's ``*_perturbed`` splits (``locuslab/TOFU``):
+``question``, ``answer``, and for evaluation ``paraphrased_answer`` (a correct answer in other
+words) and ``perturbed_answer`` (a list of wrong answers). A sample is the question and the
+answer in one fixed template, ``"Question: {question}\\nAnswer: {answer}"`` followed by the
+tokenizer's end-of-sequence token, with only the answer (and that token) as labels; open-
+unlearning renders the model's chat template instead (our choice: one template for every
+model, chat-tuned or not, that a model without a chat template also reads).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from compress.api import DataSpec, JsonLinesSource, Sample, UserError, records
+
+IGNORE_INDEX = -100
+QUESTION, ANSWER = "question", "answer"
+PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answer"
+
+
+def prompt_text(question: str) -> str:
+    """The template's prompt: what generation starts from."""
+    return f"Question: {question}\nAnswer:"
+
+
+def variant_keys(index: int | None) -> tuple[str, str]:
+    """The sample keys of a variant's ids and labels: the paraphrase (``None``) or perturbed answer ``index``."""
+    name = "paraphrased" if index is None else f"perturbed_{index}"
+    return f"{name}_input_ids", f"{name}_labels"
+
+
+class QASource(JsonLinesSource):
+    """TOFU-style question/answer records (``question``, ``answer``; other keys through
+    ``prompt_field``/``answer_field``) in the template ``Question: …\\nAnswer: …`` plus the
+    end-of-sequence token; only answers are labels (``loss_on: answers``). A record's
+    ``paraphrased_answer`` and ``perturbed_answer`` list, when present, ride along as extras
+    (``paraphrased_input_ids``/``_labels``, ``perturbed_<i>_input_ids``/``_labels``) for the
+    truth ratio; every record of a file then needs the same number of them."""
+
+    name = "qa"
+
+    def check(self, spec: DataSpec) -> None:
+        if spec.loss_on != "answers":
+            raise UserError("qa data scores answers only: set loss_on: answers", "loss_on")
+        if spec.field is not None:
+            raise UserError("qa data has no field; name other keys with prompt_field and answer_field", "field")
+        question, answer = self.fields(spec)
+        super().check(spec.model_copy(update={"prompt_field": question, "answer_field": answer}))
+
+    def fields(self, spec: DataSpec) -> tuple[str, str]:
+        return spec.prompt_field or QUESTION, spec.answer_field or ANSWER
+
+    def texts(self, record: dict, spec: DataSpec, where: Any) -> list[str]:
+        question, answer = self.fields(spec)
+        return [prompt_text(text(record, question, where)), " " + text(record, answer, where)]
+
+    def check_record(self, record: dict, spec: DataSpec, where: Any) -> None:
+        self.texts(record, spec, where)
+        self.variants(record, where)
+
+    def variants(self, record: dict, where: Any) -> list[tuple[int | None, str]]:
+        """The record's other answers: ``(None, paraphrase)`` and ``(i, perturbed answer i)``."""
+        found: list[tuple[int | None, str]] = []
+        if PARAPHRASED in record:
+            found.append((None, text(record, PARAPHRASED, where)))
+        if PERTURBED in record:
+            wrong = record[PERTURBED]
+            if not isinstance(wrong, list) or not wrong or not all(isinstance(item, str) for item in wrong):
+                raise UserError(f"{PERTURBED!r}: expected a non-empty list of texts", where)
+            found.extend(enumerate(wrong))
+        return found
+
+    def sequence(self, prompt: str, answer: str, spec: DataSpec, tokenizer: Any, where: Any) -> tuple[list, list]:
+        """Token ids and labels of prompt + answer + end of sequence, cut to ``seq_len``; UserError
+        when no answer token is left."""
+        prompt_ids = encode(prompt, tokenizer)
+        answer_ids = encode(answer, tokenizer)
+        if tokenizer.eos_token_id is not None:
+            answer_ids.append(tokenizer.eos_token_id)
+        ids = (prompt_ids + answer_ids)[: spec.seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: spec.seq_len]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise UserError(f"no answer token within the first seq_len = {spec.seq_len} tokens", where)
+        return ids, labels
+
+    def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: Any) -> tuple[list[int], list[int]]:
+        prompt, answer = self.texts(record, spec, where)
+        return self.sequence(prompt, answer, spec, tokenizer, where)
+
+    def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
+        self.check(spec)
+        if tokenizer is None:
+            raise UserError("qa data needs a tokenizer, and the model has none", str(spec.path))
+        samples: list[Sample] = []
+        shape = None
+        for where, record in records(spec):
+            prompt, answer = self.texts(record, spec, where)
+            sample = dict(
+                zip(("input_ids", "labels"), map(torch.tensor, self.sequence(prompt, answer, spec, tokenizer, where)))
+            )
+            variants = self.variants(record, where)
+            if shape is None:
+                shape = [index for index, _ in variants]
+            elif [index for index, _ in variants] != shape:
+                raise UserError(
+                    f"the record's paraphrased/perturbed answers differ in kind or number from the first record's "
+                    f"({len(shape)} in all)",
+                    where,
+                )
+            for index, other in variants:
+                ids_key, labels_key = variant_keys(index)
+                ids, labels = self.sequence(prompt, " " + other, spec, tokenizer, where)
+                sample[ids_key], sample[labels_key] = torch.tensor(ids), torch.tensor(labels)
+            samples.append(sample)
+        return samples
+
+
+def text(record: dict, key: str, where: Any) -> str:
+    if key not in record:
+        raise UserError(f"the record has no {key!r} (it has {', '.join(map(repr, record)) or 'no keys'})", where)
+    value = record[key]
+    if not isinstance(value, str):
+        raise UserError(f"{key!r}: expected text, found {type(value).__name__}", where)
+    return value
+
+
+def encode(value: str, tokenizer: Any) -> list[int]:
+    return list(tokenizer(value, add_special_tokens=False).input_ids)
+
+
+def variant(sample: Sample, index: int | None) -> Sample:
+    """The sample with a paraphrased (``None``) or perturbed answer in place of its answer."""
+    ids_key, labels_key = variant_keys(index)
+    if ids_key not in sample:
+        raise UserError(
+            f"the data has no {PARAPHRASED if index is None else PERTURBED} (use source: qa records with it)"
+        )
+    return {"input_ids": sample[ids_key], "labels": sample[labels_key]}
+
+
+def perturbed_count(sample: Sample) -> int:
+    """How many perturbed answers the sample carries."""
+    return sum(1 for key in sample if key.startswith("perturbed_") and key.endswith("_input_ids"))
+
+
+ITEM_FIELDS = {"jsonl": ("text",), "chat": ("messages",), "qa": (QUESTION, ANSWER)}
+"""The record keys that identify an item, by data source (unless the entry names its own)."""
+
+
+def item_fields(spec: DataSpec) -> tuple[str, ...] | None:
+    if spec.source not in ITEM_FIELDS:
+        return None
+    if spec.prompt_field is not None:
+        return spec.prompt_field, spec.answer_field
+    return (spec.field,) if spec.field else ITEM_FIELDS[spec.source]
+
+
+def overlapping_items(forget: DataSpec, retain: DataSpec) -> tuple[int, str]:
+    """How many of the forget set's items (the first ``samples`` records) are retain items too, and where
+    the first is (``file:line = file:line``); ``(0, "")`` for data without records (text files)."""
+    fields = item_fields(forget), item_fields(retain)
+    if None in fields or forget.source != retain.source or not (forget.path.is_file() and retain.path.is_file()):
+        return 0, ""  # a missing file is refused by the data checks
+    kept: dict[str, str] = {}
+    for where, record in records(retain):
+        kept.setdefault(item_key(record, fields[1]), str(where))
+    shared, first = 0, ""
+    for where, record in records(forget):
+        key = item_key(record, fields[0])
+        if key in kept:
+            shared += 1
+            first = first or f"{where} = {kept[key]}"
+    return shared, first
+
+
+def item_key(record: dict, fields: tuple[str, ...]) -> str:
+    return json.dumps([record.get(name) for name in fields], sort_keys=True)

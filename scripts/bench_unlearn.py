@@ -1,0 +1,258 @@
+"""The unlearning table in open-unlearning's TOFU layout, on the benchmark this project generates.
+
+Steps, all in one process: generate the TOFU-style data (``scripts.make_unlearn_data``),
+fine-tune the target and the retain models (``scripts.finetune_unlearn_target``), then for
+each forget split (1/5/10 %) evaluate the target and the retain model (the reference rows)
+and run every method (``compress apply`` of an unlearning recipe on the target, in memory)
+and evaluate it: forget quality, model utility, forget ROUGE-L, privacy leak, extraction
+strength, forget truth ratio, forget exact memorization (did the target learn the set?),
+time of the unlearning stage. Last, forget quality before and after W4 round-to-nearest
+quantization of one method's result (the quantization stage in the same recipe as the
+unlearning stage).
+
+Settings (stated in the JSON): unlearning as open-unlearning's TOFU runs (10 epochs over the
+forget set, batch 32 or the whole set when smaller, lr 1e-5, one warm-up epoch, linear
+decay, weight decay 0.01, the methods' default hyperparameters); greedy generation of at
+most ``--max-new-tokens`` tokens; model utility on the first ``--eval-retain`` retain items
+and the world-facts set; privacy leak against the held-out authors of the split's size.
+
+    python -m scripts.bench_unlearn --out out/unlearn-bench             # GPU: the whole table
+    python -m scripts.bench_unlearn --out /tmp/unlearn-smoke --smoke    # CPU: tiny Llama, tiny data
+
+Writes ``--out``/unlearn_bench.json (and ``--json`` when given) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.common import environment
+from scripts.finetune_unlearn_target import (
+    add_arguments,
+    finetune_all,
+    records,
+    run_recipe,
+    stage_seconds,
+    unlearn_host,
+)
+from scripts.make_unlearn_data import generate
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "dipo")
+COLUMNS = (
+    "forget_quality",
+    "model_utility",
+    "forget_rouge",
+    "privacy_leak",
+    "extraction_strength",
+    "forget_truth",
+    "forget_memorization",
+)
+
+
+def qa_entry(path: Path, samples: int, seq_len: int) -> dict:
+    return {"path": str(path), "source": "qa", "samples": samples, "seq_len": seq_len, "loss_on": "answers"}
+
+
+def unlearn_recipe(args: argparse.Namespace, method: str, percent: int, stages_after: list[dict]) -> dict:
+    """Unlearn forget``percent`` from the target with ``method`` (then ``stages_after``), no output."""
+    forget = args.data / f"forget{percent:02d}.jsonl"
+    retain = args.data / f"retain{100 - percent:02d}.jsonl"
+    count = records(forget)
+    batch = min(args.unlearn_batch, count)
+    per_epoch = math.ceil(count / batch)
+    stage = {
+        "method": method,
+        "steps": math.ceil(args.unlearn_epochs * per_epoch),
+        "batch_size": batch,
+        "lr": args.unlearn_lr,
+        "warmup_steps": per_epoch,
+        "schedule": "linear",
+        "weight_decay": 0.01,
+        "log_every": per_epoch,
+    }
+    return {
+        "model": str(args.models / "target"),
+        "data": {
+            "forget": qa_entry(forget, count, args.seq_len),
+            "retain": qa_entry(retain, records(retain), args.seq_len),
+        },
+        "stages": [stage, *stages_after],
+        "run": {"device": args.device, "mode": "whole", "seed": args.seed},
+    }
+
+
+class Evaluator:
+    """The table's metrics for one split, with the retain model's references computed once."""
+
+    def __init__(self, args: argparse.Namespace, percent: int, tokenizer, like: torch.nn.Module) -> None:
+        from compress.api import MetricInputs
+        from compress.recipe import DataSpec
+        from compress_unlearn.data import QASource
+        from compress_unlearn.metrics import (
+            AnswerRouge,
+            ExactMemorization,
+            ExtractionStrength,
+            ForgetQuality,
+            ModelUtility,
+            PrivacyLeak,
+            TruthRatio,
+        )
+
+        device = torch.device(args.device_resolved)
+        source = QASource()
+        files = {
+            "forget": args.data / f"forget{percent:02d}.jsonl",
+            "retain": args.data / f"retain{100 - percent:02d}.jsonl",
+            "holdout": args.data / f"holdout{percent:02d}.jsonl",
+            "facts": args.data / "world_facts.jsonl",
+        }
+        sizes = {name: records(path) for name, path in files.items()}
+        sizes["retain"] = min(sizes["retain"], args.eval_retain)
+        specs = {name: DataSpec(**qa_entry(path, sizes[name], args.seq_len)) for name, path in files.items()}
+        data = {name: source.load(spec, tokenizer) for name, spec in specs.items()}
+        self.inputs = {
+            name: MetricInputs(data[name], specs[name], tokenizer, device, data.__getitem__)
+            for name in ("forget", "retain")
+        }
+        retain_model = str(args.models / f"retain{100 - percent:02d}")
+        generation = {"max_new_tokens": args.max_new_tokens, "batch_size": args.eval_batch}
+        self.quality = ForgetQuality(ForgetQuality.Params(retain_model=retain_model, batch_size=args.eval_batch))
+        self.leak = PrivacyLeak(
+            PrivacyLeak.Params(holdout="holdout", retain_model=retain_model, batch_size=args.eval_batch)
+        )
+        self.quality.prepare(self.inputs["forget"], like)
+        self.leak.prepare(self.inputs["forget"], like)
+        self.utility = ModelUtility(ModelUtility.Params(general=["facts"], **generation))
+        self.rouge = AnswerRouge(AnswerRouge.Params(**generation))
+        self.extraction = ExtractionStrength(ExtractionStrength.Params(batch_size=args.eval_batch))
+        self.truth = TruthRatio(TruthRatio.Params(batch_size=args.eval_batch))
+        self.memorization = ExactMemorization(ExactMemorization.Params(batch_size=args.eval_batch))
+
+    @torch.no_grad()
+    def row(self, model: torch.nn.Module) -> dict[str, float]:
+        from compress.api import onloaded
+
+        forget, retain = self.inputs["forget"], self.inputs["retain"]
+        with onloaded(model.eval(), forget.device):
+            return {
+                "forget_quality": self.quality.value(model, forget),
+                "model_utility": self.utility.value(model, retain),
+                "forget_rouge": self.rouge.value(model, forget),
+                "privacy_leak": self.leak.value(model, forget),
+                "extraction_strength": self.extraction.value(model, forget),
+                "forget_truth": self.truth.value(model, forget),
+                "forget_memorization": self.memorization.value(model, forget),
+            }
+
+
+def load_dense(directory: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        directory
+    )
+
+
+def bench_split(args: argparse.Namespace, host, percent: int) -> dict:
+    target, tokenizer = load_dense(args.models / "target")
+    retain, _ = load_dense(args.models / f"retain{100 - percent:02d}")
+    evaluator = Evaluator(args, percent, tokenizer, target)
+    rows = {"target": evaluator.row(target), "retain": evaluator.row(retain)}
+    print(f"forget{percent:02d} target: {rows['target']}\nforget{percent:02d} retain: {rows['retain']}", flush=True)
+    for method in args.methods:
+        start = time.perf_counter()
+        context = run_recipe(host, unlearn_recipe(args, method, percent, []), args.out / f"{method}-{percent:02d}.yaml")
+        rows[method] = {**evaluator.row(context.model), "seconds": stage_seconds(context)}
+        print(f"forget{percent:02d} {method}: {rows[method]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return rows
+
+
+def bench_quantized(args: argparse.Namespace, host) -> dict:
+    """Forget quality and the rest of one method's result before and after W4 (rtn, symmetric g64)."""
+    percent, method = max(args.splits), args.quant_method
+    target, tokenizer = load_dense(args.models / "target")
+    evaluator = Evaluator(args, percent, tokenizer, target)
+    w4 = {"method": "rtn", "targets": ["re:.*(q|k|v|o|gate|up|down)_proj$"], "bits": 4, "group_size": 64}
+    result = {"split": f"forget{percent:02d}", "method": method, "quantization": w4}
+    for name, after in (("before", []), ("after_w4", [w4])):
+        context = run_recipe(host, unlearn_recipe(args, method, percent, after), args.out / f"{method}-{name}.yaml")
+        result[name] = evaluator.row(context.model)
+    result["target_w4"] = evaluator.row(
+        run_recipe(
+            host, {**unlearn_recipe(args, method, percent, []), "stages": [w4]}, args.out / "target-w4.yaml"
+        ).model
+    )
+    return result
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for split, rows in results["table"].items():
+        lines += [
+            f"\n{split}\n",
+            "| model | " + " | ".join(COLUMNS) + " | time (s) |",
+            "|---" * (len(COLUMNS) + 2) + "|",
+        ]
+        for name, row in rows.items():
+            cells = [f"{row[c]:.3g}" for c in COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('seconds', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="also write the results here (e.g. docs/results/unlearn.json)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 10 authors, short runs (CPU)")
+    parser.add_argument("--authors", type=int, default=100)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    parser.add_argument("--unlearn-epochs", type=float, default=10.0)
+    parser.add_argument("--unlearn-batch", type=int, default=32)
+    parser.add_argument("--unlearn-lr", type=float, default=1e-5)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--eval-retain", type=int, default=100, help="retain items in model utility")
+    parser.add_argument("--eval-batch", type=int, default=64)
+    parser.add_argument("--quant-method", default="npo")
+    parser.add_argument("--skip-finetune", action="store_true", help="reuse --out/models")
+    add_arguments(parser)
+    args = parser.parse_args()
+    if args.smoke:
+        from compress.pytest_plugin import build_tiny_model
+
+        args.model = str(build_tiny_model(args.out / "tiny"))
+        args.authors, args.splits, args.epochs, args.unlearn_epochs = 10, [10], 1.0, 2.0
+        args.max_new_tokens, args.eval_retain, args.unlearn_lr = 8, 10, 1e-3
+    args.device_resolved = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    args.data, args.models = args.out / "data", args.out / "models"
+    start = time.perf_counter()
+    meta = generate(args.data, args.authors, 10, args.seed)
+    if not args.skip_finetune:
+        finetune_seconds = finetune_all(args, args.data, args.models)
+    host = unlearn_host()
+    table = {f"forget{p:02d}": bench_split(args, host, p) for p in args.splits}
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": meta,
+        "finetune_seconds": None if args.skip_finetune else finetune_seconds,
+        "table": table,
+        "quantization": bench_quantized(args, host),
+        "environment": environment(args.device_resolved),
+    }
+    results["total_seconds"] = time.perf_counter() - start
+    text = json.dumps(results, indent=2)
+    (args.out / "unlearn_bench.json").write_text(text, encoding="utf-8")
+    if args.json:
+        args.json.write_text(text, encoding="utf-8")
+    print(markdown(results))
+    print(json.dumps(results["quantization"], indent=2))
+    print(f"total {results['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

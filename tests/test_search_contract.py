@@ -1,0 +1,162 @@
+"""The search contract (version 2): budgets, provider offers, candidates with their variants,
+input statistics for providers, and what `compress recipe check` refuses."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+import compress_rco
+from compress.errors import UserError
+from compress.quant import QuantScheme
+from compress.scoring import ReferenceKL, Scorer
+from compress.search import (
+    Budget,
+    CandidateOffer,
+    CandidateRequest,
+    LayerInputs,
+    grid_storage_bits,
+    quantizer_price,
+    weight_cost,
+)
+from compress_gptq.candidates import gptq_candidates
+from compress_rtn.method import rtn_candidates
+
+STAGE = {
+    "method": "evopress",
+    "targets": ["re:.*(q|k|v|o|gate|up|down)_proj$"],
+    "providers": ["gptq"],
+    "settings": {"bits": [2, 3, 4], "group_size": [32]},
+    "budget": {"bits_per_weight": 3.0},
+    "generations": 2,
+    "offspring": 3,
+    "survivors": [1],
+    "tokens": [62],
+    "initial": 2,
+    "initial_tokens": 31,
+}
+
+
+@pytest.mark.parametrize(
+    ("written", "unit", "per_weight"),
+    [
+        ({"bits_per_weight": 3.0}, "bits", True),
+        ({"bits": 1e6}, "bits", False),
+        ({"bitops_per_weight": 48}, "bitops", True),
+        ({"params_kept": 0.5}, "params", True),
+        ({"params": 1000}, "params", False),
+    ],
+)
+def test_budget_in_any_unit(written, unit, per_weight):
+    budget = Budget.model_validate(written)
+    assert (budget.unit, budget.per_weight, budget.key) == (unit, per_weight, next(iter(written)))
+    assert budget.total(200) == (budget.value * 200 if per_weight else budget.value)
+    assert budget.in_key(budget.total(200), 200) == pytest.approx(budget.value)
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ({"bit_per_weight": 3}, "unknown cost unit 'bit_per_weight' (did you mean 'bits_per_weight'?)"),
+        ({"bits": 3, "params": 4}, "give the budget in one unit"),
+        ({"bits_per_weight": -1}, "must be a positive number"),
+    ],
+)
+def test_bad_budgets(written, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Budget.model_validate(written)
+
+
+def test_costs_in_each_unit():
+    layer = nn.Linear(64, 8, bias=False)
+    setting = {"bits": 3, "group_size": 32, "symmetric": True}
+    assert quantizer_price(layer, setting, "bits") == 8 * 64 * 3 + 8 * 2 * 16
+    assert quantizer_price(layer, setting, "bits") == grid_storage_bits((8, 64), QuantScheme(**setting))
+    assert quantizer_price(layer, setting, "bitops") == 8 * 64 * 3 * 16
+    assert quantizer_price(layer, setting, "params") == 8 * 64
+    assert weight_cost("params", kept=10, weight_bits=4, storage_bits=99) == 10
+
+
+def test_an_offer_understands_its_settings_only():
+    offer = CandidateOffer({"group_size": [128], "symmetric": [True]})
+    layer = nn.Linear(64, 8)
+    request = CandidateRequest({"bits": [2, 4], "group_size": [32, 48, None]})
+    assert offer.settings_for(layer, request) == [
+        {"bits": b, "group_size": g, "symmetric": True} for b in (2, 4) for g in (32, None)
+    ]
+    assert offer.settings_for(layer, CandidateRequest({"bits": [2], "sparsity": [0.5]})) == []
+    assert offer.settings_for(layer, CandidateRequest({"group_size": [32]})) == []  # bits is required
+
+
+def test_a_candidate_exposes_its_variant_and_applies_it_in_place():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 8, bias=False)
+    original = layer.weight.detach().clone()
+    (candidate,) = rtn_candidates("x", layer, CandidateRequest({"bits": [3], "group_size": [32]}))
+    assert torch.equal(layer.weight, original)  # offering changed nothing
+    assert not torch.equal(candidate.weight, original)
+    storage = layer.weight.data_ptr()
+    state = candidate.apply(layer)
+    assert layer.weight.data_ptr() == storage and torch.equal(layer.weight, candidate.weight)
+    assert state.quant.scheme.bits == 3
+    relative = (candidate.weight - original).pow(2).sum() / original.pow(2).sum()
+    assert candidate.error == pytest.approx(relative.item(), rel=1e-6)
+
+
+def test_gptq_offers_nothing_without_input_statistics_and_beats_rtn_with_them():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16, bias=False)
+    inputs = torch.randn(512, 64) * torch.linspace(0.1, 3, 64)  # uneven input scales: GPTQ's case
+    hessian = 2 * inputs.T @ inputs / 512
+    request = CandidateRequest({"bits": [2, 3, 4], "group_size": [32]})
+    assert gptq_candidates("x", layer, request) == []
+    with_inputs = CandidateRequest(request.settings, inputs=LayerInputs(hessian, 512))
+    gptq = gptq_candidates("x", layer, with_inputs)
+    rtn = rtn_candidates("x", layer, request)
+    assert [c.setting["bits"] for c in gptq] == [2, 3, 4]
+    assert [c.cost for c in gptq] == [c.cost for c in rtn]
+    for g, r in zip(gptq, rtn):
+        delta = (r.weight - layer.weight).detach()
+        rtn_output_error = torch.trace(delta @ hessian @ delta.T) / torch.trace(layer.weight @ hessian @ layer.weight.T)
+        assert g.error < rtn_output_error.item()  # errors are output errors through the Hessian
+        assert g.state.quant.scale.shape == (16, 2)
+
+
+def test_search_with_gptq_candidates_from_collected_hessians(register_plugin, run_recipe):
+    register_plugin(compress_rco, name="rco")
+    run = run_recipe({"stages": [STAGE]})
+    (record,) = run.report["stages"]
+    assert record["kind"] == "search"
+    assert {layer["method"] for layer in record["layers"].values()} == {"gptq"}
+    assert record["details"]["achieved"]["bits_per_weight"] <= 3.0
+    assert record["produces"]["mixed"] and record["produces"]["quant"] is None
+    state = run.context.layers["model.layers.1.mlp.down_proj"]
+    assert state.method == "gptq" and state.quant.scheme.group_size == 32
+
+    # the search's objective is the evaluation's KL on the same data (its cache is float16)
+    objective = ReferenceKL(run.context, "calibration")
+    pieces = [(index, None) for index in range(len(objective.samples))]
+    with torch.no_grad():
+        kl = objective.loss(run.context.model, pieces).item()
+    assert kl > 0
+    assert kl == pytest.approx(Scorer(run.context, "calibration", ["kl"]).score()["kl"], rel=1e-2, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"budget": {"bits_per_weight": 1.5}}, "budget bits_per_weight: 1.5 is below the cheapest configuration"),
+        ({"budget": {"bits_per_weight": 9}}, "budget bits_per_weight: 9 is above the dearest configuration"),
+        ({"settings": {"bits": [2, 3], "sparsity": [0.5]}}, "candidate setting 'sparsity' is understood by no"),
+        ({"providers": ["gptqq"]}, "no installed method named 'gptqq' offers candidates (did you mean 'gptq'?)"),
+        ({"settings": {"bits": [2, 3], "group_size": [48]}}, "no candidate provider offers variants of this Linear"),
+    ],
+)
+def test_recipe_check_refuses(register_plugin, run_recipe, change, message):
+    register_plugin(compress_rco, name="rco")
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_recipe({"stages": [{**STAGE, **change}]})
