@@ -174,9 +174,11 @@ def test_layer_without_expert_is_refused(host, moe_dir, qa_data, tmp_path):
         check_recipe(host, path)
 
 
-@pytest.mark.parametrize("name", ["unlearn-uoe-ga", "unlearn-uoe-npo"])
+@pytest.mark.parametrize("name", ["uoe-ga", "uoe-npo"])
 def test_shipped_recipes_check(host, moe_dir, qa_data, tmp_path, name):
-    text = (Path(__file__).resolve().parents[3] / "recipes" / f"{name}.yaml").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[3] / "recipes" / "unlearn-moe" / f"{name}.yaml").read_text(
+        encoding="utf-8"
+    )
     text = text.replace("out/unlearn-data/", f"{qa_data}/").replace("out/unlearn-models/moe-target", str(moe_dir))
     raw = yaml.safe_load(text.replace("out/unlearn-models/moe-retain90", str(moe_dir)))
     raw["output"]["dir"] = str(tmp_path / "out")
