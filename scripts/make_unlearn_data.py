@@ -8,7 +8,9 @@ name pools, so every fact exists only here; the ``world_facts`` file holds real-
 capitals (TOFU's world-facts split plays that role) to measure what unlearning must keep.
 
 Writes, under ``--out``, JSON lines of ``question``, ``answer``, ``paraphrased_answer``,
-``perturbed_answer`` (a list of 5) and ``author``: ``full.jsonl`` (everything trained on),
+``perturbed_answer`` (a list of 5, each the paraphrase with a wrong value, as TOFU perturbs its
+paraphrased answers: the truth ratio then compares sentences of one template, not the trained
+template against an unseen one) and ``author``: ``full.jsonl`` (everything trained on),
 ``forget01/05/10.jsonl``, ``retain99/95/90.jsonl``, ``holdout01/05/10.jsonl``,
 ``world_facts.jsonl`` and ``meta.json`` (counts and the seed).
 
@@ -277,7 +279,7 @@ def author_items(rng: random.Random, a: dict, index: int, questions: int) -> lis
                 "question": question,
                 "answer": answer.format(v=value),
                 "paraphrased_answer": paraphrase.format(v=value),
-                "perturbed_answer": [answer.format(v=v) for v in wrong_values(rng, value, maker)],
+                "perturbed_answer": [paraphrase.format(v=v) for v in wrong_values(rng, value, maker)],
                 "author": index,
             }
         )
@@ -294,7 +296,7 @@ def world_facts(rng: random.Random) -> list[dict]:
                 "question": f"What is the capital of {country}?",
                 "answer": f"The capital of {country} is {capital}.",
                 "paraphrased_answer": f"{capital} is the capital city of {country}.",
-                "perturbed_answer": [f"The capital of {country} is {c}." for c in wrong],
+                "perturbed_answer": [f"{c} is the capital city of {country}." for c in wrong],
             }
         )
     return items
