@@ -358,41 +358,17 @@ def datasets_stand_in() -> None:
     sys.modules.update({"datasets": root, "datasets.formatting": formatting, "datasets.formatting.formatting": inner})
 
 
-def run_llmcompressor(args) -> dict:
-    datasets_stand_in()
-    import llmcompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def run_modifier(model: torch.nn.Module, modifier, loader, device: torch.device) -> tuple[list[float], float]:
+    """Run one LLM Compressor modifier through its sequential pipeline, as ``oneshot()`` does minus
+    loading a model from a path and tokenizing a dataset: seconds per decoder layer, and in all."""
     from llmcompressor.args import DatasetArguments, RecipeArguments
     from llmcompressor.entrypoints.oneshot import Oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
-    from torch.utils.data import DataLoader
 
-    device = torch.device(args.device)
-    config, model, build_seconds, params = build(args)
-    samples = calibration(args, config)
-    loader = DataLoader(samples, batch_size=1, collate_fn=lambda batch: {"input_ids": torch.stack(batch)})
-    weights = QuantizationArgs(
-        num_bits=SETTINGS["bits"],
-        type="int",
-        symmetric=SETTINGS["symmetric"],
-        strategy="group",
-        group_size=SETTINGS["group_size"],
-    )
-    # GPTQModifier's own default is actorder "static": it is always given explicitly here
-    modifier = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=["lm_head"],
-        block_size=SETTINGS["block_size"],
-        dampening_frac=SETTINGS["percdamp"],
-        actorder="static" if args.act_order else None,
-    )
-    # oneshot() minus loading the model from a path and tokenizing a dataset
     shot = Oneshot.__new__(Oneshot)
     shot.model = model
     shot.recipe = [modifier]
     shot.recipe_args = RecipeArguments(recipe=[modifier])
     shot.dataset_args = DatasetArguments(pipeline="sequential")
-
     starts: dict[int, float] = {}
 
     def first_call(index: int):
@@ -416,7 +392,36 @@ def run_llmcompressor(args) -> dict:
     for handle in handles:
         handle.remove()
     marks = [starts[i] for i in sorted(starts)] + [ended]
-    seconds = [b - a for a, b in itertools.pairwise(marks)]
+    return [b - a for a, b in itertools.pairwise(marks)], ended - started
+
+
+def run_llmcompressor(args) -> dict:
+    datasets_stand_in()
+    import llmcompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from torch.utils.data import DataLoader
+
+    device = torch.device(args.device)
+    config, model, build_seconds, params = build(args)
+    samples = calibration(args, config)
+    loader = DataLoader(samples, batch_size=1, collate_fn=lambda batch: {"input_ids": torch.stack(batch)})
+    weights = QuantizationArgs(
+        num_bits=SETTINGS["bits"],
+        type="int",
+        symmetric=SETTINGS["symmetric"],
+        strategy="group",
+        group_size=SETTINGS["group_size"],
+    )
+    # GPTQModifier's own default is actorder "static": it is always given explicitly here
+    modifier = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=["lm_head"],
+        block_size=SETTINGS["block_size"],
+        dampening_frac=SETTINGS["percdamp"],
+        actorder="static" if args.act_order else None,
+    )
+    seconds, stage_seconds = run_modifier(model, modifier, loader, device)
     quantized = [m for m in model.modules() if hasattr(m, "weight_scale")]
     expected = 7 * config.num_hidden_layers
     applied = quantized[0].quantization_scheme.weights  # the settings after the modifier resolved them
@@ -437,7 +442,7 @@ def run_llmcompressor(args) -> dict:
         "linear_layers_quantized": len(quantized),
         "calibration": {"samples": len(samples), "seq_len": len(samples[0])},
         "build_seconds": build_seconds,
-        "stage_seconds": ended - started,
+        "stage_seconds": stage_seconds,
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -34,13 +34,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from compress_nm.patterns import NMPattern, is_nm_sparse
-from scripts.bench_gptq_gpu import Progress, build, calibration, datasets_stand_in, warm_up
+from scripts.bench_gptq_gpu import Progress, build, calibration, datasets_stand_in, run_modifier, warm_up
 from scripts.common import StageClock, build_context, environment, gib, plugin_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +99,6 @@ def run_ours(args: argparse.Namespace) -> dict:
 def run_llmcompressor(args: argparse.Namespace) -> dict:
     datasets_stand_in()
     import llmcompressor
-    from llmcompressor.args import DatasetArguments, RecipeArguments
-    from llmcompressor.entrypoints.oneshot import Oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier
     from torch.utils.data import DataLoader
 
@@ -117,35 +114,7 @@ def run_llmcompressor(args: argparse.Namespace) -> dict:
         targets=["Linear"],
         ignore=["re:.*lm_head"],
     )
-    shot = Oneshot.__new__(Oneshot)  # oneshot() minus loading a model from a path and tokenizing a dataset
-    shot.model = model
-    shot.recipe = [modifier]
-    shot.recipe_args = RecipeArguments(recipe=[modifier])
-    shot.dataset_args = DatasetArguments(pipeline="sequential")
-    starts: dict[int, float] = {}
-
-    def first_call(index: int):
-        def hook(_module, _args):
-            if index not in starts:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                starts[index] = time.perf_counter()
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(first_call(i)) for i, layer in enumerate(model.model.layers)]
-    warm_up(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    shot.apply_recipe_modifiers(calibration_dataloader=loader)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ended = time.perf_counter()
-    for handle in handles:
-        handle.remove()
-    marks = [starts[i] for i in sorted(starts)] + [ended]
-    seconds = [b - a for a, b in itertools.pairwise(marks)]
+    seconds, stage_seconds = run_modifier(model, modifier, loader, device)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     return {
         "run": f"llmcompressor {llmcompressor.__version__} SparseGPTModifier",
@@ -155,7 +124,7 @@ def run_llmcompressor(args: argparse.Namespace) -> dict:
         "decoder_layers": config.num_hidden_layers,
         "calibration": {"samples": len(samples), "seq_len": len(samples[0])},
         "build_seconds": build_seconds,
-        "stage_seconds": ended - started,
+        "stage_seconds": stage_seconds,
         "layer_seconds": seconds,
         "median_layer_seconds": statistics.median(seconds),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
