@@ -15,9 +15,19 @@ imported on first use.
 
 from typing import Any
 
-from compress.blocks import hidden_states, with_hidden_states
+from compress.activation_points import (
+    ACTIVATION_SITES,
+    ActivationPoint,
+    PointQuantization,
+    PointScheme,
+    point_name,
+    site_modules,
+    uniform_range_params,
+)
+from compress.blocks import hidden_states, stack_inputs, with_hidden_states
 from compress.checkpoint import LoadedModel, WriterCapabilities, WriterOptions
 from compress.context import Context, LayerState, OutlierSplit, StageRecord, StageRun
+from compress.cuda_graphs import GraphReplay
 from compress.data import IGNORE_INDEX, JsonLinesSource, Sample, collate, model_inputs, records
 from compress.devices import move, on_device, onloaded, settle
 from compress.errors import UserError, did_you_mean
@@ -29,7 +39,14 @@ from compress.evaluate import (
     next_token_labels,
     next_token_log_probs,
 )
-from compress.gradients import OutputLoss, block_output_gradients
+from compress.gradients import (
+    ChunkLoss,
+    OutputLoss,
+    after_block,
+    block_output_gradients,
+    chunks,
+    gradients_after_block,
+)
 from compress.hessian import (
     Hessian,
     InputNorms,
@@ -64,14 +81,16 @@ from compress.search_method import SearchMethod, SearchParams, SearchSpace
 from compress.training.method import Batch, TrainingMethod, TrainParams
 from compress.training.slices import trainable_slice
 
-API_VERSION = "2.0"
+API_VERSION = "2.1"
 """The version of this API: the major number changes when a name is removed or changes
 meaning, the minor number when names are added."""
 
 __all__ = [
+    "ACTIVATION_SITES",
     "API_VERSION",
     "COST_UNITS",
     "IGNORE_INDEX",
+    "ActivationPoint",
     "ActivationQuant",
     "ActivationScheme",
     "Batch",
@@ -81,9 +100,11 @@ __all__ = [
     "Candidate",
     "CandidateOffer",
     "CandidateRequest",
+    "ChunkLoss",
     "Context",
     "DataSpec",
     "DirectoryLoader",  # noqa: F822 (module __getattr__, imported on first use)
+    "GraphReplay",
     "Hessian",
     "InputNorms",
     "InverseFactor",
@@ -102,6 +123,8 @@ __all__ = [
     "ModelSpec",
     "OutlierSplit",
     "OutputLoss",
+    "PointQuantization",
+    "PointScheme",
     "Produces",
     "QuantGrid",
     "QuantParams",
@@ -120,14 +143,17 @@ __all__ = [
     "WriterCapabilities",
     "WriterOptions",
     "activation_qparams",
+    "after_block",
     "block_output_gradients",
     "check_group_width",
+    "chunks",
     "collate",
     "collect_candidates",
     "collect_hessians",
     "collect_input_norms",
     "compute_grid",
     "did_you_mean",
+    "gradients_after_block",
     "grid_storage_bits",
     "h_norms",
     "hidden_states",
@@ -141,14 +167,18 @@ __all__ = [
     "next_token_log_probs",
     "on_device",
     "onloaded",
+    "point_name",
     "quantizer_price",
     "quantizer_settings",
     "records",
     "relative_output_error",
     "semi_structured_layers",  # noqa: F822 (module __getattr__, imported on first use)
     "settle",
+    "site_modules",
+    "stack_inputs",
     "to_semi_structured",  # noqa: F822 (module __getattr__, imported on first use)
     "trainable_slice",
+    "uniform_range_params",
     "verify_n_m",  # noqa: F822 (module __getattr__, imported on first use)
     "weight_cost",
     "weight_matrix",

@@ -200,7 +200,7 @@ def device_batch(sample: Sample, device: torch.device) -> Batch:
 
 @contextmanager
 def skipping_blocks(
-    model: nn.Module, device: torch.device, returns_tuple: bool
+    model: nn.Module, device: torch.device, returns_tuple: bool, count: int | None = None
 ) -> Iterator[Callable[[Batch, torch.Tensor], Any]]:
     """The model's forward pass with its blocks skipped: inside, ``run(batch, hidden)`` runs
     ``model`` on ``batch`` with every block returning ``hidden`` (on ``device``), as if the
@@ -211,8 +211,12 @@ def skipping_blocks(
     ``device``, onloaded as :func:`onloaded_on_use` does. Grad mode is the caller's: under
     ``torch.enable_grad()`` the output is differentiable with respect to ``hidden``.
     ``returns_tuple`` is what :func:`run_block` said of the real blocks.
+
+    With ``count``, only the first ``count`` blocks are skipped: ``hidden`` is the output of
+    block ``count - 1`` and the blocks after it compute (they must be on ``device``).
     """
     blocks_name, blocks = find_blocks(model)
+    blocks = blocks[:count]
     current: list[torch.Tensor] = []
 
     def replay(*_args: Any, **_kwargs: Any) -> Any:
@@ -235,6 +239,37 @@ def skipping_blocks(
                 del block.forward
             else:
                 block.forward = own
+
+
+def stack_inputs(entries: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    """One batch from cached block inputs (each of one sample): their hidden states concatenated
+    along the batch; every other argument must be the same in all of them (a ViT block has
+    none; a Llama block's position embeddings are the same for inputs of one length).
+
+    Raises ValueError when they differ (inputs of different lengths, per-sample masks).
+    """
+    first_args, first_kwargs = entries[0]
+    for args, kwargs in entries[1:]:
+        rest = with_hidden_states(args, kwargs, hidden_states(first_args, first_kwargs))
+        if not _same(rest, (first_args, first_kwargs)):
+            raise ValueError("these block inputs differ in more than their hidden states: they cannot form one batch")
+    hidden = torch.cat([hidden_states(args, kwargs) for args, kwargs in entries])
+    return with_hidden_states(first_args, first_kwargs, hidden)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and (a is b or torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
 
 
 @torch.no_grad()

@@ -351,6 +351,7 @@ def eval_command(
     as_json: bool,
 ) -> None:
     """Compare CHECKPOINT with the model it was made from: perplexity, KL, top-1, cosine, lm-eval tasks."""
+    from compress.activation_points import checkpoint_points, quantized_points
     from compress.context import resolve_device
     from compress.default_plugins.progress import evaluation_table
     from compress.evaluate import evaluate
@@ -391,16 +392,18 @@ def eval_command(
         ]
     loaded = [loader.load(model) for loader, model in zip(loaders, models, strict=True)]
     datasets = {} if data_path is None else {"eval": (spec, reader.load(spec, loaded[1].tokenizer))}
-    results = evaluate(
-        host,
-        loaded[0].model,
-        loaded[1].model,
-        [MetricSpec(metric=name, data="eval", **metric_params.get(name, {})) for name in names]
-        + ([lm_eval] if lm_eval else []),
-        datasets,
-        resolve_device(device),
-        tokenizer=loaded[1].tokenizer,
-    )
+    # a dense checkpoint's activation points (fimaq) are evaluated as they were calibrated
+    with quantized_points(loaded[1].model, checkpoint_points(checkpoint)):
+        results = evaluate(
+            host,
+            loaded[0].model,
+            loaded[1].model,
+            [MetricSpec(metric=name, data="eval", **metric_params.get(name, {})) for name in names]
+            + ([lm_eval] if lm_eval else []),
+            datasets,
+            resolve_device(device),
+            tokenizer=loaded[1].tokenizer,
+        )
     if as_json:
         echo_json({"checkpoint": checkpoint, "against": base, "task": task, "evaluation": results})
         return

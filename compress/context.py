@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from compress.distributed import local_rank
+from compress.errors import UserError
 from compress.recipe import ModelSpec
 
 if TYPE_CHECKING:
+    from compress.activation_points import ActivationPoint
     from compress.checkpoint import LoadedModel, Loader
     from compress.data import Sample
     from compress.host import PluginHost
@@ -168,6 +170,11 @@ class Context:
     device: torch.device
     report: Report
     layers: dict[str, LayerState] = field(default_factory=dict)
+    points: dict[str, ActivationPoint] = field(default_factory=dict)
+    """Activation quantization at points beyond what ``LayerState.activations`` holds (attention
+    operands, low-bit Linear inputs), by point name (:mod:`compress.activation_points`); the
+    evaluation of the in-memory model computes through them and writers that cannot store
+    them are refused (``Produces.activation_points``)."""
     resume: bool = False
     """Training stages continue from their checkpoints (``compress apply --resume``)."""
     state: dict[str, Any] = field(default_factory=dict)
@@ -196,7 +203,8 @@ class Context:
 
     @property
     def sequential(self) -> bool:
-        return self.recipe.run.mode == "sequential"
+        """Whether blocks go to the device one at a time (``sequential`` and ``lazy`` modes)."""
+        return self.recipe.run.mode in ("sequential", "lazy")
 
     def update_layer(self, name: str, **changes: Any) -> LayerState:
         """Record what a stage did to a layer, keeping what earlier stages recorded.
@@ -228,7 +236,13 @@ class Context:
         return self.host.loader_for(spec).load(spec).model.eval()
 
     def reference_model(self) -> nn.Module:
-        """The original, uncompressed model, loaded again on first use (on the host)."""
+        """The original, uncompressed model, loaded again on first use (on the host); refused
+        in ``run: mode: lazy``, which exists because the model does not fit the host."""
         if self._reference is None:
+            if self.recipe.run.mode == "lazy":
+                raise UserError(
+                    "run: mode: lazy never loads the whole model, so nothing here can read the original "
+                    "one (e.g. gptq's target: original); use mode: sequential"
+                )
             self._reference = self.loader.load(self.recipe.model).model.eval()
         return self._reference

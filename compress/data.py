@@ -57,7 +57,8 @@ class DataSource(Protocol):
     # recipe's model (a ``task`` model with this config), at ``compress recipe check``; its
     # ``where`` is read as for ``check``. Optional too: ``check_tokens(spec, tokenizer)``, what
     # needs the model's tokenizer (token counts), at ``compress recipe check`` when the loader
-    # gives the tokenizer without the weights (``Loader.load_tokenizer``).
+    # gives the tokenizer without the weights (``Loader.load_tokenizer``); what it returns, when not
+    # None, are the entry's samples (``load``'s), which the run then uses instead of loading again.
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
@@ -158,10 +159,10 @@ class TokenData:
                 "seq_len",
             )
 
-    def check_tokens(self, spec: DataSpec, tokenizer: Any) -> None:
-        """Make the samples once and drop them: too few tokens, no answer within ``seq_len`` or a chat
-        template that does not fit is refused before the weights load."""
-        self.load(spec, tokenizer)
+    def check_tokens(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
+        """Make the samples: too few tokens, no answer within ``seq_len`` or a chat template that
+        does not fit is refused before the weights load; the run starts from the samples."""
+        return self.load(spec, tokenizer)
 
 
 class TextFileSource(TokenData):

@@ -18,3 +18,13 @@ def local_rank() -> int | None:
     """This process's index on its machine, or None outside a multi-process launch."""
     rank = os.environ.get("LOCAL_RANK")
     return None if rank is None else int(rank)
+
+
+def local_processes() -> int:
+    """How many processes of this run share this machine (1 outside a multi-process launch)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compress.activation_points import quantized_points
+from compress.checkpoint import LoadedModel
 from compress.checkpoint.dtypes import model_dtype, stored_dtype
+from compress.checkpoint.lazy import LazyWeights, open_lazy
 from compress.checkpoint.output import output_directory, output_reserved
+from compress.checkpoint.stream import ShardSink, size_in_bytes
 from compress.context import (
     Context,
     Report,
@@ -26,6 +30,7 @@ from compress.errors import OutputKept
 from compress.evaluate import evaluate
 from compress.host import PluginHost
 from compress.hub import export_output
+from compress.lazy import LazyRun, compress_lazily
 from compress.method import BlockMethod, LayerMethod
 from compress.quant.activations import quantized_inputs
 from compress.resources import Usage, measure
@@ -38,10 +43,29 @@ from compress.validate import CheckedRecipe, PlannedStage
 
 
 def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
+    """The run's context with the recipe's model loaded."""
+    return context_of(host, checked, lambda: checked.loader.load(checked.recipe.model))
+
+
+def load_lazy_context(host: PluginHost, checked: CheckedRecipe) -> tuple[Context, LazyWeights]:
+    """``run: mode: lazy``: the run's context with a weightless model, and the weights it is filled from."""
+    opened = []
+
+    def load() -> LoadedModel:
+        loaded, weights = open_lazy(checked.loader, checked.recipe.model)
+        opened.append(weights)
+        return loaded
+
+    context = context_of(host, checked, load)
+    return context, opened[0]
+
+
+def context_of(host: PluginHost, checked: CheckedRecipe, load: Callable[[], LoadedModel]) -> Context:
+    """The run's context around the model ``load`` returns (the load phase measured)."""
     recipe = checked.recipe
     device = resolve_device(recipe.run.device)
     with measure(device) as usage:
-        loaded = checked.loader.load(recipe.model)
+        loaded = load()
     model = {
         "name": recipe.model.name,
         "base_model": loaded.base_model,
@@ -57,7 +81,7 @@ def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
         environment=environment_info(device),
         recipe={"source": str(checked.path), "overrides": list(checked.located.overrides.values())},
     )
-    return Context(host, recipe, loaded, checked.loader, device, report)
+    return Context(host, recipe, loaded, checked.loader, device, report, _data=dict(checked.samples))
 
 
 @contextmanager
@@ -82,7 +106,38 @@ def run_stages(context: Context, checked: CheckedRecipe) -> None:
             run_stage(context, checked, index, planned)
 
 
+def run_lazy(context: Context, checked: CheckedRecipe, weights: LazyWeights, overwrite: bool) -> None:
+    """``run: mode: lazy``: the stages block by block from the shards, each block written as it
+    finishes (:func:`compress.lazy.compress_lazily`), then the shard index and the metadata."""
+    writer, options = checked.writer, checked.writer_options
+    output = checked.recipe.output
+    with output_directory(context, writer, checked.located.as_run(), overwrite) as staging:
+        sink = ShardSink(staging, size_in_bytes(output.max_shard_size))
+        lazy = LazyRun(weights, sink, lambda name, module: writer.stored_tensors(context, name, module, options))
+        with phase(context, "stages"):
+            runs = [start_stage(context, checked, index, planned) for index, planned in enumerate(checked.stages)]
+            with measure(context.device) as usage, ExitStack() as stack:
+                for run in runs:
+                    stack.enter_context(run.method.around_stage(context, run))
+                compress_lazily(context, runs, lazy)
+            for run in runs:
+                end_stage(context, run, usage, lazy.seconds.get(run.index, 0.0))
+        with phase(context, "write"):
+            sink.finish()
+            writer.write_metadata(context, staging, options)
+        context.report.phases["stages"]["peak_materialized_bytes"] = weights.peak_bytes
+        context.report.phases["write"]["peak_pending_bytes"] = sink.peak_pending_bytes
+
+
 def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: PlannedStage) -> None:
+    run = start_stage(context, checked, index, planned)
+    with measure(context.device) as usage, run.method.around_stage(context, run):
+        dispatch(context, run)
+    end_stage(context, run, usage, usage.seconds)
+
+
+def start_stage(context: Context, checked: CheckedRecipe, index: int, planned: PlannedStage) -> StageRun:
+    """The stage's run and report record, its tied targets untied, ``compress_stage_start`` called."""
     stage = checked.recipe.stages[index]
     total = len(checked.stages)
     modules = dict(context.model.named_modules())
@@ -94,13 +149,17 @@ def run_stage(context: Context, checked: CheckedRecipe, index: int, planned: Pla
     if method.kind != "training" and (untied := untie_targets(context.model, run.targets)):
         record.details["untied"] = untied
     context.host.hook.compress_stage_start(context=context, stage=stage, index=index, total=total)
-    with measure(context.device) as usage, method.around_stage(context, run):
-        dispatch(context, run)
-    record.seconds = usage.seconds
+    return run
+
+
+def end_stage(context: Context, run: StageRun, usage: Usage, seconds: float) -> None:
+    """Record the stage's ``seconds`` and the peaks of ``usage``; call ``compress_stage_end``."""
+    record = run.record
+    record.seconds = seconds
     record.peak_host_bytes = usage.peak_host_bytes
     record.peak_device_bytes = usage.peak_device_bytes
     context.report.stages.append(record)
-    context.host.hook.compress_stage_end(context=context, stage=stage, record=record)
+    context.host.hook.compress_stage_end(context=context, stage=run.stage, record=record)
 
 
 def dispatch(context: Context, run: StageRun) -> None:
@@ -129,7 +188,10 @@ def run_evaluation(context: Context, compressed: nn.Module) -> None:
     }
     # the in-memory model holds the weight grids; recorded activation quantization is applied here
     in_memory = compressed is context.model
-    with quantized_inputs(compressed, context.layers) if in_memory else nullcontext():
+    with (
+        quantized_inputs(compressed, context.layers) if in_memory else nullcontext(),
+        quantized_points(compressed, context.points),  # also a dense checkpoint read back in another dtype
+    ):
         context.report.evaluation = evaluate(
             context.host,
             context.reference_model(),
@@ -213,16 +275,23 @@ def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = Fal
 def run_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool, resume: bool) -> Context:
     """Load, run the stages, evaluate, write and export, with the output directory reserved."""
     torch.manual_seed(checked.recipe.run.seed)
-    context = load_context(host, checked)
+    weights = None
+    if checked.recipe.run.mode == "lazy":
+        context, weights = load_lazy_context(host, checked)
+    else:
+        context = load_context(host, checked)
     context.resume = resume
     host.hook.compress_run_start(context=context)
     try:
-        run_stages(context, checked)
-        try:
-            evaluate_and_write(context, checked, overwrite)
-        except OutputKept:
-            discard_checkpoints(context)  # the output is complete: there is nothing to resume
-            raise
+        if weights is not None:
+            run_lazy(context, checked, weights, overwrite)
+        else:
+            run_stages(context, checked)
+            try:
+                evaluate_and_write(context, checked, overwrite)
+            except OutputKept:
+                discard_checkpoints(context)  # the output is complete: there is nothing to resume
+                raise
         discard_checkpoints(context)
     except BaseException as error:
         host.hook.compress_run_failed(context=context, error=error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -51,16 +52,39 @@ def running_holder(target: Path) -> int | None:
     return pid if pid is not None and pid != os.getpid() and pid_alive(pid) else None
 
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back during the block and deliver them at its end, so that a
-    step and the record of it (a lock taken, a directory created) are never cut apart."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    step and the record of it (a lock taken, a directory created) are never cut apart.
+
+    Python runs signal handlers in the main thread, whichever thread the kernel hands a
+    signal to; so the main thread's handlers are swapped for ones that note the signal, and
+    the noted signals are raised again once the handlers are back. (A thread's signal mask
+    would hold nothing back: the kernel gives the signal to a thread that does not block it,
+    the memory sampler's or torch's, and Python then runs the handler in the main thread at
+    once.) In any other thread the block runs unguarded, which is safe: a handler cannot
+    interrupt that thread, it raises in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            # None: a handler not installed from Python, which cannot be put back; the default acts alike
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
 
 
 @contextmanager
@@ -87,8 +111,8 @@ def locked(target: Path, wait: bool, announce: Callable[[int | None], None] | No
             time.sleep(POLL_S)
         yield
     finally:
-        # ``is_locked``, not a flag set after acquiring: another thread (the memory sampler, torch's)
-        # can take a signal the mask holds back here, and Python then runs the handler at once
+        # ``is_locked``, not a flag set after acquiring: a held signal is raised as the block that
+        # acquired ends, before a flag could be set
         if lock.is_locked:
             with signals_held():
                 # unlinked before the unlock: a waiter that then locks this inode finds it gone and retries

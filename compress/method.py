@@ -51,6 +51,9 @@ class Produces:
     mixed: tuple[QuantScheme, ...] = ()
     """Mixed precision: the grids a search may give its layers, one per layer (``quant`` is then
     None); the output format must hold each of them."""
+    activation_points: tuple[str, ...] = ()
+    """Sites quantized as activation points (``Context.points``: ``input``, ``query``, ``key``,
+    ``value``, ``probs``); only formats with ``WriterCapabilities.activation_points`` hold them."""
 
     def schemes(self) -> tuple[QuantScheme, ...]:
         """Every grid some layer may hold: ``quant`` and the ``mixed`` ones."""
@@ -64,6 +67,7 @@ class Produces:
             "sparsity": self.sparsity,
             "outliers": self.outliers,
             "mixed": [scheme.model_dump(mode="json") for scheme in self.mixed],
+            "activation_points": list(self.activation_points),
         }
 
 

@@ -135,9 +135,11 @@ class OutputSpec(BaseModel):
 
 class RunSpec(Strict):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N")
-    mode: Literal["sequential", "whole"] = Field(
+    mode: Literal["sequential", "whole", "lazy"] = Field(
         "sequential",
-        description="sequential streams one block at a time through the device; whole moves the whole model there",
+        description="sequential streams one block at a time through the device; whole moves the whole model there; "
+        "lazy reads each block from the checkpoint's shards when it is needed and writes the output as the "
+        "blocks finish, so host memory holds a few blocks, not the model (docs/design-notes.md)",
     )
     seed: int = 0
 

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from compress.blocks import block_outputs, device_batch, forward, hidden_states, skipping_blocks
-from compress.data import IGNORE_INDEX
+from compress.data import IGNORE_INDEX, collate
+from compress.devices import host_copy, move, pinned, settle
 from compress.errors import UserError, did_you_mean
 from compress.evaluate import Metric, metric_key, next_token_labels, next_token_log_probs
 from compress.recipe import MetricSpec, ModelSpec
@@ -105,10 +106,13 @@ class ReferenceKL:
 
     When made, the reference (``context.reference_model()``) runs over the samples block by
     block (one block on the device at a time, as :class:`Scorer` does) and its full-vocabulary
-    next-token log-probabilities are kept on the host in ``dtype`` (float16, as RCO caches
-    them: samples x tokens x vocabulary x 2 bytes, 1.6 GB for 32 x 512 tokens of SmolLM2).
-    :meth:`loss` then runs the scored model whole, on the device where its parameters are, so
-    the caller puts it there (a search onloads the model for the search in both run modes).
+    next-token log-probabilities are kept in ``dtype`` (float16, as RCO caches them: samples x
+    tokens x vocabulary x 2 bytes, 6.4 GB for 128 x 512 tokens of SmolLM2). They stay on the
+    device when they take at most a quarter of its free memory (no copy per step), else on
+    the host (page-locked when the device is CUDA). :meth:`loss` then runs the scored model
+    whole, several samples per forward pass, on the device where its parameters are, so the
+    caller puts it there (a search onloads the model for the search in both run modes). One
+    instance can serve several searches over the same data (``objective=`` of rco and evopress).
     """
 
     def __init__(self, context: Context, data: str = "calibration", dtype: torch.dtype = torch.float16) -> None:
@@ -119,34 +123,49 @@ class ReferenceKL:
         reference = context.reference_model()
         (finals,), returns_tuple = block_outputs(reference, self.samples, self.device)
         self.log_probs: list[torch.Tensor] = []
-        self.scored: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+        """Scored next-token positions of each sample."""
+        store = None
         with torch.no_grad(), skipping_blocks(reference, self.device, returns_tuple) as run:
             for sample, (args, kwargs) in zip(self.samples, finals):
                 batch = device_batch(sample, self.device)
-                output = run(batch, hidden_states(args, kwargs).to(self.device))
-                self.log_probs.append(next_token_log_probs(output)[0].to("cpu", dtype))
-                self.scored.append((next_token_labels(batch)[0] != IGNORE_INDEX).to("cpu"))
+                log_probs = next_token_log_probs(run(batch, hidden_states(args, kwargs).to(self.device)))[0]
+                if store is None:
+                    store = self._store(log_probs.shape[-1] * torch.finfo(dtype).bits // 8)
+                self.log_probs.append(self._keep(log_probs.to(dtype), store))
+                self.tokens.append(int((next_token_labels(batch)[0] != IGNORE_INDEX).sum()))
+        settle(self.device)  # page-locked copies of the cache have landed
 
-    @property
-    def tokens(self) -> list[int]:
-        """Scored next-token positions of each sample."""
-        return [int(scored.sum()) for scored in self.scored]
+    def _store(self, bytes_per_position: int) -> torch.device:
+        """Where the cache goes: the device when it takes at most a quarter of its free memory."""
+        if self.device.type != "cuda":
+            return self.device
+        positions = sum(max(len(sample["input_ids"]) - 1, 0) for sample in self.samples)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if positions * bytes_per_position <= free // 4 else torch.device("cpu")
 
-    def loss(self, model: nn.Module, pieces: Sequence[tuple[int, int | None]]) -> torch.Tensor:
+    def _keep(self, log_probs: torch.Tensor, store: torch.device) -> torch.Tensor:
+        if store.type == "cpu" and pinned(self.device):
+            return host_copy(log_probs, None)
+        return log_probs.to(store)
+
+    def loss(self, model: nn.Module, pieces: Sequence[tuple[int, int | None]], batch_size: int = 8) -> torch.Tensor:
         """Mean per scored token of KL(original ‖ ``model``) over ``pieces``, each a sample index and
         how many leading tokens of it to use (None: all), as a scalar tensor that carries gradients
-        when grad mode is on. Samples run one at a time (a batch of one)."""
+        when grad mode is on. Pieces run ``batch_size`` per forward pass (right-padded, padding unscored)."""
         total = torch.zeros((), device=self.device)
         tokens = 0
-        for index, length in pieces:
-            batch = device_batch(self.samples[index], self.device)
-            if length is not None:
-                batch = {key: value[:, :length] if value.dim() > 1 else value for key, value in batch.items()}
-            positions = batch["input_ids"].shape[1] - 1
-            reference = self.log_probs[index][:positions].to(self.device, torch.float32)
-            scored = self.scored[index][:positions].to(self.device)
-            log_q = next_token_log_probs(forward(model, batch))[0]
-            per_token = (reference.exp() * (reference - log_q)).sum(-1)
+        for start in range(0, len(pieces), batch_size):
+            chunk = pieces[start : start + batch_size]
+            samples = [{key: value[:length] for key, value in self.samples[i].items()} for i, length in chunk]
+            batch = move(collate(samples, 0), self.device)
+            scored = next_token_labels(batch) != IGNORE_INDEX
+            log_q = next_token_log_probs(forward(model, batch))
+            reference = torch.zeros_like(log_q)
+            for row, ((index, _), sample) in enumerate(zip(chunk, samples)):
+                positions = len(sample["input_ids"]) - 1
+                reference[row, :positions] = self.log_probs[index][:positions]
+            per_token = torch.nn.functional.kl_div(log_q, reference, reduction="none", log_target=True).sum(-1)
             total = total + per_token[scored].sum()
             tokens += int(scored.sum())
         return total / max(tokens, 1)

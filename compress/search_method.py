@@ -9,8 +9,9 @@
    dearest configuration when the providers price from shapes;
 2. collect: when a provider needs input statistics, the calibration data streams through
    the original model's blocks (one on the device at a time in sequential mode) and each
-   targeted layer's Hessian ``2/N Σ X Xᵀ`` goes with its request; every provider's
-   candidates are gathered per layer (their weights kept on the host);
+   targeted layer's Hessian ``2/N Σ X Xᵀ`` goes with its request (a target after the blocks,
+   such as lm_head, from a pass over the last block's outputs); every provider's candidates
+   are gathered per layer (their weights kept on the host, page-locked on CUDA);
 3. search: the subclass returns one candidate index per layer, the model on the device in
    both run modes (whole-model forward passes);
 4. commit: the chosen variants are put into the model and recorded in ``context.layers``;
@@ -31,9 +32,17 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.blocks import capture_block_inputs, find_blocks, run_block, within
+from compress.blocks import (
+    capture_block_inputs,
+    device_batch,
+    find_blocks,
+    hidden_states,
+    run_block,
+    skipping_blocks,
+    within,
+)
 from compress.context import Context, StageRun
-from compress.devices import onloaded
+from compress.devices import onloaded, pinned
 from compress.errors import UserError, did_you_mean
 from compress.hessian import collect_hessians
 from compress.method import Method, MethodKind, MethodParams, Produces
@@ -271,8 +280,10 @@ class SearchMethod(Method):
             candidates = found.get(name) or []
             if not candidates:
                 raise UserError(f"no candidate provider offered a variant of this layer ({request.settings})", name)
-            for candidate in candidates:
+            for candidate in candidates:  # page-locked on CUDA: searches copy them to the device often
                 candidate.weight = candidate.weight.to("cpu")
+                if pinned(context.device):
+                    candidate.weight = candidate.weight.pin_memory()
             layers.append(LayerChoices(name, module, candidates))
         return layers
 
@@ -280,30 +291,51 @@ class SearchMethod(Method):
         self, context: Context, run: StageRun, request: CandidateRequest
     ) -> dict[str, list[Candidate]]:
         """Stream the calibration data through the original model's blocks; ask for each targeted
-        layer's candidates with its Hessian. Targets outside the blocks get no statistics."""
+        layer's candidates with its Hessian. Targets outside the blocks (an lm_head) get theirs
+        from a pass with the blocks skipped, on the last block's outputs."""
         model, device = context.model, context.device
+        samples = context.data("calibration")
         blocks_name, blocks = find_blocks(model)
-        inputs = capture_block_inputs(model, blocks, blocks_name, context.data("calibration"), device)
+        inputs = capture_block_inputs(model, blocks, blocks_name, samples, device)
+        outside = {n: m for n, m in run.targets.items() if not within(n, blocks_name)}
         found: dict[str, list[Candidate]] = {}
+        returns_tuple = False
         for index, block in enumerate(blocks):
             block_name = f"{blocks_name}.{index}"
             in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
             with onloaded(block, device) if context.sequential else nullcontext():
                 if in_block:
                     hessians, _ = collect_hessians(block, in_block, inputs, device)
-                    for name, module in in_block.items():
-                        statistics = LayerInputs(hessians[name].matrix, hessians[name].tokens)
-                        found[name] = collect_candidates(context, name, module, replace(request, inputs=statistics))
+                    found.update(self.offered(context, in_block, hessians, request))
                     del hessians
-                if any(within(n, blocks_name) and n not in found for n in run.targets):
-                    inputs, _ = run_block(block, inputs, device)
+                if outside or any(within(n, blocks_name) and n not in found for n in run.targets):
+                    inputs, returns_tuple = run_block(block, inputs, device)
             context.host.hook.compress_block_done(
                 context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
             )
-        for name, module in run.targets.items():
-            if name not in found:
-                with onloaded(module, device) if context.sequential else nullcontext():
-                    found[name] = collect_candidates(context, name, module, request)
+        if outside:
+            with skipping_blocks(model, device, returns_tuple) as skipped:
+
+                def after_blocks(hidden: torch.Tensor, sample: dict[str, torch.Tensor]) -> None:
+                    skipped(device_batch(sample, device), hidden)
+
+                pairs = [((hidden_states(args, kwargs), sample), {}) for (args, kwargs), sample in zip(inputs, samples)]
+                hessians, _ = collect_hessians(after_blocks, outside, pairs, device)
+            found.update(self.offered(context, outside, hessians, request))
+        return found
+
+    @staticmethod
+    def offered(
+        context: Context, layers: dict[str, nn.Module], hessians: dict[str, Any], request: CandidateRequest
+    ) -> dict[str, list[Candidate]]:
+        """Each layer's candidates, asked with its Hessian (those without one are asked without)."""
+        found = {}
+        for name, module in layers.items():
+            asked = request
+            if name in hessians:
+                asked = replace(request, inputs=LayerInputs(hessians[name].matrix, hessians[name].tokens))
+            with onloaded(module, context.device) if context.sequential else nullcontext():
+                found[name] = collect_candidates(context, name, module, asked)
         return found
 
     def commit(self, context: Context, run: StageRun, space: SearchSpace, choice: list[int]) -> None:

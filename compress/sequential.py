@@ -51,9 +51,17 @@ def compress_layers(
         context.host.hook.compress_block_done(
             context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
         )
+    compress_layers_after_blocks(context, run, compress_layer)
+
+
+def compress_layers_after_blocks(
+    context: Context, run: StageRun, compress_layer: Callable[[Context, str, nn.Module], dict[str, Any]]
+) -> None:
+    """Data-free stages: each targeted layer outside the blocks, through the device."""
+    blocks_name, _blocks = find_blocks(context.model)
     for name, module in run.targets.items():
         if not within(name, blocks_name):
-            with onloaded(module, device) if context.sequential else _nothing():
+            with onloaded(module, context.device) if context.sequential else _nothing():
                 _report_layer(context, run, name, compress_layer(context, name, module))
 
 
@@ -105,6 +113,24 @@ def compress_blocks(
         context.host.hook.compress_block_done(
             context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
         )
+    compress_after_blocks(context, run, compress_block, inputs, original, returns_tuple)
+
+
+def compress_after_blocks(
+    context: Context,
+    run: StageRun,
+    compress_block: Callable[[Context, BlockWork], dict[str, dict[str, Any]]],
+    inputs: list[tuple[tuple, dict]],
+    original: list[tuple[tuple, dict]] | None,
+    returns_tuple: bool,
+) -> None:
+    """The calibration of the targets outside the blocks, in module order, once every block is
+    compressed: ``inputs`` (and ``original``, for ``needs_original_inputs``) are what the last
+    block outputs, ``returns_tuple`` whether the blocks return tuples (:func:`run_block`)."""
+    model = context.model
+    blocks_name, blocks = find_blocks(model)
+    device = context.device
+    samples = context.data("calibration")
     outside = {n: m for n, m in run.targets.items() if not within(n, blocks_name)}
     if not outside:
         return

@@ -7,7 +7,7 @@ directory, and the targets of each stage against a weightless copy of the model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +16,20 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 from transformers import PretrainedConfig
 
+from compress.blocks import find_blocks, within
 from compress.checkpoint import Loader, Writer
 from compress.checkpoint.loaders import meta_model
 from compress.checkpoint.output import check_output_place, dtype_itemsize, estimated_output_bytes
-from compress.distributed import local_rank
+from compress.data import Sample
+from compress.distributed import fsdp_requested, local_processes, local_rank
 from compress.errors import Location, UserError, did_you_mean
 from compress.host import PluginHost
 from compress.hub import check_export
-from compress.method import Method, Produces
+from compress.lazy import lazy_refusal
+from compress.method import BlockMethod, Method, Produces
 from compress.presets import expand_scheme
 from compress.quant.grid import check_group_width
+from compress.reach import unreached
 from compress.recipe import (
     DataSpec,
     LocatedRecipe,
@@ -60,6 +64,9 @@ class CheckedRecipe:
     """The output format's writer, resolved once here (None when the recipe writes nothing)."""
     writer_options: BaseModel | None
     """The output writer's validated options (None when the recipe writes nothing)."""
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    """The data entries made at the check with the model's tokenizer (the sources that check
+    tokens), by name: the run starts from them instead of tokenizing again."""
 
 
 def model_key(located: LocatedRecipe) -> tuple:
@@ -100,9 +107,9 @@ def check_stage_targets(
     stage = recipe.stages[index]
     targets = stage.targets if stage.targets is not None else list(method.default_targets)
     ignore = stage.ignore if stage.ignore is not None else list(method.default_ignore)
-    for field, entries in (("targets", targets), ("ignore", ignore)):
+    for part, entries in (("targets", targets), ("ignore", ignore)):
         for entry_index, problem in invalid_patterns(entries):
-            raise located.error(problem, ("stages", index, field, entry_index))
+            raise located.error(problem, ("stages", index, part, entry_index))
     selected, unmatched = match_modules(model, targets, ignore)
     if unmatched:
         key = ("stages", index, "targets", targets.index(unmatched[0])) if stage.targets else ("stages", index)
@@ -156,6 +163,31 @@ def check_format_holds(writer: Writer, stages: list[PlannedStage], model: nn.Mod
                 )
 
 
+def check_targets_reached(
+    stages: list[PlannedStage], model: nn.Module, task: str, config: PretrainedConfig, located: LocatedRecipe
+) -> None:
+    """Refuse a calibration stage's target outside the repeated blocks that the model's forward
+    pass never reaches (:mod:`compress.reach`), before any weight is read."""
+    try:
+        blocks_name, _ = find_blocks(model)
+    except ValueError:  # no blocks: the engine refuses the stage itself
+        return
+    outside = {
+        index: [name for name in stage.target_names if not within(name, blocks_name)]
+        for index, stage in enumerate(stages)
+        if isinstance(stage.method, BlockMethod)
+    }
+    names = list(dict.fromkeys(name for names in outside.values() for name in names))
+    missed = (unreached(model, names, task, config) or []) if names else []
+    for index, names in outside.items():
+        for name in (name for name in names if name in missed):
+            raise located.error(
+                f"target {name}: the model's forward pass does not reach this layer, so "
+                f"{stages[index].method.name} cannot calibrate it (leave it out with ignore:)",
+                ("stages", index, "targets"),
+            )
+
+
 def check_zeros_kept(stages: list[PlannedStage], located: LocatedRecipe) -> None:
     """Refuse a stage that would fill the zeros an earlier stage pruned into the same layers
     (its method does not declare ``keeps_zeros`` and prunes nothing itself, e.g. gptq's updates)."""
@@ -202,10 +234,19 @@ def data_error(located: LocatedRecipe, name: str, error: UserError) -> UserError
 
 
 def check_device(name: str) -> None:
-    """Refuse a ``run: device`` this machine lacks (``cuda`` without CUDA, ``cuda:N`` beyond its GPUs)."""
-    if not name.startswith("cuda"):
+    """Refuse a ``run: device`` this machine lacks (``cuda`` without CUDA, ``cuda:N`` beyond its GPUs),
+    and more processes on this machine than it has CUDA devices for them to compute on."""
+    if name == "cpu":
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    processes = local_processes()
+    if count and processes > count:
+        raise UserError(
+            f"{processes} processes on this machine, but it has {count} CUDA device(s): start at most {count} "
+            f"(accelerate launch --num_processes {count}, torchrun --nproc_per_node {count})"
+        )
+    if not name.startswith("cuda"):
+        return
     index = int(name.partition(":")[2] or local_rank() or 0)
     if index >= count:
         found = f"{count} CUDA device(s)" if count else "no CUDA device"
@@ -230,18 +271,24 @@ def input_replaced_by(output: Path, recipe: Recipe, recipe_file: Path) -> str | 
 
 def check_data_tokens(
     loader: Loader, recipe: Recipe, located: LocatedRecipe, sources: dict[str, Any], config: PretrainedConfig, task: str
-) -> None:
-    """The data entries' checks that need the tokenizer, when the loader gives it without the weights."""
+) -> dict[str, list[Sample]]:
+    """The data entries' checks that need the tokenizer, when the loader gives it without the
+    weights: the samples of the entries whose source checks tokens by making them (returns
+    samples from ``check_tokens``), by name."""
     entries = {name: spec for name, spec in recipe.data.items() if hasattr(sources[spec.source], "check_tokens")}
     load_tokenizer = getattr(loader, "load_tokenizer", None)  # optional for a loader
     if not entries or load_tokenizer is None:
-        return
+        return {}
     tokenizer = load_tokenizer(recipe.model, config, task)
+    made = {}
     for name, spec in entries.items():
         try:
-            sources[spec.source].check_tokens(spec, tokenizer)
+            samples = sources[spec.source].check_tokens(spec, tokenizer)
         except UserError as error:
             raise data_error(located, name, error) from None
+        if samples is not None:
+            made[name] = samples
+    return made
 
 
 def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool = True) -> CheckedRecipe:
@@ -265,6 +312,12 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
             method.check_previous_stages(methods[:index])
         except UserError as error:
             raise located.error(error.message, ("stages", index, "method")) from None
+        if fsdp_requested() and method.kind == "training":
+            raise located.error(
+                f"FSDP was asked for (ACCELERATE_USE_FSDP), but stage {index + 1} ({method.name}) cannot shard: "
+                "the training loop keeps a full model and optimizer on every process (DDP); launch without --use_fsdp",
+                ("stages", index, "method"),
+            )
 
     sources = host.data_sources()
     for name, spec in recipe.data.items():
@@ -356,6 +409,12 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
     check_zeros_kept(stages, located)
+    if recipe.run.mode == "lazy":
+        targets = [stage.target_names for stage in stages]
+        reason, key = lazy_refusal(methods, targets, writer, loader, bool(recipe.evaluate))
+        if reason:
+            raise located.error(reason, key)
+    check_targets_reached(stages, skeleton, task, config, located)
     if writer is not None:
         check_format_holds(writer, stages, skeleton, located)
         quantized = {
@@ -369,5 +428,5 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
         except UserError as error:
             raise located.error(f"output directory {error.where}: {error.message}", ("output", "dir")) from None
     check_whole_stages(host, stages, skeleton, writer, located)
-    check_data_tokens(loader, recipe, located, sources, config, task)  # the slowest check comes last
-    return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options)
+    samples = check_data_tokens(loader, recipe, located, sources, config, task)  # the slowest check comes last
+    return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options, samples)

@@ -98,6 +98,7 @@ def summarize(run: Path) -> dict:
         row.update(
             seconds=stage["seconds"],
             tokens_per_second=stage["details"]["tokens_per_second"],
+            steady_tokens_per_second=stage["details"].get("steady_tokens_per_second"),
             peak_gib=stage["peak_device_bytes"] / 2**30,
             loss_curve=stage["details"]["loss_curve"],
             devices=stage["details"]["devices"],
@@ -146,6 +147,12 @@ def compare(one: Path, two: Path) -> None:
         f"(speed-up {a['seconds'] / b['seconds']:.2f}x, tokens/s {a['tokens_per_second']:.0f} vs "
         f"{b['tokens_per_second']:.0f}); test ppl {a['perplexity']:.2f} vs {b['perplexity']:.2f}"
     )
+    if a["steady_tokens_per_second"] and b["steady_tokens_per_second"]:
+        ratio = b["steady_tokens_per_second"] / a["steady_tokens_per_second"]
+        print(
+            f"global tokens/s after the first step: {a['steady_tokens_per_second']:.0f} vs "
+            f"{b['steady_tokens_per_second']:.0f} ({ratio:.2f}x; target >= 1.8x)"
+        )
 
 
 def plot(results: Path, image: Path) -> None:

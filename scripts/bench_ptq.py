@@ -1,4 +1,4 @@
-"""PTQ benchmark: rtn, kl_ptq, gptq and kl_ptq→gptq against LLM Compressor (SmolLM2, CPU).
+"""PTQ benchmark: rtn, kl_ptq, gptq and kl_ptq→gptq against LLM Compressor (SmolLM2, CPU or GPU).
 
 On SmolLM2-135M-Instruct (the converted safetensors directory in the compress cache) the
 script quantizes the 7 projection types of every decoder block (q/k/v/o/gate/up/down;
@@ -12,13 +12,21 @@ with
   ``grid: inherit``. kl_ptq runs at equal storage: ``bits_per_weight`` = bits + 16/64, the
   exact figure of rtn and gptq at groups of 64 (4.25 at W4), with its default outlier
   fractions as candidates; at groups of 64 that budget admits no outliers (a clipped grid
-  chosen by the KL criterion), so ``kl_ptq-g192`` (and ``kl_ptq-g192+gptq``) put the same
-  budget into groups of 192 (bits + 0.083) plus the outliers that fit;
+  chosen by the KL criterion: the deployable variant, written as plain pack-quantized), so
+  ``kl_ptq-g192`` (and ``kl_ptq-g192+gptq``) put the same budget into groups of 192
+  (bits + 0.083) plus the outliers that fit (dense checkpoints only: no loadable format holds
+  outliers, see the KLPTQ docstring); ``kl_ptq-gc`` (and ``kl_ptq-gc+gptq``) is the deployable
+  g64 variant with ``clip_scope: group`` (each group's clip ratio chosen by the criterion);
+  each run's exact figure is ``effective_bits``;
   ``--klptq-clips`` narrows the clip-ratio grid for slow machines;
-* LLM Compressor, installed in a separate virtual environment (``--lc-python``):
-  ``oneshot`` with ``GPTQModifier`` and with ``QuantizationModifier`` (round-to-nearest,
-  min-max observer) on the same model directory, the same targets and the same
-  calibration token windows.
+* LLM Compressor (``--lc-python``: an interpreter that imports llmcompressor, by default this
+  one): ``GPTQModifier`` through the sequential pipeline ``oneshot`` runs, fed the same
+  calibration token windows in the same order (``scripts.bench_gptq_gpu.run_modifier``; no
+  ``datasets`` package needed), with our gptq's settings given explicitly (block 128,
+  dampening 0.01, ``actorder=None``: the modifier's default is ``"static"``; the settings
+  it ran with are read back into ``settings``), and ``oneshot`` with
+  ``QuantizationModifier`` (round-to-nearest, min-max observer), on the same model
+  directory and the same targets.
 
 Every configuration runs in its own child process (our ones with this interpreter, LLM
 Compressor's with the other venv's), so wall time and peak memory are per configuration.
@@ -35,18 +43,19 @@ against the full-precision model's log-probabilities on the same tokens:
 Data: ``compress.data.TextFileSource`` (the loader recipes use: the text tokenized as one
 stream, no special tokens, cut into consecutive non-overlapping windows); calibration
 ``--calib-samples`` x ``--seq-len`` tokens from WikiText-2 valid, evaluation
-``--eval-samples`` x ``--seq-len`` tokens from each evaluation text; all models fp32 on the CPU.
+``--eval-samples`` x ``--seq-len`` tokens from each evaluation text; all models fp32, quantized
+on ``--device`` and evaluated on ``--eval-device`` (default: the same).
 
 Usage::
 
     python -m scripts.bench_ptq --lc-python /work/venv-lc/bin/python
     python -m scripts.bench_ptq --configs rtn,gptq --bits 4 --calib-samples 4 --eval-samples 1  # quick check
-    python -m scripts.bench_ptq --device cuda --calib-samples 128 --eval-samples 16 \
-        --configs rtn,kl_ptq,kl_ptq-g192,gptq,kl_ptq+gptq,kl_ptq-g192+gptq   # our methods on a GPU
+    python -m scripts.bench_ptq --device cuda --bits 4 --calib-samples 128 --eval-samples 96 --threads 16 \
+        --configs rtn,kl_ptq,kl_ptq-gc,kl_ptq-g192,gptq,kl_ptq+gptq,kl_ptq-g192+gptq,llmc-gptq  # H100
 
-LLM Compressor's children run ``python -m scripts.bench_ptq`` with the other venv's
-interpreter from the repository root: this module imports only the standard library at
-the top, and ``scripts/__init__.py`` nothing.
+LLM Compressor's children run ``python -m scripts.bench_ptq`` with ``--lc-python`` from the
+repository root: this module imports only the standard library at the top, and
+``scripts/__init__.py`` nothing.
 
 The markdown table is printed; JSON goes to ``--json`` or ``$OUT/bench_ptq.json``.
 """
@@ -72,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 TARGET_REGEX = r"re:.*(q|k|v|o|gate|up|down)_proj$"
 GROUP_SIZE = 64
-OURS = ("rtn", "kl_ptq", "gptq", "kl_ptq+gptq", "kl_ptq-g192", "kl_ptq-g192+gptq")
+OURS = ("rtn", "kl_ptq", "gptq", "kl_ptq+gptq", "kl_ptq-g192", "kl_ptq-g192+gptq", "kl_ptq-gc", "kl_ptq-gc+gptq")
 WIDE_GROUP = 192
 """Group size of the kl_ptq-g192 configurations (divides SmolLM2's widths 576 and 1536)."""
 LLMC = ("llmc-rtn", "llmc-gptq")
@@ -82,9 +91,10 @@ GPTQ_SETTINGS = {"block_size": 128, "percdamp": 0.01, "act_order": False}
 
 
 def model_dir() -> Path:
-    return (
-        Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "models" / "smollm2-135m-instruct"
-    )
+    """SmolLM2's converted safetensors directory in the compress cache (converted on first use)."""
+    from compress.checkpoint.builtin import BuiltinLoader
+
+    return BuiltinLoader().directory("smollm2-135m-instruct")
 
 
 # --------------------------------------------------------------------------- shared evaluation
@@ -173,37 +183,24 @@ def recipe_text(config: str, bits: int, calib: dict, clips: str | None = None, d
     if config.startswith("kl_ptq"):
         budget = bits + 16 / GROUP_SIZE  # rtn's and gptq's exact storage at groups of GROUP_SIZE
         clip = f"    clip_ratios: [{clips}]\n" if clips else ""
+        clip += "    clip_scope: group\n" if config.startswith("kl_ptq-gc") else ""
         stages.append("  - method: kl_ptq\n" + common + f"    bits_per_weight: {budget}\n    outlier_bits: 8\n" + clip)
     if calibration:
         extra = "".join(f"    {k}: {str(v).lower()}\n" for k, v in GPTQ_SETTINGS.items())
         grid = "    grid: inherit\n" if config.startswith("kl_ptq") else ""
         stages.append("  - method: gptq\n" + common + extra + grid)
-    data = ""
-    if calibration:
-        data = (
-            f"data:\n  calibration: {{path: {calib['path']}, samples: {calib['samples']}, "
-            f"seq_len: {calib['seq_len']}}}\n"
-        )
-    return (
-        f"model: {{name: {model_dir()}, dtype: float32}}\n{data}stages:\n"
-        + "".join(stages)
-        + f"output: null\nrun: {{device: {device}, mode: sequential}}\n"
-    )
+    from scripts.common import benchmark_recipe
+
+    return benchmark_recipe(model_dir(), "".join(stages), calib if calibration else None, device)
 
 
 def run_ours(args) -> dict:
-    import torch
-
     from compress.engine import apply_recipe
-    from compress.host import PluginHost
-    from compress.validate import check_recipe
+    from scripts.common import checked_recipe
 
-    torch.set_num_threads(args.threads)
-    host = PluginHost()
-    host.load_plugins()
     recipe = Path(args.scratch) / f"{args.child}-w{args.bits}.yaml"
-    recipe.write_text(recipe_text(args.child, args.bits, json.loads(args.calib), args.klptq_clips, args.device))
-    checked = check_recipe(host, recipe)
+    text = recipe_text(args.child, args.bits, json.loads(args.calib), args.klptq_clips, args.device)
+    host, checked = checked_recipe(recipe, text, args.threads)
     with RSSSampler() as total:
         context = apply_recipe(host, checked)
     totals = context.report.phases["stages"]
@@ -228,6 +225,11 @@ def run_ours(args) -> dict:
         if record.method == "gptq" and layers:
             result["gptq_objective_mean"] = sum(l["objective"] for l in layers) / len(layers)
             result["gptq_rtn_objective_mean"] = sum(l["rtn_objective"] for l in layers) / len(layers)
+    if args.child.endswith("gptq"):
+        group = WIDE_GROUP if args.child.startswith("kl_ptq-g192") else GROUP_SIZE
+        result["settings"] = {"bits": args.bits, "symmetric": True, "group_size": group, **GPTQ_SETTINGS}
+    # no outliers: a plain grid, which the compressed-tensors writer stores as pack-quantized
+    result["deployable"] = result.get("outlier_fraction", 0.0) == 0.0
     result["saved_layers"] = save_targets(context.model, Path(args.weights))
     return result
 
@@ -236,13 +238,16 @@ def run_ours(args) -> dict:
 
 
 def run_llmc(args) -> dict:
+    from scripts.bench_gptq_gpu import datasets_stand_in, run_modifier
+
+    datasets_stand_in()
     import llmcompressor
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -253,12 +258,12 @@ def run_llmc(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=GROUP_SIZE)
     scheme = QuantizationScheme(targets=[TARGET_REGEX], weights=weights)
-    kwargs = {}
     if args.child == "llmc-gptq":
+        # the same windows in the same order as our gptq, one per batch, through the sequential
+        # pipeline oneshot() runs (scripts.bench_gptq_gpu.run_modifier: oneshot minus tokenizing a dataset)
         windows = torch.load(args.windows)
-        calib = Dataset.from_dict(
-            {"input_ids": [w.tolist() for w in windows], "attention_mask": [[1] * len(w) for w in windows]}
-        )
+        loader = DataLoader(windows, batch_size=1, collate_fn=lambda batch: {"input_ids": torch.stack(batch)})
+        # GPTQModifier's own default is actorder "static": given explicitly, as ours runs without
         modifier = GPTQModifier(
             config_groups={"group_0": scheme},
             ignore=["lm_head"],
@@ -266,18 +271,14 @@ def run_llmc(args) -> dict:
             dampening_frac=GPTQ_SETTINGS["percdamp"],
             actorder=None,
         )
-        kwargs = {
-            "dataset": calib,
-            "num_calibration_samples": len(windows),
-            "max_seq_length": len(windows[0]),
-            "shuffle_calibration_samples": False,
-        }
+        with RSSSampler() as usage:
+            run_modifier(model, modifier, loader, torch.device(args.device))
     else:
         modifier = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
-    with RSSSampler() as usage:
-        oneshot(model=model, tokenizer=tokenizer, recipe=[modifier], **kwargs)
+        with RSSSampler() as usage:
+            oneshot(model=model, tokenizer=tokenizer, recipe=[modifier])
     # the fake-quantized (dequantized) weights, as compressed-tensors' forward computes them
-    quantized = 0
+    quantized, applied = 0, None
     with torch.no_grad():
         for _name, module in model.named_modules():
             qscheme = getattr(module, "quantization_scheme", None)
@@ -285,7 +286,7 @@ def run_llmc(args) -> dict:
                 continue
             zero = getattr(module, "weight_zero_point", None)
             module.weight.data = fake_quantize(module.weight, module.weight_scale, zero, qscheme.weights)
-            quantized += 1
+            quantized, applied = quantized + 1, qscheme.weights
     return {
         "config": args.child,
         "bits": args.bits,
@@ -297,6 +298,14 @@ def run_llmc(args) -> dict:
         # so this is an upper bound only; peak_rss_bytes is the figure to compare.
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "quantized_modules": quantized,
+        # the settings after the modifier resolved them, read back from a quantized layer
+        "settings": {
+            "bits": applied.num_bits,
+            "symmetric": applied.symmetric,
+            "group_size": applied.group_size,
+            "act_order": getattr(applied.actorder, "value", applied.actorder) or "off",
+            "observer": applied.observer,
+        },
         "saved_layers": save_targets(model, Path(args.weights)),
         "versions": {
             "llmcompressor": llmcompressor.__version__,
@@ -344,6 +353,8 @@ def environment(lc_python: str | None) -> dict:
     }
     with contextlib.suppress(ValueError, OSError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     if lc_python:
         code = (
             "import llmcompressor, compressed_tensors, torch, transformers, platform; print(platform.python_version(),"
@@ -384,7 +395,9 @@ def table(results: list[dict], wiki_tokens: int, code_tokens: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lc-python", default="/work/venv-lc/bin/python", help="python of the LLM Compressor venv")
+    parser.add_argument(
+        "--lc-python", default=sys.executable, help="python that imports llmcompressor (default: this one)"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--calib-samples", type=int, default=32)
@@ -392,7 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--device", default="cpu", help="where our methods run (evaluation stays on the CPU)")
+    parser.add_argument("--device", default="cpu", help="where the methods run (ours and LLM Compressor's GPTQ)")
+    parser.add_argument("--eval-device", default=None, help="where the evaluation runs (default: --device)")
     parser.add_argument("--klptq-clips", default=None, help="kl_ptq clip ratios, comma-separated (default: its grid)")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     for hidden in ("--scratch", "--weights", "--result", "--calib", "--windows"):
@@ -424,8 +438,11 @@ def main(argv=None) -> int:
         "wiki": windows_of(DATA / "test.txt", args.eval_samples, args.seq_len, tokenizer),
         "code": windows_of(code_path, args.eval_samples, args.seq_len, tokenizer),
     }
+    eval_device = torch.device(args.eval_device or args.device)
+    evals = {key: [w.to(eval_device) for w in ws] for key, ws in evals.items()}
     model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    model.to(eval_device)
     reference = {k: [log_probs(model, w) for w in ws] for k, ws in evals.items()}
     fp = {"config": "full precision", "bits": None}
     for key, ws in evals.items():
@@ -472,7 +489,7 @@ def main(argv=None) -> int:
             result["child_seconds"] = time.perf_counter() - t0
             state = load_file(str(weights))
             model.load_state_dict(state, strict=False)
-            changed = sum(not torch.equal(state[k], original[k]) for k in state)
+            changed = sum(not torch.equal(state[k], original[k].to(state[k].device)) for k in state)
             result["layers_changed"] = changed
             for key, ws in evals.items():
                 m = evaluate_windows(model, ws, reference[key])
@@ -491,7 +508,7 @@ def main(argv=None) -> int:
     env["total_seconds"] = time.perf_counter() - started
     wiki_tokens, code_tokens = fp["wiki_tokens"], fp["code_tokens"]
     print(
-        f"\nSmolLM2-135M-Instruct fp32, CPU ({env['cpu']}, {args.threads} threads); calibration "
+        f"\nSmolLM2-135M-Instruct fp32, {env.get('gpu', 'CPU')} ({env['cpu']}, {args.threads} threads); calibration "
         f"{args.calib_samples}x{args.seq_len} tokens of WikiText-2 valid; evaluation {args.eval_samples}x{args.seq_len} "
         f"tokens (context {args.seq_len}, {wiki_tokens} / {code_tokens} predicted tokens) of WikiText-2 test / "
         f"Python stdlib code ({', '.join(CODE_FILES)})"

@@ -7,11 +7,14 @@ Imported as ``scripts.common`` by scripts run from the repository root as
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -115,6 +118,49 @@ def plugin_host(method: str, package: str | None = None):
         package = package or f"compress_{method}"
         host.register(importlib.import_module(package), name=package.removeprefix("compress_"))
     return host
+
+
+def benchmark_recipe(model_dir, stages: str, calib: dict | None, device: str) -> str:
+    """A generated benchmark recipe: the model directory in float32, a text calibration set
+    (``calib``: path, samples, seq_len) if given, ``stages`` (YAML list items), no output,
+    sequential on ``device``."""
+    data = ""
+    if calib is not None:
+        data = (
+            f"data:\n  calibration: {{path: {calib['path']}, samples: {calib['samples']}, "
+            f"seq_len: {calib['seq_len']}}}\n"
+        )
+    return (
+        f"model: {{name: {model_dir}, dtype: float32}}\n{data}stages:\n{stages}"
+        f"output: null\nrun: {{device: {device}, mode: sequential}}\n"
+    )
+
+
+def checked_recipe(path, text: str, threads: int, host=None):
+    """Write the recipe ``text`` to ``path`` and check it (the plugins loaded into ``host``, or a
+    new host): ``(host, checked recipe)``, ready for ``compress.engine.apply_recipe``."""
+    from compress.host import PluginHost
+    from compress.validate import check_recipe
+
+    torch.set_num_threads(threads)
+    if host is None:
+        host = PluginHost()
+        host.load_plugins()
+    path.write_text(text)
+    return host, check_recipe(host, path)
+
+
+def evaluate_domains(model, evals: dict, reference: dict) -> dict:
+    """``{domain}_ppl``, ``_kl``, ``_top1`` and ``_tokens`` of ``model`` on each domain's windows
+    (``evals``) against the reference log-probabilities (``scripts.bench_ptq.evaluate_windows``)."""
+    from scripts.bench_ptq import evaluate_windows
+
+    result = {}
+    for key, windows in evals.items():
+        measured = evaluate_windows(model, windows, reference[key])
+        result |= {f"{key}_ppl": measured["perplexity"], f"{key}_kl": measured["kl"], f"{key}_top1": measured["top1"]}
+        result[f"{key}_tokens"] = measured["tokens"]
+    return result
 
 
 def build_context(host, model, config, mode: str, device: torch.device, stage: dict):
@@ -228,3 +274,23 @@ def environment(device: str) -> dict:
 def gib(value: int) -> str:
     """Bytes as GiB with two decimals, for tables."""
     return f"{value / GIB:.2f}"
+
+
+def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
+    """A markdown table: a header of ``columns`` and one line per row, cells as given."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_results(path: Path | None, default_name: str, script: str, argv: list[str] | None, payload: dict) -> None:
+    """Write ``payload`` with the command that made it to ``path`` (default ``$OUT/default_name``;
+    nothing when neither is given) and say where."""
+    if path is None and os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / default_name
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = f"python -m scripts.{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    path.write_text(json.dumps({"command": command.strip(), **payload}, indent=2) + "\n")
+    print(f"wrote {path}")

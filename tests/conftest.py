@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("COMPRESS_TEST_DATA", ROOT.parent / "shared" / "data"))
 WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
 WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
+
+# A run started in the background by a shell without job control (`pytest &` in a script) inherits
+# SIGINT ignored, and so would every `compress` child; the interrupt tests need it delivered as from
+# a terminal. (A handled signal is reset to the default in children, which then raise KeyboardInterrupt.)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

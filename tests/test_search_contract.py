@@ -12,6 +12,7 @@ from torch import nn
 
 import compress_rco
 from compress.errors import UserError
+from compress.hessian import relative_output_error
 from compress.quant import QuantScheme
 from compress.scoring import ReferenceKL, Scorer
 from compress.search import (
@@ -145,6 +146,13 @@ def test_search_with_gptq_candidates_from_collected_hessians(register_plugin, ru
     assert kl > 0
     assert kl == pytest.approx(Scorer(run.context, "calibration", ["kl"]).score()["kl"], rel=1e-2, abs=1e-5)
 
+    # pieces cut to different lengths give the same KL batched (right-padded) as one at a time
+    uneven = [(0, 20), (len(pieces) - 1, None), (1, 9)]
+    with torch.no_grad():
+        alone = objective.loss(run.context.model, uneven, batch_size=1).item()
+        batched = objective.loss(run.context.model, uneven, batch_size=3).item()
+    assert batched == pytest.approx(alone, rel=1e-5, abs=1e-7)
+
 
 @pytest.mark.parametrize(
     ("change", "message"),
@@ -160,3 +168,29 @@ def test_recipe_check_refuses(register_plugin, run_recipe, change, message):
     register_plugin(compress_rco, name="rco")
     with pytest.raises(UserError, match=re.escape(message)):
         run_recipe({"stages": [{**STAGE, **change}]})
+
+
+def test_a_target_after_the_blocks_gets_its_hessian_from_the_last_blocks_outputs(register_plugin, run_recipe):
+    """lm_head is outside the blocks: its gptq candidates come from the Hessian of its real inputs
+    (the final norm of the last block's outputs), so their recorded errors are output errors
+    through that Hessian."""
+    register_plugin(compress_rco, name="rco")
+    stage = {**STAGE, "targets": ["re:.*down_proj$", "lm_head"], "ignore": [], "budget": {"bits_per_weight": 3.5}}
+    run = run_recipe({"stages": [stage]})
+    (record,) = run.report["stages"]
+    chosen = record["layers"]["lm_head"]
+    assert chosen["method"] == "gptq"
+
+    reference = run.context.reference_model()
+    rows = []
+    handle = reference.lm_head.register_forward_hook(
+        lambda _m, args, _o: rows.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for sample in run.context.data("calibration"):
+            reference(sample["input_ids"][None])
+    handle.remove()
+    inputs = torch.cat(rows).double()
+    hessian = (2 * inputs.T @ inputs / len(inputs)).float()
+    error = relative_output_error(reference.lm_head.weight, run.context.model.lm_head.weight, hessian)
+    assert chosen["error"] == pytest.approx(error, rel=1e-3)

@@ -15,7 +15,11 @@ from compress.errors import UserError
 from compress.targets import match_modules
 from compress.validate import check_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+RECIPES = sorted(
+    path
+    for path in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml")
+    if "source: images" not in path.read_text()  # image classifiers' recipes target a ViT's layers
+)
 
 
 class ScaledLinear(nn.Linear):

@@ -225,7 +225,7 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path
     import subprocess
     import sys
 
-    curves = {}
+    curves, tokens = {}, {}
     for processes in (1, 2):
         recipe = write_recipe(
             data={"train": {"path": str(WIKITEXT_VALID), "samples": 16, "seq_len": 32}},
@@ -251,9 +251,13 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path
         )
         subprocess.run([*launcher, "-m", "compress", "apply", str(recipe)], check=True, capture_output=True)
         report = json.loads((tmp_path / f"out{processes}" / "report.json").read_text())
-        assert report["stages"][1]["details"]["devices"] == processes
-        curves[processes] = [loss for _, loss in report["stages"][1]["details"]["loss_curve"]]
+        details = report["stages"][1]["details"]
+        assert details["devices"] == processes
+        assert details["first_step_seconds"] > 0 and details["steady_tokens_per_second"] > 0
+        curves[processes] = [loss for _, loss in details["loss_curve"]]
+        tokens[processes] = details["tokens"]
     assert curves[2] == pytest.approx(curves[1], rel=1e-4)
+    assert tokens[2] == tokens[1] == 4 * 4 * 32  # the global batches' tokens, counted once however many processes
 
 
 def test_gradient_checkpointing_gives_the_same_training(train_host, write_recipe, tmp_path):

@@ -52,6 +52,8 @@ class Loader(Protocol):
     # Optional: ``load_tokenizer(spec, config, task)`` returns what ``load`` returns as the
     # tokenizer, without reading weights (``config`` and ``task`` are ``load_config``'s);
     # ``compress recipe check`` then checks the data with it (token counts, chat templates).
+    # Optional: ``weights_directory(spec)`` returns the local directory of the safetensors
+    # shards ``load`` reads; ``run: mode: lazy`` needs it (:mod:`compress.checkpoint.lazy`).
 
 
 UNKNOWN_MODEL = "not a built-in model name, a directory, a .gguf file or a Hub id (org/name)"
@@ -66,6 +68,9 @@ class WriterCapabilities:
     granularities: frozenset[str] = frozenset({"tensor", "channel", "group"})
     symmetric_only: bool = False
     activation_quantization: bool = False
+    activation_points: bool = False
+    """Keeps activation points (``Context.points``: attention operands, low-bit layer inputs),
+    at least as a list of what a runtime must quantize."""
     sparsity: bool = False
     sparsity_patterns: bool = True
     """With ``sparsity``: records an N:M pattern (compressed-tensors' ``sparsity_structure``) for
@@ -95,6 +100,11 @@ class WriterCapabilities:
             return "cannot store outlier weights held apart from the grid"
         if produced.activation_bits is not None and not self.activation_quantization:
             return "cannot store activation quantization"
+        if produced.activation_points and not self.activation_points:
+            return (
+                f"cannot store activation quantization at {', '.join(produced.activation_points)} "
+                "(output format dense keeps it, listing the points a runtime must quantize)"
+            )
         if produced.sparsity is not None and not self.sparsity:
             return f"cannot record {produced.sparsity} sparsity"
         if produced.sparsity not in (None, "unstructured") and not self.sparsity_patterns:
@@ -125,3 +135,8 @@ class Writer(Protocol):
         The host adds recipe.yaml, report.json and README.md and renames the directory
         into place once everything is written.
         """
+
+    # Optional, for ``run: mode: lazy`` (:mod:`compress.lazy`), both or neither:
+    # ``stored_tensors(context, prefix, module, options)`` returns the tensors the format
+    # stores for the submodule named ``prefix``, by full name; ``write_metadata(context,
+    # directory, options)`` writes everything beside the streamed shards (config, tokenizer).

@@ -136,6 +136,10 @@ class BuiltinLoader:
         forget_gguf_name(config)
         return config, task
 
+    def weights_directory(self, spec: ModelSpec) -> Path:
+        """The converted checkpoint's directory."""
+        return self.directory(spec.name)
+
     def load(self, spec: ModelSpec) -> LoadedModel:
         loaded = self.directory_loader.load(self._spec(spec))
         model = BUILTIN_MODELS[spec.name]

@@ -108,6 +108,9 @@ def layer_schemes(layers: dict[str, LayerState]) -> dict[str, Schemes]:
     schemes = {}
     for name, state in layers.items():
         activations = state.activations.scheme if state.activations is not None else None
+        if state.outliers is not None:
+            # one grid per weight: writing only LayerState.quant would silently drop the outliers
+            raise UserError("compressed-tensors cannot store outlier weights held apart from the grid", name)
         if state.quant is None:
             if activations is not None:
                 raise UserError("compressed-tensors stores activation quantization with int weights only", name)
@@ -191,39 +194,53 @@ class CompressedTensorsWriter:
     requantizes = False
 
     def write(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
-        from compressed_tensors.compressors import ModelCompressor
-
         from compress.checkpoint.sparse import sparsity_config, write_sparsity_config
 
         model = context.model
         sparsity = sparsity_config(model, context.layers)
-        modules = dict(model.named_modules())
-        schemes = layer_schemes(context.layers)
-        for name in schemes:
-            if not isinstance(modules.get(name), nn.Linear):
-                raise UserError("compressed-tensors output holds quantized Linear layers only", name)
-        config = quantization_config(model, schemes)
-        ct_schemes = {
-            name: scheme
-            for scheme in config.config_groups.values()
-            for name in (scheme.targets if scheme.targets != ["Linear"] else schemes)
-        }
-
-        dtype = stored_dtype(options, model)
-        state_dict = model.state_dict()
-        for name in schemes:
-            state = context.layers[name]
-            weight = modules[name].weight
-            del state_dict[f"{name}.weight"]
-            stored = compress_layer(weight, state.quant, ct_schemes[name], dtype) | input_qparams(state, dtype)
-            for key, value in stored.items():
-                state_dict[f"{name}.{key}"] = value
-        state_dict = cast_floating(state_dict, dtype)
-
+        state_dict = self.stored_tensors(context, "", model, options)
         model.save_pretrained(directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size)
-        record_dtype(directory, dtype)
-        ModelCompressor(quantization_config=config).update_config(str(directory))
+        self._write_config(context, directory, options)
         if sparsity is not None:
             write_sparsity_config(directory, sparsity)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)
+
+    def stored_tensors(
+        self, context: Context, prefix: str, module: nn.Module, options: StoredDtypeOptions
+    ) -> dict[str, torch.Tensor]:
+        """The tensors stored for ``module`` (the model's submodule named ``prefix``), by full
+        name: each quantized Linear's weight replaced by its packed codes, scales (and zero
+        points, input scales); the model is not modified (the others alias its parameters)."""
+        from compress.checkpoint.output import prefixed
+
+        dtype = stored_dtype(options, context.model)
+        schemes = layer_schemes(context.layers)
+        state_dict = prefixed(module.state_dict(), prefix)
+        for local, layer in module.named_modules(prefix=prefix):
+            if local not in schemes:
+                continue
+            if not isinstance(layer, nn.Linear):
+                raise UserError("compressed-tensors output holds quantized Linear layers only", local)
+            del state_dict[f"{local}.weight"]
+            state = context.layers[local]
+            scheme = ct_scheme(*schemes[local], [local])
+            stored = compress_layer(layer.weight, state.quant, scheme, dtype) | input_qparams(state, dtype)
+            for key, value in stored.items():
+                state_dict[f"{local}.{key}"] = value
+        return cast_floating(state_dict, dtype)
+
+    def _write_config(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
+        """config.json's dtype and ``quantization_config`` (all the layers' schemes, grouped)."""
+        from compressed_tensors.compressors import ModelCompressor
+
+        record_dtype(directory, stored_dtype(options, context.model))
+        config = quantization_config(context.model, layer_schemes(context.layers))
+        ModelCompressor(quantization_config=config).update_config(str(directory))
+
+    def write_metadata(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
+        """What goes beside streamed shards (``run: mode: lazy``, :mod:`compress.checkpoint.stream`)."""
+        from compress.checkpoint.output import save_metadata
+
+        save_metadata(context, directory, stored_dtype(options, context.model))
+        self._write_config(context, directory, options)

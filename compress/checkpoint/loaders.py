@@ -10,7 +10,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -180,6 +179,9 @@ def check_shapes(directory: Path, config: PretrainedConfig, task: str, trust_rem
 def load_tokenizer(directory: Path, task: str, **kwargs: Any) -> Any:
     try:
         if task == "image-classification":
+            # imported here: it imports transformers' modeling code, which commands without a model never need
+            from transformers import AutoImageProcessor
+
             return AutoImageProcessor.from_pretrained(directory, **kwargs)
         return AutoTokenizer.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, ImportError):  # none saved, or its library is not installed
@@ -200,6 +202,10 @@ class DirectoryLoader:
         task = spec.task or infer_task(config)
         check_shapes(directory, config, task, spec.trust_remote_code)
         return config, task
+
+    def weights_directory(self, spec: ModelSpec) -> Path:
+        """The directory holding the safetensors shards ``load`` reads (``run: mode: lazy`` reads them itself)."""
+        return Path(spec.name)
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         directory = Path(spec.name)
@@ -334,6 +340,10 @@ class HubLoader:
             return self.directory_loader.load_config(local)
         config = load_hf_config(Path(local.name), spec.trust_remote_code)
         return config, spec.task or infer_task(config)
+
+    def weights_directory(self, spec: ModelSpec) -> Path:
+        """The local snapshot's directory, downloaded first when needed."""
+        return Path(self._snapshot(spec, MODEL_FILES).name)
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         loaded = self.directory_loader.load(self._snapshot(spec, MODEL_FILES))

@@ -103,10 +103,10 @@ def check_output_place(target: Path, needed: int) -> None:
     place = writable_place(target)
     free = shutil.disk_usage(place).free
     if needed > free:
-        raise UserError(
-            f"not enough free space: the output needs about {needed / 1e9:,.1f} GB, {place} has {free / 1e9:,.1f} GB",
-            str(target),
-        )
+        need, have = f"{needed / 1e9:,.1f} GB", f"{free / 1e9:,.1f} GB"
+        if need == have:  # a near miss: the rounded figures alone would not say which is larger
+            need, have = f"{need} ({needed:,} bytes)", f"{have} ({free:,} bytes)"
+        raise UserError(f"not enough free space: the output needs about {need}, {place} has {have}", str(target))
 
 
 def dtype_itemsize(dtype: object) -> int:
@@ -160,11 +160,14 @@ class DenseWriter:
     Caveat: vLLM from 0.19 on (PR #36799) routes unquantized layers marked 2:4 to its
     ``CompressedTensors24`` scheme, which now raises "Sparse24 models are no longer
     supported by vLLM"; such a checkpoint serves in vLLM only without that entry.
+    Activation points (``Context.points``) are kept as ``activation_points.json`` (which
+    points a runtime must quantize, on what grid) and ``activation_points.safetensors``
+    (their scales); transformers ignores both and runs the weights unquantized in between.
     """
 
     name = "dense"
     Options = StoredDtypeOptions
-    capabilities = WriterCapabilities(sparsity=True, outliers=True)
+    capabilities = WriterCapabilities(sparsity=True, outliers=True, activation_points=True)
     requantizes = False
 
     def write(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
@@ -177,12 +180,46 @@ class DenseWriter:
 
             sparsity = sparsity_config(model, context.layers)
         dtype = stored_dtype(options, model)
-        state_dict = cast_floating(model.state_dict(), dtype)
+        state_dict = self.stored_tensors(context, "", model, options)
         model.save_pretrained(directory, state_dict=state_dict, max_shard_size=context.recipe.output.max_shard_size)
         record_dtype(directory, dtype)
         if sparsity is not None:
             from compress.checkpoint.sparse import write_sparsity_config
 
             write_sparsity_config(directory, sparsity)
+        if context.points:
+            from compress.activation_points import points_files
+
+            for name, content in points_files(context.points).items():
+                (directory / name).write_bytes(content)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)
+
+    def stored_tensors(
+        self, context: Context, prefix: str, module: nn.Module, options: StoredDtypeOptions
+    ) -> dict[str, torch.Tensor]:
+        """The tensors stored for ``module`` (the model's submodule named ``prefix``), by full name."""
+        return cast_floating(prefixed(module.state_dict(), prefix), stored_dtype(options, context.model))
+
+    def write_metadata(self, context: Context, directory: Path, options: StoredDtypeOptions) -> None:
+        """What goes beside streamed shards (``run: mode: lazy``, :mod:`compress.checkpoint.stream`)."""
+        save_metadata(context, directory, stored_dtype(options, context.model))
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with their names under the module ``prefix`` (unchanged for the empty prefix)."""
+    return {f"{prefix}.{key}" if prefix else key: value for key, value in tensors.items()}
+
+
+def save_metadata(context: Context, directory: Path, dtype: torch.dtype) -> None:
+    """config.json naming the model's class and the stored ``dtype``, generation_config.json
+    when the model has one, and the tokenizer: what ``save_pretrained`` writes besides weights."""
+    model = context.model
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    record_dtype(directory, dtype)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(directory)
+    if context.tokenizer is not None:
+        context.tokenizer.save_pretrained(directory)

@@ -310,16 +310,11 @@ class _Loop:
 
     def _train(self) -> None:
         if self.state.step:
-            self.context.host.hook.compress_stage_progress(
-                context=self.context,
-                stage=self.run_.stage,
-                step=self.state.step,
-                total=self.params.steps,
-                logs={"resumed_from_step": self.state.step},
-            )
+            self._progress(self.state.step, {"resumed_from_step": self.state.step})
         params, record = self.params, self.run_.record
-        started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens
+        started, start_step, start_tokens = self._clock(), self.state.step, self.state.tokens
         self.logged = (started, start_tokens)
+        warm = None  # clock and tokens after the first step: the rate without one-time costs
         self.model.train()
         if self.directory is None:
             notice = "stopping after this step (no checkpoint: the recipe has no output); Ctrl-C again stops now"
@@ -329,6 +324,8 @@ class _Loop:
             while self.state.step < params.steps:
                 loss, logs = self._step()
                 self.state.step += 1
+                if warm is None:
+                    warm = (self._clock(), self.state.tokens)
                 self._after_step(loss, logs)
                 if interrupted[0]:
                     self._save_checkpoint()
@@ -338,17 +335,31 @@ class _Loop:
                         f"training checkpoint at {self.directory} (step {self.state.step}/{params.steps}); "
                         "continue with compress apply RECIPE --resume"
                     )
-        seconds = time.perf_counter() - started
+        ended = self._clock()
+        seconds = ended - started
+        steady = None
+        if warm is not None and self.state.step > start_step + 1:
+            steady = (self.state.tokens - warm[1]) / max(ended - warm[0], 1e-9)
         record.details.update(
             steps=self.state.step,
             tokens=self.state.tokens,
             tokens_per_second=(self.state.tokens - start_tokens) / max(seconds, 1e-9),
+            first_step_seconds=None if warm is None else warm[0] - started,
+            steady_tokens_per_second=steady,
             resumed_from_step=start_step or None,
             devices=self.accelerator.num_processes,
             micro_steps=self.accumulation,
             loss_curve=self.state.loss_curve,
             eval_curve=self.state.eval_curve,
         )
+
+    def _clock(self) -> float:
+        """The wall clock once every process has finished its queued device work: rates are the
+        global batch's tokens (the same count in every process) per second of the slowest one."""
+        if self.context.device.type == "cuda":
+            torch.cuda.synchronize(self.context.device)
+        self.accelerator.wait_for_everyone()
+        return time.perf_counter()
 
     def _step(self) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step over this process's micro-batches of every dataset; returns the
@@ -377,6 +388,8 @@ class _Loop:
             for parameter in self.extra:
                 if parameter.grad is not None:
                     parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+        if self.params.max_grad_value is not None:
+            self.accelerator.clip_grad_value_(self.parameters, self.params.max_grad_value)
         if self.params.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.parameters, self.params.max_grad_norm)
         self.optimizer.step()
@@ -396,9 +409,7 @@ class _Loop:
             shown = {"loss": round(value, 4), "lr": float(f"{self.scheduler.get_last_lr()[0]:.3g}")}
             shown.update({key: round(float(item), 4) for key, item in logs.items()})
             shown.update(self.method.log_values(self.context, self.run_, step))
-            self.context.host.hook.compress_stage_progress(
-                context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs=shown
-            )
+            self._progress(step, shown)
             now, tokens = time.perf_counter(), self.state.tokens
             rate = (tokens - self.logged[1]) / max(now - self.logged[0], 1e-9)
             self.logged = (now, tokens)
@@ -408,11 +419,14 @@ class _Loop:
             value = self._evaluate()
             self.state.eval_curve.append((step, value))
             self.trackers.log(step, {"eval_loss": value})
-            self.context.host.hook.compress_stage_progress(
-                context=self.context, stage=self.run_.stage, step=step, total=params.steps, logs={"eval_loss": value}
-            )
+            self._progress(step, {"eval_loss": value})
         if params.checkpoint_every and step % params.checkpoint_every == 0 and step < params.steps:
             self._save_checkpoint()
+
+    def _progress(self, step: int, logs: dict[str, Any]) -> None:
+        self.context.host.hook.compress_stage_progress(
+            context=self.context, stage=self.run_.stage, step=step, total=self.params.steps, logs=logs
+        )
 
     @torch.no_grad()
     def _evaluate(self) -> float:

@@ -78,6 +78,9 @@ class TrainParams(MethodParams):
         "{min_lr_rate: 0.1} for cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null for no clipping")
+    max_grad_value: float | None = Field(
+        None, gt=0, description="clip each gradient element to [-value, value] (before max_grad_norm); null: no"
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto",
         description="bf16 autocast over fp32 master weights; auto = bf16 on a GPU or for a bf16/fp16 model, else no",

@@ -99,6 +99,12 @@ class GPTQParams(QuantParams):
         "(same operations, same result). Falls back to cuda_graphs / eager launches when Triton "
         "is missing or the kernel fails. No effect on CPU.",
     )
+    rtn_reference: bool = Field(
+        True,
+        description="Report round-to-nearest's output error on the same grid source beside GPTQ's "
+        "(rtn_objective), for comparison: one more quantization and H-product per layer. false: "
+        "skip it (rtn_objective null), as speed benchmarks do; the result is the same.",
+    )
     low_precision_products: bool = Field(
         True,
         description="On CUDA with bf16/fp16 activations, multiply them directly into the float32 "
@@ -230,7 +236,7 @@ class GPTQ(BlockMethod):
         inherit = params.grid == "inherit"
         target_kind = params.target or ("original" if inherit else "current")
         layers = [_Layer(context, name, module, target_kind, inherit, scheme) for name, module in modules.items()]
-        baselines = [layer.baselines(hessian.matrix) for layer in layers]
+        baselines = [layer.baselines(hessian.matrix, params.rtn_reference) for layer in layers]
 
         started = time.perf_counter()
         factor = inverse_factor(hessian.release(), params.percdamp, params.act_order, where, consume=True)
@@ -281,7 +287,7 @@ class GPTQ(BlockMethod):
                 "calibration_samples": hessian.samples,
                 "calibration_tokens": hessian.tokens,
                 "objective": error / max(reference, 1e-30),
-                "rtn_objective": rtn_error / max(reference, 1e-30),
+                "rtn_objective": None if rtn_error is None else rtn_error / max(reference, 1e-30),
                 "seconds": round(seconds * layer.rows / total_rows, 4),
                 "solved_with": [name for name in names if name != layer.name],
                 "rtn_seconds": round(rtn_seconds, 4),
@@ -326,11 +332,14 @@ class _Layer:
             return self.frozen
         return torch.zeros(self.current.shape, dtype=torch.bool, device=self.device)
 
-    def baselines(self, H: torch.Tensor) -> tuple[float, float, float]:
-        """``tr(W H Wᵀ)`` and round-to-nearest's ``tr(ΔW H ΔWᵀ)`` (same grid source), and the
-        seconds both took (the report's cost, not GPTQ's)."""
+    def baselines(self, H: torch.Tensor, rtn: bool = True) -> tuple[float, float | None, float]:
+        """``tr(W H Wᵀ)`` and (with ``rtn``, else None) round-to-nearest's ``tr(ΔW H ΔWᵀ)`` (same
+        grid source), and the seconds both took (the report's cost, not GPTQ's)."""
         started = time.perf_counter()
         target = self.target().float()
+        if not rtn:
+            (reference,) = h_norms(H, target)
+            return reference, None, time.perf_counter() - started
         grid = self.grid if self.grid is not None else compute_grid(target, self.scheme, self.name)
         rtn = grid.fake_quantize(target)
         if self.frozen is not None:

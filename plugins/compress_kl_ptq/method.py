@@ -30,7 +30,7 @@ from compress.api import (
     weight_cost,
 )
 from compress_kl_ptq.criterion import check_estimator, weight_kl
-from compress_kl_ptq.storage import least_bits_per_weight, storage_parts
+from compress_kl_ptq.storage import SCALE_BITS, ZERO_POINT_BITS, least_bits_per_weight, storage_parts
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 """Default shrink factors of the inlier grid's range (1 = round-to-nearest's max-abs range)."""
@@ -90,6 +90,15 @@ class KLPTQParams(QuantParams):
         "asymmetric) multiplied by the factor, so factors below 1 clip the largest inliers. Every "
         "factor is tried with every outlier fraction; the criterion picks the pair.",
     )
+    clip_scope: Literal["layer", "group"] = Field(
+        "layer",
+        description="'layer': one clip ratio for the whole layer, chosen by the criterion. 'group': every "
+        "group (every output channel with group_size: null) takes the ratio of least squared error "
+        "over its inliers; since the pointwise KL is a sum over groups, that is the criterion's choice "
+        "among all combinations of per-group ratios, at no storage cost (each group stores its own "
+        "scale anyway). Needs kl_estimator: pointwise. Lower weight error is not always lower model "
+        "error: on SmolLM2 at W3 it helped out of domain and hurt in-domain (docs/benchmarks.md).",
+    )
     bits_per_weight: float | None = Field(
         None,
         gt=0,
@@ -137,6 +146,11 @@ class KLPTQParams(QuantParams):
                 raise ValueError(f"outlier_fraction: every fraction must be in [0, 0.5), got {self.outlier_fraction}")
         if any(not 0 < r <= 1 for r in self.clip_ratios):
             raise ValueError(f"clip_ratios: every ratio must be in (0, 1], got {self.clip_ratios}")
+        if self.clip_scope == "group" and self.kl_estimator != "pointwise":
+            raise ValueError(
+                f"clip_scope: group needs kl_estimator: pointwise (the only criterion that is a sum over "
+                f"groups), got {self.kl_estimator!r}"
+            )
         return self
 
     @field_validator("kl_estimator")
@@ -158,6 +172,16 @@ class KLPTQParams(QuantParams):
     def group_width(self, columns: int) -> int:
         """Input columns that share a scale in a layer ``columns`` wide (all of them per channel)."""
         return columns if self.group_size is None else self.group_size
+
+    def fraction_can_fit(self, fraction: float) -> bool:
+        """Whether ``fraction`` can meet ``bits_per_weight`` in a layer of some shape: outliers cost
+        at least their ``outlier_bits`` codes on top of the inlier codes and scales (their own scales
+        and positions only add to that), so a fraction above what the budget leaves fits no layer."""
+        if self.bits_per_weight is None or fraction == 0:
+            return True
+        per_group = SCALE_BITS + (0 if self.symmetric else ZERO_POINT_BITS)
+        scales = 0.0 if self.group_size is None else per_group / self.group_size
+        return self.bits + scales + fraction * self.outlier_bits <= self.bits_per_weight
 
     def least_bits(self, shape: tuple[int, int]) -> tuple[float, float]:
         """The fewest bits per weight any candidate fraction can take in a layer of ``shape``, and
@@ -201,10 +225,13 @@ class KLPTQ(LayerMethod):
     of an outlier fraction (outlier_fraction, one value or a list) and a clip ratio
     (clip_ratios: the inlier range shrunk by the factor, as AWQ's and OmniQuant's clipping
     searches do); the pair of least KL(original ‖ quantized) is kept, among the pairs whose exact
-    storage is within bits_per_weight when a budget is given. The default estimator is the
-    pointwise one (compress_kl_ptq.criterion): the KL between the Gaussian-smoothed joint
-    distributions of (position, value), which reduces to the weight MSE over twice the layer's
-    weight variance. Unlike a KL between the two value distributions, it sees which weight
+    storage is within bits_per_weight when a budget is given. With clip_scope: group the ratio is
+    chosen per group instead (AWQ's clipping search is per group too, on activations): the
+    pointwise KL is a sum over groups, so each group's least-error ratio gives the criterion's
+    least value over every combination of per-group ratios, at the same storage. The default
+    estimator is the pointwise one (compress_kl_ptq.criterion): the KL between the
+    Gaussian-smoothed joint distributions of (position, value), which reduces to the weight MSE
+    over twice the layer's weight variance. Unlike a KL between the two value distributions, it sees which weight
     moved, penalises clipping and rounding alike, and ranks grids as the layers' output error
     on real activations does (docs/benchmarks.md); the marginal estimators remain selectable.
     Without a budget more outliers always lower the KL, so a list of fractions is meant to be
@@ -219,15 +246,28 @@ class KLPTQ(LayerMethod):
 
     The weights are replaced by their dequantized values. context.layers[name] gets
     LayerState("kl_ptq", quant=<inlier grid>, outliers=OutlierSplit(mask, <outlier grid>)).
-    Writers that store only LayerState.quant cannot hold the outliers (recipe check refuses
-    compressed-tensors): use the dense writer, or outlier_fraction: 0 for a plain grid (clipped
-    round-to-nearest chosen by the criterion).
+    Deployment (design, from reading compressed-tensors 0.19 and 0.20, the versions transformers
+    and vLLM load). A layer with outliers is a dense grid plus a sparse second grid, and no
+    loadable format holds that: a compressed-tensors module has exactly one quantization scheme
+    (one scale per group, so outliers cannot keep a scale of their own on the same bit grid);
+    its sparse compressors (sparse-bitmask, sparse-24-bitmask, marlin-24) are not in 0.19 or
+    0.20 (Sparse24 was dropped after 0.14; the names remain as "legacy" formats), and they only
+    stored one tensor without its zeros, never an additive second component; an extra
+    sparse tensor per layer is an unexpected key that from_pretrained drops; bitsandbytes'
+    outliers are activation columns chosen at run time. So the outlier variant is written only
+    by the dense writer (recipe check refuses the others, and the compressed-tensors writer
+    refuses a layer state with outliers rather than dropping them). The deployable variant is
+    kl_ptq without outliers: outlier_fraction: 0, or a bits_per_weight budget that leaves no
+    room for outliers (bits + 16/group_size, rtn's and gptq's storage: the fractions that
+    cannot fit are dropped before recipe check asks what the stage produces). The criterion
+    then picks each layer's clip ratio, and the checkpoint is plain pack-quantized.
 
     Report per layer: kl (of the chosen candidate), kl_rtn (the same estimator on plain
     round-to-nearest at the same bits and group size), outlier_fraction, outliers, lambda (the
-    median over groups with lambda_scope: group), clip_ratio, candidates (pairs tried within the
-    budget), relative_error and relative_error_rtn (‖W − Ŵ‖/‖W‖), effective_bits (exact storage
-    per weight, compress_kl_ptq.storage) and its parts under storage_bits.
+    median over groups with lambda_scope: group), clip_ratio (the mean over groups with
+    clip_scope: group), clip_scope, candidates (candidates tried within the budget),
+    relative_error and relative_error_rtn (‖W − Ŵ‖/‖W‖), effective_bits (exact storage per
+    weight, compress_kl_ptq.storage) and its parts under storage_bits.
     """
 
     name = "kl_ptq"
@@ -237,7 +277,11 @@ class KLPTQ(LayerMethod):
     offers = CandidateOffer({"group_size": [128], "outlier_fraction": [0.01]}, costs=frozenset({"bits", "params"}))
 
     def produces(self) -> Produces:
-        outliers = self.params.outlier_lambda is not None or any(f > 0 for f in self.params.fractions())
+        # a budget that leaves no room for any outlier makes a plain grid, which every integer
+        # format holds (e.g. bits_per_weight = bits + 16/group_size, rtn's and gptq's storage)
+        outliers = self.params.outlier_lambda is not None or any(
+            f > 0 and self.params.fraction_can_fit(f) for f in self.params.fractions()
+        )
         return Produces(quant=self.params.scheme(), outliers=outliers)
 
     def check_layer(self, name: str, module: nn.Module) -> None:
@@ -411,7 +455,9 @@ def outlier_splits(name: str, w: torch.Tensor, params: KLPTQParams) -> list[Spli
         bits, parts = effective_bits(tuple(w.shape), mask, params)
         splits.append(Split(fraction, mask, lam, bits, parts))
     budget = params.bits_per_weight
-    within = [s for s in splits if budget is None or s.bits <= budget]
+    # a fraction that cannot fit the budget in any layer is not tried where rounding its count down
+    # would let it in: produces() has told the writer there are no outliers
+    within = [s for s in splits if (budget is None or s.bits <= budget) and params.fraction_can_fit(s.fraction or 0.0)]
     if not within:
         nearest = min(splits, key=lambda s: s.bits)
         fraction = nearest.fraction if nearest.fraction is not None else float(nearest.mask.float().mean())
@@ -438,16 +484,47 @@ class Trial:
 
 
 def trials(name: str, w: torch.Tensor, params: KLPTQParams) -> Iterator[Trial]:
-    """Every candidate (outlier fraction x clip ratio) of the float32 weight ``w`` within the budget."""
+    """Every candidate (outlier fraction x clip ratio) of the float32 weight ``w`` within the budget;
+    with ``clip_scope: group`` one candidate per outlier fraction, its ratios chosen per group
+    (the trial's ``ratio`` is then their mean over the groups)."""
     scheme, outlier_scheme = params.scheme(), params.outlier_scheme()
     for split in outlier_splits(name, w, params):
         inliers = w.masked_fill(split.mask, 0.0)
         outlier_grid = compute_grid(w.masked_fill(~split.mask, 0.0), outlier_scheme)
         outlier_values = outlier_grid.fake_quantize(w)
-        for ratio in params.clip_ratios:
-            grid = clipped_grid(inliers, scheme, ratio)
+        if params.clip_scope == "group":
+            candidates = [per_group_clip(w, split.mask, inliers, params)]
+        else:
+            candidates = ((clipped_grid(inliers, scheme, r), r) for r in params.clip_ratios)
+        for grid, ratio in candidates:
             quantized = torch.where(split.mask, outlier_values, grid.fake_quantize(w))
             yield Trial(split, ratio, grid, outlier_grid, quantized)
+
+
+def per_group_clip(
+    w: torch.Tensor, mask: torch.Tensor, inliers: torch.Tensor, params: KLPTQParams
+) -> tuple[QuantGrid, float]:
+    """The inlier grid whose every group has the clip ratio of least squared error over the group's
+    inliers (the earlier ratio of ``clip_ratios`` on a tie), and the mean chosen ratio. Each
+    group's codes depend only on its own scale and zero point, so the grid assembled from the
+    per-group winners reproduces each winner's values exactly."""
+    scheme, width = params.scheme(), params.group_width(w.shape[1])
+    best = None
+    for ratio in params.clip_ratios:
+        grid = clipped_grid(inliers, scheme, ratio)
+        error = group_view((grid.fake_quantize(w) - w).masked_fill(mask, 0.0).pow(2), width).sum(-1)
+        if best is None:
+            best = [error, grid.scale, grid.zero_point, torch.full_like(error, ratio)]
+            continue
+        better = error < best[0]
+        best = [
+            torch.where(better, error, best[0]),
+            torch.where(better, grid.scale, best[1]),
+            None if grid.zero_point is None else torch.where(better, grid.zero_point, best[2]),
+            best[3].masked_fill(better, ratio),
+        ]
+    _, scale, zero_point, chosen = best
+    return QuantGrid(scheme, scale, zero_point), chosen.mean().item()
 
 
 def criterion(w: torch.Tensor, trial: Trial, estimator: str, bins: int = 1024) -> float:
@@ -489,6 +566,7 @@ def quantize_layer(name: str, weight: torch.Tensor, params: KLPTQParams) -> Laye
         "outliers": outlier_count,
         "lambda": (split.lam.median() if split.lam.ndim else split.lam).item(),
         "clip_ratio": trial.ratio,
+        "clip_scope": params.clip_scope,
         "candidates": tried,
         "relative_error": ((quantized - w).pow(2).sum() / norm).sqrt().item(),
         "relative_error_rtn": ((rtn - w).pow(2).sum() / norm).sqrt().item(),

@@ -27,6 +27,7 @@ trade exactly; for a quantization database this is the code's ``size`` rule.
 from __future__ import annotations
 
 import random
+import time
 from typing import Literal
 
 import torch
@@ -58,6 +59,17 @@ class EvoPressParams(SearchParams):
         128, ge=1, description="Random initial points drawn when the budget lies below the level above it."
     )
     initial_tokens: int = Field(2048, ge=1, description="Tokens the initial points are scored on.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Calibration samples per forward pass when scoring (speed and memory only; the code uses 1).",
+    )
+    time_limit: float | None = Field(
+        None,
+        gt=0,
+        description="Stop after the first generation that ends this many seconds into the search (not in the "
+        "official code: a wall-clock budget, to compare searches at equal time).",
+    )
     group_rule: Literal["cost", "none"] = Field(
         "cost",
         description="'cost': a mutation trades one level between two layers with equal candidate costs "
@@ -86,18 +98,27 @@ class EvoPress(SearchMethod):
     name = "evopress"
     Params = EvoPressParams
 
-    def search(self, context: Context, run: StageRun, space: SearchSpace) -> list[int]:
+    def search(
+        self, context: Context, run: StageRun, space: SearchSpace, objective: ReferenceKL | None = None
+    ) -> list[int]:
+        """EvoPress over ``space``; ``objective``: the KL on the calibration data when already made."""
         params: EvoPressParams = self.params
-        objective = ReferenceKL(context, "calibration")
+        started = time.perf_counter()
+        objective = ReferenceKL(context, "calibration") if objective is None else objective
         evolution = Evolution(space, random.Random(context.recipe.run.seed))
+        seconds = {"reference": time.perf_counter() - started, "fitness": 0.0, "load": 0.0}
 
         def fitness(configurations: list[list[int]], tokens: int) -> list[float]:
             pieces = evolution.pieces(objective.tokens, tokens)
             scores = []
             with torch.no_grad():
                 for configuration in configurations:
+                    clock = time.perf_counter()
                     space.put(configuration)
-                    scores.append(objective.loss(context.model, pieces).item())
+                    loaded = time.perf_counter()
+                    scores.append(objective.loss(context.model, pieces, params.batch_size).item())
+                    seconds["load"] += loaded - clock
+                    seconds["fitness"] += time.perf_counter() - loaded
             return scores
 
         parent = evolution.ceiling()
@@ -128,7 +149,10 @@ class EvoPress(SearchMethod):
             context.host.hook.compress_stage_progress(
                 context=context, stage=run.stage, step=generation + 1, total=params.generations, logs={"kl": score}
             )
-        run.record.details.update({"generations": params.generations, "history": history})
+            if params.time_limit is not None and time.perf_counter() - started > params.time_limit:
+                break
+        seconds["search"] = time.perf_counter() - started
+        run.record.details.update({"generations": len(history), "history": history, "seconds": seconds})
         return parent
 
 

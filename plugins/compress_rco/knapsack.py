@@ -29,18 +29,15 @@ def knapsack(values: np.ndarray, costs: np.ndarray, capacity: int, exact: bool =
     best = np.full(capacity + 1, -np.inf)
     best[0] = 0.0
     back = np.zeros((rows, capacity + 1), dtype=np.int32)
+    table = np.empty((choices, capacity + 1))
     for i in range(rows):
-        new = np.full(capacity + 1, -np.inf)
+        table.fill(-np.inf)
         for k in range(choices):
             cost = int(costs[i, k])
-            if not np.isfinite(values[i, k]) or cost > capacity:
-                continue
-            shifted = np.full(capacity + 1, -np.inf)
-            shifted[cost:] = best[: capacity + 1 - cost] + values[i, k]
-            better = shifted > new
-            new[better] = shifted[better]
-            back[i, better] = k
-        best = new
+            if np.isfinite(values[i, k]) and cost <= capacity:
+                table[k, cost:] = best[: capacity + 1 - cost] + values[i, k]
+        back[i] = table.argmax(0)  # the first best choice, as the official loop keeps it
+        best = table[back[i], np.arange(capacity + 1)]
     reachable = np.flatnonzero(np.isfinite(best))
     if reachable.size == 0:
         return None

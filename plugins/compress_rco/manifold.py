@@ -18,6 +18,7 @@ probability is exactly 0 (its logit is replaced by −∞ before the softmax).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -62,9 +63,15 @@ def retract(
     ``bisections`` times) until ``|C − target| < tol`` (the code's 1e-4 bits).
     """
     with torch.no_grad():
+        # C on the host in numpy: a bisection evaluates it up to ~100 times on a small matrix,
+        # where torch's per-call overhead would dominate each step of a search
+        logits, costs = alpha.detach().double().cpu().numpy(), density.double().cpu().numpy()
+        weights, mask = share.double().cpu().numpy(), valid.cpu().numpy()
 
         def cost(shift: float) -> float:
-            return expected_cost(alpha + shift * density, density, share, valid).item()
+            shifted = np.where(mask, logits + shift * costs, -np.inf)
+            p = np.exp(shifted - shifted.max(1, keepdims=True))
+            return float((p * costs).sum(1) / p.sum(1) @ weights)
 
         if abs(cost(0.0) - target) < tol:
             return cost(0.0)
@@ -84,8 +91,10 @@ def retract(
                 high = middle
             else:
                 low = middle
-        alpha.add_((low + high) / 2 * density.to(alpha.dtype))
-        return cost(0.0)
+        shift = (low + high) / 2
+        reached = cost(shift)  # before the update: ``logits`` may share α's memory
+        alpha.add_(shift * density.to(alpha.dtype))
+        return reached
 
 
 def transport(optimizer: torch.optim.Adam, alpha: torch.Tensor, normal: torch.Tensor) -> None:

@@ -10,8 +10,9 @@
 2. forward pass with every layer's weight ``Σ_k p_k W_k`` where p is the one-hot assignment
    in value and ``softmax((α + g)/τ)`` in gradient (straight-through);
 3. loss: KL(original ‖ model) over the full vocabulary on a random batch of calibration
-   samples, the original's log-probabilities cached once (:class:`compress.api.ReferenceKL`);
-   averaged over the Gumbel samples;
+   samples (one forward and backward pass per Gumbel sample), the original's
+   log-probabilities cached once (:class:`compress.api.ReferenceKL`, on the device when they
+   fit); averaged over the Gumbel samples;
 4. the gradient loses its component along the closed-form normal at softmax(α) (no noise);
 5. Adam step; 6. retraction onto C(α) = B by bisection along the cost (to 1e-4);
 7. vector transport: Adam's first moment projected onto the new tangent plane.
@@ -31,6 +32,7 @@ scales), not nominal bit widths; layers are not grouped (one choice per targeted
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,7 +82,7 @@ class Mixture(nn.Module):
 
     def forward(self, _weight: torch.Tensor) -> torch.Tensor:
         p = self.shared["probs"][self.row, : self.stack.shape[0]].to(self.stack.dtype)
-        return torch.einsum("k,k...->...", p, self.stack)
+        return (p @ self.stack.flatten(1)).view(self.stack.shape[1:])
 
 
 class RCO(SearchMethod):
@@ -99,21 +101,28 @@ class RCO(SearchMethod):
     name = "rco"
     Params = RCOParams
 
-    def search(self, context: Context, run: StageRun, space: SearchSpace) -> list[int]:
-        objective = ReferenceKL(context, "calibration")
+    def search(
+        self, context: Context, run: StageRun, space: SearchSpace, objective: ReferenceKL | None = None
+    ) -> list[int]:
+        """RCO over ``space``; ``objective``: the KL on the calibration data when already made."""
+        started = time.perf_counter()
+        objective = ReferenceKL(context, "calibration") if objective is None else objective
+        seconds = {"reference": time.perf_counter() - started, "objective": 0.0, "dp": 0.0, "manifold": 0.0}
+        started = time.perf_counter()
         with mixtures(context.model, space, context.device) as shared:
+            seconds["stacks"] = time.perf_counter() - started  # every candidate's weights onto the device
 
             def loss(probs: torch.Tensor, batch: list[int]) -> torch.Tensor:
                 shared["probs"] = probs.to(context.device, torch.float32)
-                return objective.loss(context.model, [(index, None) for index in batch])
+                return objective.loss(context.model, [(index, None) for index in batch], len(batch))
 
             def progress(step: int, logs: dict[str, float]) -> None:
                 context.host.hook.compress_stage_progress(
                     context=context, stage=run.stage, step=step, total=self.params.steps, logs=logs
                 )
 
-            choice, history = optimize(space, self.params, loss, len(objective.samples), progress)
-        run.record.details.update({"steps": self.params.steps, "history": history})
+            choice, history = optimize(space, self.params, loss, len(objective.samples), progress, seconds)
+        run.record.details.update({"steps": self.params.steps, "history": history, "seconds": seconds})
         return choice
 
 
@@ -136,11 +145,23 @@ def optimize(
     loss: Callable[[torch.Tensor, list[int]], torch.Tensor],
     samples: int,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """RCO's loop over ``space`` (its ``density``, ``share``, ``valid``, ``costs``, ``errors`` and
     ``target``): ``loss(probs, batch)`` is the objective of the straight-through probabilities
     (layers x candidates) on a batch of sample indices drawn from ``range(samples)``. Returns the
-    final DP assignment and the per-step history."""
+    final DP assignment and the per-step history; adds the wall time of the objective's forward
+    and backward passes, of the DP argmaxes and of the manifold (projection, Adam, retraction,
+    transport) to ``seconds``."""
+    seconds = {} if seconds is None else seconds
+    clock = time.perf_counter()
+
+    def lap(key: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[key] = seconds.get(key, 0.0) + now - clock
+        clock = now
+
     valid, density, share, target = space.valid, space.density, space.share, space.target
     alpha = initial_logits(space, params)
     optimizer = torch.optim.Adam([alpha], lr=params.lr)
@@ -157,19 +178,24 @@ def optimize(
             hard = torch.zeros_like(soft)
             chosen = budget_choice(noisy, space.costs, valid, target, params.search_units)
             hard[torch.arange(len(chosen)), chosen] = 1.0
+            lap("dp")
             with torch.enable_grad():
                 sample_loss = loss(hard + soft - soft.detach(), batch)
                 (sample_loss / params.gumbel_samples).backward()
             value += sample_loss.item() / params.gumbel_samples
+            lap("objective")
         alpha.grad = project(alpha.grad, budget_normal(alpha.detach(), density, share, valid))
         optimizer.step()
         expected = retract(alpha, density, share, valid, target, params.retraction_tolerance)
         transport(optimizer, alpha, budget_normal(alpha.detach(), density, share, valid))
+        lap("manifold")
         history.append({"step": step + 1, "loss": value, "expected_cost": expected, "tau": tau})
         if progress is not None:
             progress(step + 1, {"loss": value, "tau": tau})
     log_p = probabilities(alpha.detach(), valid).clamp_min(1e-10).log()
-    return budget_choice(log_p, space.costs, valid, target, params.final_units, exact=True), history
+    choice = budget_choice(log_p, space.costs, valid, target, params.final_units, exact=True)
+    lap("dp")
+    return choice, history
 
 
 @contextmanager

@@ -17,7 +17,18 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from compress.api import Batch, Context, DataSpec, ModelSpec, StageRun, TrainingMethod, TrainParams, UserError, onloaded
+from compress.api import (
+    IGNORE_INDEX,
+    Batch,
+    Context,
+    DataSpec,
+    ModelSpec,
+    StageRun,
+    TrainingMethod,
+    TrainParams,
+    UserError,
+    onloaded,
+)
 from compress_unlearn.data import overlapping_items
 from compress_unlearn.losses import (
     dipo_loss,
@@ -92,7 +103,7 @@ class Unlearn(TrainingMethod):
 
     def reference_logits(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return logits_of(self.reference, batch)
 
     def forget_loss(self, model: nn.Module, forget: Batch) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +112,7 @@ class Unlearn(TrainingMethod):
         return None
 
     def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+        batches = {name: as_sequences(batch) for name, batch in batches.items()}
         forget = self.forget_loss(model, batches["forget"])
         retain = self.retain_loss(model, batches["retain"])
         total = self.params.gamma * forget
@@ -111,14 +123,33 @@ class Unlearn(TrainingMethod):
         return total, logs
 
 
+def as_sequences(batch: Batch) -> Batch:
+    """An image classifier's batch as one-token sequences: labels ``[B]`` become ``[[-100, y]]``, so the
+    sequence losses score the class at the one predicting position (:func:`logits_of`) and every
+    method applies to classifiers unchanged (GA: −cross-entropy; NPO: the label's log-probability)."""
+    if "pixel_values" not in batch:
+        return batch
+    labels = batch["labels"].view(-1, 1)
+    return {**batch, "labels": torch.cat([torch.full_like(labels, IGNORE_INDEX), labels], dim=1)}
+
+
 def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Causal-LM logits ``[B, T, V]``; a classifier's ``[B, C]`` as ``[B, 2, C]``, position 0 predicting the class."""
+    if "pixel_values" in batch:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        return torch.stack([logits, torch.zeros_like(logits)], dim=1)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def output_width(model: nn.Module) -> int:
+    """The vocabulary of a language model, the classes of a classifier."""
+    embeddings = model.get_output_embeddings()
+    return model.config.num_labels if embeddings is None else embeddings.weight.shape[0]
 
 
 def check_same_vocabulary(model: nn.Module, reference: nn.Module, method: str) -> None:
     """Log-ratios and KL compare distributions over one vocabulary; refuse two different ones."""
-    ours = model.get_output_embeddings().weight.shape[0]
-    theirs = reference.get_output_embeddings().weight.shape[0]
+    ours, theirs = output_width(model), output_width(reference)
     if ours != theirs:
         raise UserError(
             f"the reference model's vocabulary has {theirs} tokens and the model's {ours}; the reference must "

@@ -16,11 +16,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import Fault, Observed, child_environment, compress_command, copy_tiny_model, write_recipe
+from tests.faults.harness import (
+    APPLY,
+    Fault,
+    Observed,
+    child_environment,
+    compress_command,
+    copy_tiny_model,
+    recipe_setup,
+)
 
 POLL_S = 0.002
 BUILTIN = "smollm2-135m-instruct"
-APPLY = ["apply", "recipe.yaml"]
 
 
 class Child:
@@ -96,14 +103,7 @@ STALE_OLD = f".out.old-{DEAD_PID}-def456"
 STALE_CACHE_PARTIAL = f".{BUILTIN}.partial-{DEAD_PID}-xyz789"
 
 
-def tiny_apply(work: Path) -> list[str]:
-    write_recipe(work)
-    return APPLY
-
-
-def tiny_check(work: Path) -> list[str]:
-    write_recipe(work)
-    return ["recipe", "check", "recipe.yaml"]
+tiny_apply = recipe_setup(command="apply")
 
 
 def while_writing(work: Path, argv: list[str]) -> Observed:
@@ -139,11 +139,6 @@ def first_uses(work: Path, argv: list[str]) -> Observed:
     return Observed(second.exit_code if waited else -1, second.stdout, stderr, second.seconds)
 
 
-def builtin_recipe(work: Path) -> list[str]:
-    write_recipe(work, model=BUILTIN, stages=[{"method": "rtn", "bits": 4, "group_size": 64}])
-    return ["recipe", "check", "recipe.yaml"]
-
-
 def stale_lock(work: Path) -> list[str]:
     """A lock file left by a killed run: its process is gone and holds no lock."""
     (work / ".out.lock").write_text(f"{DEAD_PID}\n")
@@ -159,15 +154,14 @@ def stale_partials(work: Path) -> list[str]:
     return tiny_apply(work)
 
 
-def cached_builtin(work: Path) -> list[str]:
+def cached_builtin(work: Path) -> str:
     """A cache already holding the built-in model (the tiny one stands in for it) and the
-    staging directory of a conversion that was killed."""
+    staging directory of a conversion that was killed; the model's name."""
     models = work / "cache" / "models"
     models.mkdir(parents=True)
     copy_tiny_model(models, BUILTIN)
     (models / STALE_CACHE_PARTIAL).mkdir()
-    write_recipe(work, model=BUILTIN)
-    return ["recipe", "check", "recipe.yaml"]
+    return BUILTIN
 
 
 CASES = [
@@ -182,7 +176,7 @@ CASES = [
     Fault(
         id="concurrency/check-while-writing",
         description="`compress recipe check` of a recipe whose output directory a run is writing",
-        setup=tiny_check,
+        setup=recipe_setup(),
         action=while_writing,
         message="another compress run (pid",
         place="recipe.yaml:16",
@@ -190,7 +184,7 @@ CASES = [
     Fault(
         id="concurrency/first-use-conversion",
         description="two first runs of the built-in smollm2-135m-instruct on one empty cache (~30 s)",
-        setup=builtin_recipe,
+        setup=recipe_setup(model=BUILTIN, stages=[{"method": "rtn", "bits": 4, "group_size": 64}]),
         action=first_uses,
         message="recipe.yaml: ok",
         exit_code=0,
@@ -217,7 +211,7 @@ CASES = [
     Fault(
         id="concurrency/stale-cache-partial",
         description="a killed conversion's staging directory in COMPRESS_CACHE",
-        setup=cached_builtin,
+        setup=recipe_setup(model=cached_builtin),
         env={"COMPRESS_CACHE": "{work}/cache"},
         message="left by an interrupted run",
         exit_code=0,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.faults.harness import Fault, copy_tiny_model, tiny_model, tiny_text, write_recipe
+from tests.faults.harness import Fault, copy_tiny_model, data_entry, recipe_argv, recipe_setup, tiny_model, write_recipe
 
 LINE = "The quick brown fox jumps over the lazy dog.\n"
 TEXT = LINE * 200
@@ -19,26 +19,18 @@ def data_setup(
     name: str, content: bytes, entry: dict[str, Any] | None = None, command: str = "check"
 ) -> Callable[[Path], list[str]]:
     """A setup writing the data file ``name`` and a recipe whose calibration data is it (``entry``'s keys added)."""
-    argv = {"check": ["recipe", "check", "recipe.yaml"], "apply": ["apply", "recipe.yaml"]}[command]
 
     def setup(work: Path) -> list[str]:
         (work / name).write_bytes(content)
-        data = {"path": name, "samples": 4, "seq_len": 32, **(entry or {})}
-        write_recipe(work, data={"calibration": data}, stages=STAGES, evaluate=[])
-        return list(argv)
+        write_recipe(work, data={"calibration": data_entry(name, **(entry or {}))}, stages=STAGES, evaluate=[])
+        return recipe_argv(command)
 
     return setup
 
 
 def entry_setup(**entry: Any) -> Callable[[Path], list[str]]:
     """A setup whose recipe's calibration entry reads the tiny text with ``entry``'s keys."""
-
-    def setup(work: Path) -> list[str]:
-        data = {"path": str(tiny_text()), "samples": 4, "seq_len": 32, **entry}
-        write_recipe(work, data={"calibration": data}, stages=STAGES, evaluate=[])
-        return ["recipe", "check", "recipe.yaml"]
-
-    return setup
+    return recipe_setup(data={"calibration": data_entry(**entry)}, stages=STAGES, evaluate=[])
 
 
 def eval_setup(content: bytes) -> Callable[[Path], list[str]]:
@@ -52,14 +44,10 @@ def eval_setup(content: bytes) -> Callable[[Path], list[str]]:
     return setup
 
 
-def model_without_tokenizer(work: Path) -> list[str]:
-    """The tiny model with its tokenizer files removed, and text calibration data."""
-    model = copy_tiny_model(work)
+def without_tokenizer(model: Path) -> None:
+    """Remove the model's tokenizer files."""
     for file in model.glob("*token*"):
         file.unlink()
-    data = {"path": str(tiny_text()), "samples": 4, "seq_len": 32}
-    write_recipe(work, model=str(model), data={"calibration": data}, stages=STAGES, evaluate=[])
-    return ["apply", "recipe.yaml"]
 
 
 def lines(*records: Any) -> bytes:
@@ -219,7 +207,13 @@ CASES = [
     Fault(
         id="data/model-without-tokenizer",
         description="`compress apply` with text data for a model saved without its tokenizer",
-        setup=model_without_tokenizer,
+        setup=recipe_setup(
+            command="apply",
+            model=lambda work: copy_tiny_model(work, damage=without_tokenizer),
+            data={"calibration": data_entry()},
+            stages=STAGES,
+            evaluate=[],
+        ),
         message="text data needs a tokenizer, and the model has none",
         place="recipe.yaml:",
         must_not_exist=("out",),

@@ -13,10 +13,9 @@ import resource
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.cases_concurrency import APPLY, BUILTIN, Child
-from tests.faults.harness import Fault, Observed, copy_tiny_model, write_recipe
+from tests.faults.cases_concurrency import BUILTIN, Child
+from tests.faults.harness import APPLY, CHECK, Fault, Observed, copy_tiny_model, recipe_setup, write_recipe
 
-CHECK = ["recipe", "check", "recipe.yaml"]
 UNWRITABLE = "/sys/compress-out"
 """Not creatable, even by root (sysfs refuses new entries); permission bits would not stop root."""
 OUTPUT_LINE = "recipe.yaml:16"
@@ -41,33 +40,22 @@ def a_file(work: Path) -> None:
     (work / "afile").write_text("not a directory\n")
 
 
-def huge_model(argv: list[str]) -> Callable[[Path], list[str]]:
+def huge_model(model: Path) -> None:
     """A config describing ~430 billion parameters, whose dense output would need about
     1.7 TB, over a weights file holding one of its tensors (the checks before the run read
     shapes, never the weights)."""
+    import torch
+    from safetensors.torch import save_file
 
-    def setup(work: Path) -> list[str]:
-        import torch
-        from safetensors.torch import save_file
-
-        model = copy_tiny_model(work)
-        config = json.loads((model / "config.json").read_text())
-        config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=100)
-        config.update(num_attention_heads=128, num_key_value_heads=128, head_dim=128)
-        (model / "config.json").write_text(json.dumps(config))
-        save_file({"model.norm.weight": torch.ones(16384)}, model / "model.safetensors", metadata={"format": "pt"})
-        write_recipe(work, model=str(model))
-        return argv
-
-    return setup
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=100)
+    config.update(num_attention_heads=128, num_key_value_heads=128, head_dim=128)
+    (model / "config.json").write_text(json.dumps(config))
+    save_file({"model.norm.weight": torch.ones(16384)}, model / "model.safetensors", metadata={"format": "pt"})
 
 
-def with_run(device: str, argv: list[str]) -> Callable[[Path], list[str]]:
-    def setup(work: Path) -> list[str]:
-        write_recipe(work, run={"device": device})
-        return argv
-
-    return setup
+def huge_copy(work: Path) -> Path:
+    return copy_tiny_model(work, damage=huge_model)
 
 
 def builtin_model(work: Path) -> list[str]:
@@ -84,11 +72,6 @@ def full_disk(work: Path, argv: list[str]) -> Observed:
         resource.setrlimit(resource.RLIMIT_FSIZE, (WRITE_LIMIT_BYTES, WRITE_LIMIT_BYTES))
 
     return Child(work, argv, preexec=limit_writes).finish()
-
-
-def tiny_apply(work: Path) -> list[str]:
-    write_recipe(work, evaluate=[])
-    return APPLY
 
 
 CASES = [
@@ -131,14 +114,14 @@ CASES = [
     Fault(
         id="environment/no-space-check",
         description="`recipe check` of a model whose output needs ~1.7 TB, more than the disk has",
-        setup=huge_model(CHECK),
+        setup=recipe_setup(model=huge_copy),
         message="not enough free space",
         place=OUTPUT_LINE,
     ),
     Fault(
         id="environment/no-space-apply",
         description="`apply` of a model whose output needs ~1.7 TB (refused before loading)",
-        setup=huge_model(APPLY),
+        setup=recipe_setup(command="apply", model=huge_copy),
         message="not enough free space",
         place=OUTPUT_LINE,
         must_not_exist=("out",),
@@ -146,7 +129,7 @@ CASES = [
     Fault(
         id="environment/full-disk-during-write",
         description=f"`apply` whose writes fail past {WRITE_LIMIT_BYTES // 1024} KB (RLIMIT_FSIZE, EFBIG)",
-        setup=tiny_apply,
+        setup=recipe_setup(command="apply", evaluate=[]),
         action=full_disk,
         message="cannot write the output: File too large",
         place="out",
@@ -155,7 +138,7 @@ CASES = [
     Fault(
         id="environment/cuda-missing",
         description="`recipe check` with run: {device: cuda} where no CUDA device is visible",
-        setup=with_run("cuda", CHECK),
+        setup=recipe_setup(run={"device": "cuda"}),
         env={"CUDA_VISIBLE_DEVICES": ""},
         subprocess=True,
         message="device 'cuda' is not available",
@@ -164,7 +147,7 @@ CASES = [
     Fault(
         id="environment/cuda-index-beyond",
         description="`apply` with run: {device: 'cuda:99'}",
-        setup=with_run("cuda:99", APPLY),
+        setup=recipe_setup(command="apply", run={"device": "cuda:99"}),
         message="device 'cuda:99' is not available",
         place="recipe.yaml:",
         must_not_exist=("out",),

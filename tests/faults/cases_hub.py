@@ -14,7 +14,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tests.faults.harness import Fault, Observed, recipe_argv, run_in_process, tiny_model, tiny_text, write_recipe
+from tests.faults.harness import (
+    Fault,
+    Observed,
+    data_entry,
+    recipe_argv,
+    recipe_setup,
+    run_in_process,
+    tiny_model,
+    tiny_text,
+    write_recipe,
+)
 from tests.hub_server import HubServer
 
 TOKEN = "hf_loopbacktesttoken0123456789"
@@ -46,16 +56,6 @@ def hub_case(*, network: bool = True, env: dict[str, str] | None = None, **field
     return replace(fault, action=action)
 
 
-def model_setup(model: str | dict, command: str = "check") -> Callable[[Path], list[str]]:
-    """A setup whose recipe's ``model:`` is ``model`` (a Hub id or a mapping with one)."""
-
-    def setup(work: Path) -> list[str]:
-        write_recipe(work, model=model)
-        return recipe_argv(command)
-
-    return setup
-
-
 def dataset_setup(**entry: Any) -> Callable[[Path], list[str]]:
     """A setup writing a local dataset directory and a recipe whose calibration entry reads it
     through ``source: hub`` (``entry``'s keys added; ``path`` replaces the directory)."""
@@ -67,17 +67,12 @@ def dataset_setup(**entry: Any) -> Callable[[Path], list[str]]:
         for split in ("train", "test"):
             rows = (json.dumps({"text": text[i : i + 300], "label": i % 2}) + "\n" for i in range(0, 6000, 300))
             (directory / f"{split}.jsonl").write_text("".join(rows))
-        data = {"source": "hub", "path": "dataset", "samples": 4, "seq_len": 32, **entry}
-        write_recipe(work, data={"calibration": data}, evaluate=[])
+        write_recipe(
+            work, data={"calibration": data_entry(**{"path": "dataset", "source": "hub", **entry})}, evaluate=[]
+        )
         return recipe_argv("check")
 
     return setup
-
-
-def text_with_split(work: Path) -> list[str]:
-    data = {"path": str(tiny_text()), "samples": 4, "seq_len": 32, "split": "test"}
-    write_recipe(work, data={"calibration": data}, evaluate=[])
-    return recipe_argv("check")
 
 
 NOTHING_WRITTEN = ("out", "hf-cache/models--someone--tiny-lama/snapshots")
@@ -86,7 +81,7 @@ CASES = [
     hub_case(
         id="hub/model-not-found",
         description="`model:` is a Hub id that does not exist (a misspelling), downloads on",
-        setup=model_setup("someone/tiny-lama", command="apply"),
+        setup=recipe_setup(model="someone/tiny-lama", command="apply"),
         message="no such model repository on the Hub (did you mean 'someone/tiny-llama'?)",
         place="recipe.yaml:1:8",
         must_not_exist=NOTHING_WRITTEN,
@@ -94,7 +89,7 @@ CASES = [
     hub_case(
         id="hub/model-no-network",
         description="`model:` is a Hub id, downloads on, and the Hub cannot be reached",
-        setup=model_setup(MODEL, command="apply"),
+        setup=recipe_setup(model=MODEL, command="apply"),
         network=False,
         message="cannot reach the Hub at http://127.0.0.1:9 (ConnectError); without network, set HF_HUB_OFFLINE=1",
         place="recipe.yaml:1:8",
@@ -103,7 +98,7 @@ CASES = [
     hub_case(
         id="hub/model-offline-not-cached",
         description="`model:` is a Hub id that is not in the cache, with HF_HUB_OFFLINE=1",
-        setup=model_setup(MODEL),
+        setup=recipe_setup(model=MODEL),
         env={"HF_HUB_OFFLINE": "1"},
         message="HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache",
         place="recipe.yaml:1:8",
@@ -111,7 +106,7 @@ CASES = [
     hub_case(
         id="hub/model-no-download-not-cached",
         description="`model:` is a Hub id that is not in the cache, with COMPRESS_NO_DOWNLOAD=1",
-        setup=model_setup(MODEL),
+        setup=recipe_setup(model=MODEL),
         env={"COMPRESS_NO_DOWNLOAD": "1"},
         message="COMPRESS_NO_DOWNLOAD is set and it is not in the local Hugging Face cache",
         place="recipe.yaml:1:8",
@@ -119,14 +114,14 @@ CASES = [
     hub_case(
         id="hub/model-gated-without-token",
         description="`model:` is a gated Hub repository and there is no token",
-        setup=model_setup("someone/gated-llama"),
+        setup=recipe_setup(model="someone/gated-llama"),
         message="a gated model repository: accept its conditions on its Hub page, then log in",
         place="recipe.yaml:1:8",
     ),
     hub_case(
         id="hub/model-unknown-revision",
         description="`model: {name: <Hub id>, revision: v9}`, a revision the repository lacks",
-        setup=model_setup({"name": MODEL, "revision": "v9"}),
+        setup=recipe_setup(model={"name": MODEL, "revision": "v9"}),
         message="the model repository has no revision 'v9'",
         place="recipe.yaml:2:9",
     ),
@@ -169,7 +164,7 @@ CASES = [
     Fault(
         id="hub/data-keys-on-a-file",
         description="`split:` on `source: text` data",
-        setup=text_with_split,
+        setup=recipe_setup(data={"calibration": data_entry(split="test")}, evaluate=[]),
         message="split is for source: hub; text data reads a file",
         place="recipe.yaml:",
     ),

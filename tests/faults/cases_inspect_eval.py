@@ -4,6 +4,7 @@ no Linear weights, out-of-range options (refused at option parsing, before any m
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from tests.faults.cases_models import config_bytes, remote_code
@@ -20,12 +21,8 @@ def inspect_of(make: Callable[[Path], Path]) -> Callable[[Path], list[str]]:
 
 
 def damaged_model(damage: Callable[[Path], None]) -> Callable[[Path], Path]:
-    def make(work: Path) -> Path:
-        model = copy_tiny_model(work)
-        damage(model)
-        return model
-
-    return make
+    """A maker of the tiny model's copy at ``work/model`` after ``damage``."""
+    return partial(copy_tiny_model, damage=damage)
 
 
 def only_embeddings(model: Path) -> None:

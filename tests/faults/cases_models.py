@@ -7,8 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.cases_models_basic import damaged, edit_config
-from tests.faults.harness import Fault, copy_tiny_model, write_recipe
+from tests.faults.cases_models_basic import damaged, damaged_file, edit_config
+from tests.faults.harness import Fault
 
 
 def config_bytes(content: bytes) -> Callable[[Path], None]:
@@ -48,24 +48,6 @@ remote_code = config_values(
     auto_map={"AutoConfig": "configuration_custom.MyConfig", "AutoModelForCausalLM": "modeling_custom.MyModel"},
 )
 """A damage making the architecture custom code that the directory does not hold."""
-
-
-def model_is_a_file(work: Path) -> list[str]:
-    (work / "weights.txt").write_text("not a model\n")
-    write_recipe(work, model=str(work / "weights.txt"))
-    return ["recipe", "check", "recipe.yaml"]
-
-
-def trusting(damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
-    """A setup like :func:`tests.faults.cases_models_basic.damaged` whose recipe sets ``trust_remote_code: true``."""
-
-    def setup(work: Path) -> list[str]:
-        model = copy_tiny_model(work)
-        damage(model)
-        write_recipe(work, model={"name": str(model), "trust_remote_code": True})
-        return ["recipe", "check", "recipe.yaml"]
-
-    return setup
 
 
 CASES = [
@@ -135,14 +117,14 @@ CASES = [
     Fault(
         id="model/trusted-remote-code-missing",
         description="`trust_remote_code: true`, but the custom code named by `auto_map` is not in the directory",
-        setup=trusting(remote_code),
+        setup=damaged(remote_code, trust_remote_code=True),
         message="unreadable config.json",
         place="model",
     ),
     Fault(
         id="model/model-is-a-text-file",
         description="`model:` names a text file",
-        setup=model_is_a_file,
+        setup=damaged_file("weights.txt", b"not a model\n"),
         message="not a built-in model name",
         place="recipe.yaml:1:8",
     ),

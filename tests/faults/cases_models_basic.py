@@ -6,21 +6,22 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import Fault, copy_tiny_model, recipe_argv, write_recipe
+from tests.faults.harness import Fault, copy_tiny_model, recipe_setup
 
 WEIGHTS = "model.safetensors"
 
 
-def damaged(damage: Callable[[Path], None], command: str = "check") -> Callable[[Path], list[str]]:
-    """A setup copying the tiny model to ``work/model``, damaging it, and running a recipe on it."""
+def damaged(
+    damage: Callable[[Path], None], command: str = "check", **model_keys: object
+) -> Callable[[Path], list[str]]:
+    """A setup copying the tiny model to ``work/model``, damaging it, and running a recipe on it
+    (whose ``model:`` has ``model_keys`` beside the name)."""
 
-    def setup(work: Path) -> list[str]:
-        model = copy_tiny_model(work)
-        damage(model)
-        write_recipe(work, model=str(model))
-        return recipe_argv(command)
+    def model(work: Path) -> Path | dict:
+        copy = copy_tiny_model(work, damage=damage)
+        return {"name": copy, **model_keys} if model_keys else copy
 
-    return setup
+    return recipe_setup(command=command, model=model)
 
 
 def edit_tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -91,28 +92,21 @@ def more_layers(config: dict) -> None:
 def damaged_file(name: str, content: bytes) -> Callable[[Path], list[str]]:
     """A setup whose recipe names ``work/name`` (written with ``content``) as the model."""
 
-    def setup(work: Path) -> list[str]:
+    def model(work: Path) -> Path:
         (work / name).write_bytes(content)
-        write_recipe(work, model=str(work / name))
-        return ["recipe", "check", "recipe.yaml"]
+        return work / name
 
-    return setup
+    return recipe_setup(model=model)
 
 
-def empty_directory(work: Path) -> list[str]:
+def empty_directory(work: Path) -> Path:
     (work / "model").mkdir()
-    write_recipe(work, model=str(work / "model"))
-    return ["recipe", "check", "recipe.yaml"]
+    return work / "model"
 
 
 def missing_model(name: str, command: str) -> Callable[[Path], list[str]]:
     """A setup whose recipe names ``work/name``, which does not exist."""
-
-    def setup(work: Path) -> list[str]:
-        write_recipe(work, model=str(work / name))
-        return recipe_argv(command)
-
-    return setup
+    return recipe_setup(command=command, model=lambda work: work / name)
 
 
 CASES = [
@@ -127,7 +121,7 @@ CASES = [
     Fault(
         id="model/empty-directory",
         description="`model:` is an empty directory",
-        setup=empty_directory,
+        setup=recipe_setup(model=empty_directory),
         message="no config.json",
         place="model",
     ),

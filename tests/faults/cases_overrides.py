@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import Fault, recipe_argv, recipe_setup
+from tests.faults.harness import RECIPE_HEAD, Fault, recipe_argv, recipe_setup
 
-# the stage's lines start at line 4 (its "- method:" line), its bits at line 6
-RECIPE = "model: {model}\noutput: {{dir: {out}}}\nstages:\n  - method: rtn\n    group_size: 32\n    bits: 4\n"
+RECIPE = RECIPE_HEAD + "  - method: rtn\n    group_size: 32\n    bits: 4\n"
+"""The stage is at line 4, its bits at line 6."""
 
 
 def with_overrides(*overrides: str, command: str = "apply", text: str = RECIPE) -> Callable[[Path], list[str]]:

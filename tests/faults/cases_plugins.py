@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import ROOT, Fault, write_recipe
+from tests.faults.harness import APPLY, CHECK, ROOT, Fault, recipe_setup, write_recipe
 
 SITE_ENV = {"PYTHONPATH": os.pathsep.join(["{work}/site", str(ROOT)])}
 
@@ -177,10 +177,6 @@ def with_plugins(plugins: dict[str, str], argv: list[str], **recipe: str) -> Cal
     return setup
 
 
-CHECK = ["recipe", "check", "recipe.yaml"]
-APPLY = ["apply", "recipe.yaml"]
-
-
 def plugin_case(id: str, description: str, plugins: dict[str, str], argv: list[str], message: str, **fields) -> Fault:
     """A case run in a child process with ``plugins`` installed."""
     recipe = fields.pop("recipe", {})
@@ -193,11 +189,6 @@ def plugin_case(id: str, description: str, plugins: dict[str, str], argv: list[s
         subprocess=True,
         **fields,
     )
-
-
-def recipe_check(work: Path) -> list[str]:
-    write_recipe(work)
-    return list(CHECK)
 
 
 CASES = [
@@ -326,7 +317,7 @@ CASES = [
     Fault(
         id="plugin/load-plugins-unknown-name",
         description="`COMPRESS_LOAD_PLUGINS=rnt` (no such plugin); `compress recipe check`",
-        setup=recipe_check,
+        setup=recipe_setup(),
         message="no installed plugin named 'rnt' (did you mean 'rtn'?)",
         place="COMPRESS_LOAD_PLUGINS",
         env={"COMPRESS_LOAD_PLUGINS": "rnt"},

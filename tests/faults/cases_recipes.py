@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import Fault, recipe_setup, tiny_model
+from tests.faults.harness import RECIPE_HEAD, Fault, recipe_argv, recipe_setup, tiny_model
 
-VALID_HEAD = "model: {model}\noutput: {{dir: {out}}}\nstages:\n  - method: rtn\n"
+VALID_HEAD = RECIPE_HEAD + "  - method: rtn\n"
 
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
@@ -19,12 +19,11 @@ def alias_bomb(levels: int = 9, width: int = 9) -> str:
 
 def raw_recipe(data: bytes, command: str = "check") -> Callable[[Path], list[str]]:
     """A setup writing ``recipe.yaml`` as the bytes ``data`` (``{model}`` replaced by the tiny model)."""
-    argv = {"check": ["recipe", "check", "recipe.yaml"], "apply": ["apply", "recipe.yaml"]}[command]
 
     def setup(work: Path) -> list[str]:
         filled = data.replace(b"{model}", str(tiny_model()).encode()).replace(b"{out}", str(work / "out").encode())
         (work / "recipe.yaml").write_bytes(filled)
-        return list(argv)
+        return recipe_argv(command)
 
     return setup
 

@@ -5,47 +5,53 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.harness import Fault, copy_tiny_model, recipe_setup, write_recipe
-
-# A recipe with fixed line numbers: the stage's lines start at line 4 (its "- method:" line).
-HEAD = "model: {model}\noutput: {{dir: {out}}}\nstages:\n"
+from tests.faults.harness import (
+    APPLY,
+    CHECK,
+    RECIPE_HEAD,
+    Fault,
+    copy_tiny_model,
+    data_entry,
+    recipe_setup,
+    write_recipe,
+)
 
 
 def stage(lines: str, command: str = "check") -> Callable[[Path], list[str]]:
     """A setup whose recipe has one stage (``lines``, each indented by four spaces after the first)."""
-    return recipe_setup(HEAD + "  - " + lines, command=command)
+    return recipe_setup(RECIPE_HEAD + "  - " + lines, command=command)
 
 
 def output_exists(work: Path) -> list[str]:
     (work / "out").mkdir()
     (work / "out" / "keep.txt").write_text("mine")
     write_recipe(work)
-    return ["apply", "recipe.yaml"]
+    return APPLY
 
 
 def missing_data_file(work: Path) -> list[str]:
-    data = {"path": str(work / "missing.txt"), "samples": 4, "seq_len": 32}
+    data = data_entry(work / "missing.txt")
     write_recipe(work, data={"calibration": data, "evaluation": data})
-    return ["apply", "recipe.yaml"]
+    return APPLY
 
 
 def data_path_is_a_directory(work: Path) -> list[str]:
     (work / "texts").mkdir()
-    data = {"path": "texts", "samples": 4, "seq_len": 32}
+    data = data_entry("texts")
     write_recipe(work, data={"calibration": data, "evaluation": data})
-    return ["recipe", "check", "recipe.yaml"]
+    return CHECK
 
 
 def output_is_the_model(work: Path) -> list[str]:
     model = copy_tiny_model(work)
-    write_recipe(work, model=str(model), output={"dir": str(model)})
-    return ["apply", "recipe.yaml", "--overwrite"]
+    write_recipe(work, model=model, output={"dir": model})
+    return [*APPLY, "--overwrite"]
 
 
 def output_is_the_working_directory(work: Path) -> list[str]:
     (work / "notes.txt").write_text("mine")
     write_recipe(work, output={"dir": "."})
-    return ["apply", "recipe.yaml", "--overwrite"]
+    return [*APPLY, "--overwrite"]
 
 
 def output_holds_the_recipe(work: Path) -> list[str]:
@@ -60,7 +66,7 @@ def missing_recipe(work: Path) -> list[str]:
 
 def recipe_is_a_directory(work: Path) -> list[str]:
     (work / "recipe.yaml").mkdir()
-    return ["recipe", "check", "recipe.yaml"]
+    return CHECK
 
 
 def large_recipe_text(stages: int, error: bool) -> str:
@@ -81,7 +87,7 @@ def large_recipe_text(stages: int, error: bool) -> str:
         )
     ]
     targets = [*layers, *(f"re:^{name.replace('.', '[.]')}$" for name in layers)]
-    lines = [HEAD]
+    lines = [RECIPE_HEAD]
     for number in range(stages):
         key = "group_sise" if error and number == stages - 1 else "group_size"
         lines.append(f"  - method: rtn\n    name: stage-{number}\n    bits: 8\n    {key}: 32\n    targets:\n")
@@ -147,7 +153,7 @@ CASES = [
     Fault(
         id="recipe/stage-is-a-string",
         description="a stage written as a bare name (`- rtn`)",
-        setup=recipe_setup(HEAD + "  - rtn\n"),
+        setup=recipe_setup(RECIPE_HEAD + "  - rtn\n"),
         message="stages.0",
         place="recipe.yaml:4",
     ),
@@ -190,7 +196,7 @@ CASES = [
     Fault(
         id="recipe/tab-indentation",
         description="a stage indented with a tab",
-        setup=recipe_setup(HEAD + "  - method: rtn\n\tbits: 4\n"),
+        setup=recipe_setup(RECIPE_HEAD + "  - method: rtn\n\tbits: 4\n"),
         message="invalid YAML",
         place="recipe.yaml:5",
     ),
@@ -233,7 +239,7 @@ CASES = [
         id="recipe/negative-samples",
         description="`samples: -4` in a data entry",
         setup=recipe_setup(
-            HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, samples: -4}}\n"
+            RECIPE_HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, samples: -4}}\n"
         ),
         message="samples",
         place="recipe.yaml:7",
@@ -241,7 +247,9 @@ CASES = [
     Fault(
         id="recipe/zero-seq-len",
         description="`seq_len: 0` in a data entry",
-        setup=recipe_setup(HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, seq_len: 0}}\n"),
+        setup=recipe_setup(
+            RECIPE_HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, seq_len: 0}}\n"
+        ),
         message="seq_len",
         place="recipe.yaml:7",
     ),
@@ -249,7 +257,7 @@ CASES = [
         id="recipe/unknown-data-source",
         description="`source: csv`, a data source no plugin provides",
         setup=recipe_setup(
-            HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, source: csv}}\n"
+            RECIPE_HEAD + "  - method: rtn\n    bits: 4\ndata:\n  calibration: {{path: {text}, source: csv}}\n"
         ),
         message="csv",
         place="recipe.yaml:7",
@@ -286,28 +294,30 @@ CASES = [
     Fault(
         id="recipe/unknown-metric",
         description="`evaluate: [perplexty]`",
-        setup=recipe_setup(HEAD + "  - method: rtn\n    bits: 4\nevaluate: [perplexty]\n"),
+        setup=recipe_setup(RECIPE_HEAD + "  - method: rtn\n    bits: 4\nevaluate: [perplexty]\n"),
         message="unknown metric 'perplexty' (did you mean 'perplexity'?)",
         place="recipe.yaml:6",
     ),
     Fault(
         id="recipe/metric-without-data",
         description="a metric on a data entry the recipe does not define (`data: heldout`)",
-        setup=recipe_setup(HEAD + "  - method: rtn\n    bits: 4\nevaluate: [{{metric: perplexity, data: heldout}}]\n"),
+        setup=recipe_setup(
+            RECIPE_HEAD + "  - method: rtn\n    bits: 4\nevaluate: [{{metric: perplexity, data: heldout}}]\n"
+        ),
         message="heldout",
         place="recipe.yaml:6",
     ),
     Fault(
         id="recipe/unknown-device",
         description="`run: {device: tpu}`",
-        setup=recipe_setup(HEAD + "  - method: rtn\n    bits: 4\nrun: {{device: tpu}}\n"),
+        setup=recipe_setup(RECIPE_HEAD + "  - method: rtn\n    bits: 4\nrun: {{device: tpu}}\n"),
         message="run.device: Value error, must be auto, cpu, cuda or cuda:N",
         place="recipe.yaml:6",
     ),
     Fault(
         id="recipe/unknown-run-mode",
         description="`run: {mode: parallel}`",
-        setup=recipe_setup(HEAD + "  - method: rtn\n    bits: 4\nrun: {{mode: parallel}}\n"),
+        setup=recipe_setup(RECIPE_HEAD + "  - method: rtn\n    bits: 4\nrun: {{mode: parallel}}\n"),
         message="mode",
         place="recipe.yaml:6",
     ),

@@ -23,12 +23,7 @@ def search(output_format: str = "compressed-tensors", **changes: Any) -> Callabl
         "steps": 2,
         **changes,
     }
-
-    def setup(work: Path) -> list[str]:
-        output = {"dir": str(work / "out"), "format": output_format}
-        return recipe_setup(command="apply", stages=[stage], output=output)(work)
-
-    return setup
+    return recipe_setup(command="apply", stages=[stage], output_format=output_format)
 
 
 CASES = [

@@ -13,8 +13,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.cases_concurrency import APPLY, Child, appears, failed_first
-from tests.faults.harness import Fault, Observed, tiny_text, write_recipe
+from tests.faults.cases_concurrency import Child, appears, failed_first
+from tests.faults.harness import APPLY, Fault, Observed, data_entry, write_recipe
 
 PHASES = {
     "loading": "the output lock is taken, right before the weights are read",
@@ -24,10 +24,10 @@ PHASES = {
 
 def slow_recipe(work: Path) -> list[str]:
     """gptq on enough calibration data and an evaluation long enough to be caught in."""
-    data = {"path": str(tiny_text()), "samples": 32, "seq_len": 128}
+    data = data_entry(samples=32, seq_len=128)
     write_recipe(
         work,
-        data={"calibration": data, "evaluation": dict(data)},
+        data={"calibration": data, "evaluation": data},
         stages=[{"method": "gptq", "bits": 4, "group_size": 32}],
         evaluate=["perplexity", "kl"],
     )

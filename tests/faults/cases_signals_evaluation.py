@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 from compress.pytest_plugin import TINY_TEXT
-from tests.faults.cases_concurrency import APPLY, Child, failed_first
-from tests.faults.harness import Fault, Observed, write_recipe
+from tests.faults.cases_concurrency import Child, failed_first
+from tests.faults.harness import APPLY, Fault, Observed, write_recipe
 
 EVALUATION_STARTED = "compress_phase_start(phase='evaluation')"
 """What COMPRESS_TRACE prints as the evaluation begins (the write has finished)."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.faults.harness import Fault, tiny_model, write_recipe
+from tests.faults.harness import Fault, recipe_argv, tiny_model, write_recipe
 
 QUESTIONS = [f"Where was author number {i} born?" for i in range(6)]
 
@@ -40,7 +40,7 @@ def unlearn_setup(
         entries = {name: entry for name, entry in entries.items() if entry is not None}
         method = {"method": "npo", "steps": 1, "batch_size": 2, **(stage or {}), **(prepare(work) if prepare else {})}
         write_recipe(work, data=entries, stages=[method], evaluate=evaluate or [])
-        return ["recipe", "check", "recipe.yaml"] if command == "check" else ["apply", "recipe.yaml"]
+        return recipe_argv(command)
 
     return setup
 
@@ -128,5 +128,18 @@ CASES = [
         setup=unlearn_setup(stage={"method": "uoe"}),
         message="no router: uoe unlearns one expert of a mixture-of-experts layer and LlamaMLP has none",
         place="model.layers.0.mlp",
+    ),
+    Fault(
+        id="unlearn/dmm-text-data",
+        description="`dmm` (datamodel matching, for image classifiers) on `source: qa` forget and retain sets",
+        setup=unlearn_setup(stage={"method": "dmm"}),
+        message="dmm attributes an image classifier's logits, but data: forget: has source 'qa'",
+    ),
+    Fault(
+        id="unlearn/dmm-unknown-kernel-data",
+        description="`dmm` whose `kernel_data:` names an entry that data: lacks",
+        setup=unlearn_setup(stage={"method": "dmm", "kernel_data": "train"}),
+        message="kernel_data: names data entry 'train', which data: lacks",
+        place="recipe.yaml:",
     ),
 ]

@@ -10,13 +10,14 @@ run. ``setup(work)`` writes what the case needs there and returns the argv after
 
 - :func:`tiny_model` — a two-layer Llama (hidden size 64, random weights, byte-level
   tokenizer; ``compress.pytest_plugin.build_tiny_model``); :func:`copy_tiny_model` copies
-  it into the work directory for cases that damage it;
+  it into the work directory (and damages the copy) for cases that damage it;
 - :func:`tiny_text` — about 8 KB of English text (``compress.pytest_plugin.TINY_TEXT``);
+- :func:`data_entry` — a ``data:`` entry of 4 sequences of 32 tokens;
 - :func:`write_recipe` — writes ``recipe.yaml`` for the tiny model and text (keyword
   arguments replace top-level keys), or the given text verbatim;
 - :func:`recipe_setup` — a whole ``setup`` that writes such a recipe (text may use
-  ``{model}``, ``{text}`` and ``{out}``) and returns ``recipe check recipe.yaml`` or
-  ``apply recipe.yaml``.
+  ``{model}``, ``{text}`` and ``{out}``; a keyword value may be a function of the work
+  directory, for what the setup makes there) and returns :func:`recipe_argv`.
 
 Values in ``Fault.env`` may contain ``{work}``, replaced by the work directory's path.
 Every run gets ``COMPRESS_CACHE`` (a per-process cache directory; a case can override it)
@@ -146,9 +147,12 @@ def tiny_model() -> Path:
     return _assets["model"]
 
 
-def copy_tiny_model(work: Path, name: str = "model") -> Path:
-    """A copy of the tiny model at ``work / name``, for cases that damage it."""
-    return Path(shutil.copytree(tiny_model(), work / name))
+def copy_tiny_model(work: Path, name: str = "model", damage: Callable[[Path], None] | None = None) -> Path:
+    """A copy of the tiny model at ``work / name``, after ``damage(copy)`` when given."""
+    model = Path(shutil.copytree(tiny_model(), work / name))
+    if damage is not None:
+        damage(model)
+    return model
 
 
 def tiny_text() -> Path:
@@ -169,38 +173,66 @@ def cache_dir() -> Path:
     return path
 
 
-def base_recipe(work: Path) -> dict[str, Any]:
-    """A valid recipe for the tiny model: rtn 4-bit, the tiny text, output ``work/out``."""
-    data = {"path": str(tiny_text()), "samples": 4, "seq_len": 32}
+def data_entry(path: str | Path | None = None, **keys: Any) -> dict[str, Any]:
+    """A ``data:`` entry reading ``path`` (default: the tiny text), 4 sequences of 32 tokens, ``keys`` added."""
+    return {"path": str(path if path is not None else tiny_text()), "samples": 4, "seq_len": 32, **keys}
+
+
+def base_recipe(work: Path, output_format: str | None = None) -> dict[str, Any]:
+    """A valid recipe for the tiny model: rtn 4-bit, the tiny text, output ``work/out`` (in
+    ``output_format`` when given)."""
+    output = {"dir": str(work / "out")} | ({"format": output_format} if output_format else {})
     return {
         "model": str(tiny_model()),
-        "data": {"calibration": dict(data), "evaluation": dict(data)},
+        "data": {"calibration": data_entry(), "evaluation": data_entry()},
         "stages": [{"method": "rtn", "bits": 4, "group_size": 32}],
-        "output": {"dir": str(work / "out")},
+        "output": output,
         "evaluate": ["perplexity"],
     }
 
 
-def write_recipe(work: Path, text: str | None = None, name: str = "recipe.yaml", **overrides: Any) -> Path:
+class _RecipeDumper(yaml.SafeDumper):
+    """The safe dumper, writing paths as strings and a value used twice in full (no anchors)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_RecipeDumper.add_multi_representer(Path, lambda dumper, path: dumper.represent_str(str(path)))
+
+
+def write_recipe(
+    work: Path, text: str | None = None, name: str = "recipe.yaml", output_format: str | None = None, **overrides: Any
+) -> Path:
     """Write ``work / name``: ``text`` verbatim, or :func:`base_recipe` with top-level keys replaced."""
     path = work / name
     if text is None:
-        path.write_text(yaml.safe_dump({**base_recipe(work), **overrides}, sort_keys=False), encoding="utf-8")
+        recipe = {**base_recipe(work, output_format), **overrides}
+        path.write_text(yaml.dump(recipe, Dumper=_RecipeDumper, sort_keys=False), encoding="utf-8")
     else:
         path.write_text(text, encoding="utf-8")
     return path
 
 
-def recipe_setup(text: str | None = None, *, command: str = "check", **overrides: Any) -> Callable[[Path], list[str]]:
+RECIPE_HEAD = "model: {model}\noutput: {{dir: {out}}}\nstages:\n"
+"""The start of a recipe text for :func:`recipe_setup`: the first stage's ``- method:`` line is line 4."""
+
+
+def recipe_setup(
+    text: str | None = None, *, command: str = "check", output_format: str | None = None, **overrides: Any
+) -> Callable[[Path], list[str]]:
     """A ``setup`` writing ``recipe.yaml`` (see :func:`write_recipe`) and running ``command`` on it.
 
     ``text`` may use ``{model}``, ``{text}`` and ``{out}`` (the tiny model, the tiny text,
-    ``work/out``); ``command`` is ``check`` (``recipe check``) or ``apply``.
+    ``work/out``); a callable value in ``overrides`` is called with the work directory when
+    the setup runs (a model or file the setup makes there); ``command`` is a key of
+    :func:`recipe_argv`.
     """
 
     def setup(work: Path) -> list[str]:
         filled = text.format(model=tiny_model(), text=tiny_text(), out=work / "out") if text is not None else None
-        write_recipe(work, filled, **overrides)
+        values = {key: value(work) if callable(value) else value for key, value in overrides.items()}
+        write_recipe(work, filled, output_format=output_format, **values)
         return recipe_argv(command)
 
     return setup
@@ -209,6 +241,12 @@ def recipe_setup(text: str | None = None, *, command: str = "check", **overrides
 def recipe_argv(command: str, recipe: str = "recipe.yaml") -> list[str]:
     """The argv for ``command`` on ``recipe``: ``check`` is ``recipe check``, ``apply`` is ``apply``."""
     return {"check": ["recipe", "check", recipe], "apply": ["apply", recipe]}[command]
+
+
+CHECK = recipe_argv("check")
+"""``recipe check recipe.yaml`` (not to be modified in place)."""
+APPLY = recipe_argv("apply")
+"""``apply recipe.yaml`` (not to be modified in place)."""
 
 
 # ---------------------------------------------------------------- running

@@ -430,3 +430,84 @@ def test_without_outliers_the_grid_is_deployable(host, write_recipe, tmp_path):
         output={"dir": str(tmp_path / "out"), "format": "compressed-tensors"},
     )
     check_recipe(host, path)
+
+
+def test_a_budget_without_room_for_outliers_makes_a_plain_grid(host, write_recipe, tmp_path):
+    """bits_per_weight = bits + 16/group_size (rtn's storage) leaves no room for any outlier: the
+    default candidate fractions that cannot fit are dropped, produces() says so, and the stage
+    passes recipe check with compressed-tensors; one more outlier bit of room brings them back."""
+    from compress.validate import check_recipe
+
+    assert not KLPTQ(KLPTQParams(bits=4, group_size=64, bits_per_weight=4.25)).produces().outliers
+    assert KLPTQ(KLPTQParams(bits=4, group_size=128, bits_per_weight=4.25)).produces().outliers
+    assert KLPTQ(KLPTQParams(bits=4, group_size=64, outlier_fraction=0.01)).produces().outliers
+    params = KLPTQParams(bits=4, group_size=64, bits_per_weight=4.25 + 0.0025 * 8)
+    assert [params.fraction_can_fit(f) for f in params.fractions()] == [True, True, False, False, False]
+    path = write_recipe(
+        stages=[{"method": "kl_ptq", "bits": 4, "group_size": 32, "bits_per_weight": 4.5}],
+        output={"dir": str(tmp_path / "out"), "format": "compressed-tensors"},
+    )
+    check_recipe(host, path)
+
+
+def test_deployable_variant_round_trips_through_compressed_tensors(host, write_recipe, tmp_path):
+    """The deployable kl_ptq (no outliers; the criterion picks each layer's clip ratio within the
+    budget) is written as pack-quantized compressed-tensors: transformers' from_pretrained gives
+    the in-memory model's logits exactly, and the stored codes and scales are kl_ptq's own
+    (clipped) grids."""
+    pytest.importorskip("compressed_tensors")
+    from tests.test_compressed_tensors_writer import assert_grids_stored, assert_round_trip, compress
+
+    stage = {"method": "kl_ptq", "bits": 3, "group_size": 64, "bits_per_weight": 3.25, "clip_ratios": [1.0, 0.85]}
+    context, out = compress(host, write_recipe, tmp_path, [stage])
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    assert all(state.outliers is None for state in context.layers.values())
+    ratios = {entry["clip_ratio"] for entry in context.report.stages[0].layers.values()}
+    assert 0.85 in ratios  # some grids are clipped, so the round trip covers clipped codes
+    assert_grids_stored(context, out)
+    assert_round_trip(context, out, dequantize=True)
+    assert_round_trip(context, out)
+
+
+def test_compressed_tensors_writer_refuses_a_layer_with_outliers(real_layers):
+    """A layer state with outliers reaching the compressed-tensors writer (recipe check normally
+    refuses it first) is an error, not a checkpoint without its outliers."""
+    from compress.checkpoint.compressed_tensors import layer_schemes
+
+    state = quantize_layer("l", real_layers["model.layers.1.mlp.down_proj"], KLPTQParams(bits=4, group_size=64)).state()
+    assert state.outliers is not None
+    with pytest.raises(UserError, match="cannot store outlier weights"):
+        layer_schemes({"l": state})
+
+
+@pytest.mark.parametrize("granularity", [{"group_size": 64}, {"group_size": None}], ids=["g64", "channel"])
+def test_per_group_clip_is_the_least_criterion_over_ratio_combinations(real_layers, granularity):
+    """clip_scope: group gives, per outlier fraction, a KL no higher than every layer-wide ratio;
+    every group's ratio is its least-error one (checked by brute force); the assembled grid holds
+    the quantized inliers exactly (so a writer stores them as they are)."""
+    from compress_kl_ptq.criterion import weight_kl
+    from compress_kl_ptq.method import criterion, trials
+
+    weight = real_layers["model.layers.1.mlp.down_proj"]
+    settings = {"bits": 3, "outlier_fraction": [0.0, 0.01], "clip_ratios": [1.0, 0.9, 0.8, 0.7], **granularity}
+    layer_wide = KLPTQParams(**settings)
+    per_group = KLPTQParams(**settings, clip_scope="group")
+    grouped = list(trials("d", weight, per_group))
+    assert len(grouped) == 2
+    for trial in grouped:
+        same_split = [t for t in trials("d", weight, layer_wide) if t.split.fraction == trial.split.fraction]
+        assert criterion(weight, trial, "pointwise") <= min(criterion(weight, t, "pointwise") for t in same_split)
+        inliers = ~trial.split.mask
+        assert torch.equal(trial.grid.fake_quantize(weight)[inliers], trial.quantized[inliers])
+        width = layer_wide.group_width(weight.shape[1])
+        errors = torch.stack([group_view(((t.quantized - weight) * inliers).pow(2), width).sum(-1) for t in same_split])
+        chosen = group_view(((trial.quantized - weight) * inliers).pow(2), width).sum(-1)
+        assert torch.allclose(chosen, errors.min(0).values, rtol=0, atol=1e-12)
+    result = quantize_layer("d", weight, per_group)
+    report = result.report()
+    assert report["candidates"] == 2 and report["clip_scope"] == "group"
+    assert report["kl"] == min(weight_kl(weight, t.quantized, None, "pointwise") for t in grouped)
+    assert 0.7 <= report["clip_ratio"] <= 1.0
+    with pytest.raises(ValueError, match="clip_scope: group needs kl_estimator: pointwise"):
+        KLPTQParams(bits=3, clip_scope="group", kl_estimator="gaussian")

@@ -102,3 +102,63 @@ def test_a_layer_the_user_names_must_hold_the_pattern(sparse_checkpoint):
     directory, _ = sparse_checkpoint
     line = refusal(str(directory), "--device", "cpu", "--layer", "model.layers.0.self_attn.q_proj")
     assert line.startswith("error: model.layers.0.self_attn.q_proj: not 2:4 sparse")
+
+
+def test_measure_reports_eager_and_graph_timings_per_shape_and_end_to_end(sparse_checkpoint, monkeypatch):
+    """The bookkeeping of ``measure`` on the CPU: the kernels and CUDA events replaced by stand-ins
+    (dense calls take 2 s eager and 1 s replayed, sparse ones 4 s and 0.5 s)."""
+    from transformers import AutoModelForCausalLM
+
+    from compress_nm import semi_structured
+
+    converted = []
+
+    def fake_seconds(function, reps, graph=False):
+        function()
+        return (0.5 if graph else 4.0) if converted else (1.0 if graph else 2.0)
+
+    def fake_convert(model, names):
+        converted.extend(names)
+
+    monkeypatch.setattr(semi_structured, "cuda_seconds", fake_seconds)
+    monkeypatch.setattr(semi_structured, "to_semi_structured", fake_convert)
+    monkeypatch.setattr(semi_structured, "cusparselt_search", lambda x, weight: 5 if x.shape[0] == 8 else None)
+    directory, marked = sparse_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    result = semi_structured.measure(model, marked, tokens=8, reps=1, backend="cusparselt")
+    assert converted == marked
+    assert set(result["cusparselt_algorithms"].values()) == {5}  # each shape tuned on 8 rows
+    assert all(model.get_submodule(name).weight.alg_id_cusparselt == 5 for name in marked)
+    assert sum(row["layers"] for row in result["per_shape"]) == len(marked) == result["layers"]
+    for row in result["per_shape"]:
+        assert (row["dense_ms"], row["sparse_ms"], row["speedup"]) == (2000.0, 4000.0, 0.5)
+        assert (row["dense_graph_ms"], row["sparse_graph_ms"], row["speedup_graph"]) == (1000.0, 500.0, 2.0)
+    assert result["linear_dense_ms"] == 2000.0 * len(marked)
+    assert (result["linear_speedup"], result["linear_graph_speedup"]) == (0.5, 2.0)
+    assert (result["prefill_speedup"], result["prefill_graph_speedup"]) == (0.5, 2.0)
+    lines = semi_structured.report_lines(result)
+    assert lines[-2].startswith(f"linear layers: eager {2000 * len(marked):.2f} ms dense") and lines[-2].endswith(
+        "2.00x"
+    )
+    assert "prefill end to end" in lines[-1]
+
+
+def test_a_failed_graph_capture_keeps_the_eager_figures_and_says_why(monkeypatch):
+    from compress_nm import semi_structured
+
+    def fake_seconds(function, reps, graph=False):
+        if graph:
+            raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+        return 1.0
+
+    monkeypatch.setattr(semi_structured, "cuda_seconds", fake_seconds)
+    timing = semi_structured.both_seconds(lambda: None, 1)
+    assert timing == {"eager": 1.0, "graph": None, "graph_error": "operation not permitted when stream is capturing"}
+
+
+def test_a_torch_without_cusparselt_is_told_to_use_cutlass(monkeypatch):
+    from compress_nm.semi_structured import backend_problem
+
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    assert backend_problem("cusparselt") == "this torch is built without cuSPARSELt (use --backend cutlass)"
+    assert backend_problem("cutlass") is None

@@ -9,32 +9,13 @@ import json
 import pytest
 import torch
 
-import compress_unlearn
 from compress.errors import UserError
-from compress.recipe import DataSpec
 from compress.validate import check_recipe
-from compress_unlearn.data import QASource
 from compress_unlearn.losses import sequence_nll
-from scripts.make_unlearn_data import generate
+from tests.plugins.unlearn.conftest import forget_batch
+from tests.plugins.unlearn.conftest import qa_entry as entry
 
 FORGET, RETAIN = 2, 4
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    """10 authors x 4 questions: forget10 is one author's 4 items, retain90 the other 36."""
-    directory = tmp_path_factory.mktemp("qa")
-    generate(directory, authors=10, questions=4, seed=0)
-    return directory
-
-
-@pytest.fixture
-def host(register_plugin):
-    return register_plugin(compress_unlearn, "unlearn")
-
-
-def entry(path, samples, seq_len=128):
-    return {"path": str(path), "source": "qa", "samples": samples, "seq_len": seq_len, "loss_on": "answers"}
 
 
 def unlearn_recipe(qa_data, method, **stage):
@@ -48,21 +29,11 @@ def unlearn_recipe(qa_data, method, **stage):
     }
 
 
-def forget_batch(qa_data, tokenizer):
-    """The forget items as one padded batch: ids, attention mask, labels."""
-    samples = QASource().load(DataSpec(**entry(qa_data / "forget10.jsonl", FORGET)), tokenizer)
-    ids = torch.nn.utils.rnn.pad_sequence([s["input_ids"] for s in samples], batch_first=True)
-    labels = torch.nn.utils.rnn.pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=-100)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s["input_ids"]) for s in samples], batch_first=True)
-    return ids, mask, labels
-
-
 @torch.no_grad()
 def forget_stats(model, batch):
     """The summed forget-answer NLL, and the logits."""
-    ids, mask, labels = batch
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return sequence_nll(logits, labels)[0].sum().item(), logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_nll(logits, batch["labels"])[0].sum().item(), logits
 
 
 # a random model's per-token NLL (ln 256, about 5.5) is already past SimNPO's default margin δ = 0, where
@@ -85,7 +56,7 @@ def test_each_method_unlearns_the_forget_answers(host, run_recipe, qa_data, tiny
     method = settings.pop("method", name)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    batch = forget_batch(qa_data, tokenizer)
+    batch = forget_batch(qa_data, tokenizer, FORGET)
     before, original_logits = forget_stats(original, batch)
     run = run_recipe(unlearn_recipe(qa_data, method, **settings))
     after, logits = forget_stats(run.context.model.eval(), batch)
@@ -93,7 +64,7 @@ def test_each_method_unlearns_the_forget_answers(host, run_recipe, qa_data, tiny
     assert len(curve) == 2 and all(torch.isfinite(torch.tensor(value)) for _, value in curve)
     if method == "dipo":
         # DiPO moves probability off the original model's high-confidence tokens
-        scored = batch[2][:, 1:] != -100
+        scored = batch["labels"][:, 1:] != -100
         top = original_logits[:, :-1].argmax(-1, keepdim=True)
 
         def top_probability(values):

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
-import compress_unlearn
 from compress.validate import check_recipe
 from scripts.make_unlearn_data import generate
+from tests.plugins.unlearn.conftest import local_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes" / "unlearn").glob("*.yaml"))
 
@@ -27,16 +26,7 @@ def test_there_is_a_recipe_per_method_and_one_with_quantization():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
-def test_unlearning_recipe_checks(recipe, benchmark, tiny_model_dir, register_plugin, tmp_path):
-    host = register_plugin(compress_unlearn, "unlearn")
-    text = recipe.read_text(encoding="utf-8")
-    text = text.replace("out/unlearn-data/", f"{benchmark}/").replace("out/unlearn-models/target", str(tiny_model_dir))
-    raw = yaml.safe_load(text.replace("out/unlearn-models/retain90", str(tiny_model_dir)))
-    raw["output"]["dir"] = str(tmp_path / "out")
-    for entry in raw["data"].values():  # fewer records and a smaller batch, the same checks
-        entry["samples"] = min(entry["samples"], 10)
-    raw["stages"][0]["batch_size"] = 2
-    path = tmp_path / recipe.name
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    checked = check_recipe(host, path)
+def test_unlearning_recipe_checks(recipe, benchmark, tiny_model_dir, host, tmp_path):
+    models = {"target": tiny_model_dir, "retain90": tiny_model_dir}
+    checked = check_recipe(host, local_recipe(recipe, benchmark, models, 10, tmp_path))
     assert checked.recipe.stages[0].method == (recipe.stem.split("-")[0])

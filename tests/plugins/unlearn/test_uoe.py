@@ -11,41 +11,15 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import compress_unlearn
 from compress.errors import UserError
 from compress.pytest_plugin import RecipeRun
-from compress.recipe import DataSpec
 from compress.validate import check_recipe
-from compress_unlearn.data import QASource
 from compress_unlearn.experts import gate_probabilities
-from scripts.make_unlearn_data import generate
 from scripts.upcycle_moe import moe_config, upcycle
+from tests.plugins.unlearn.conftest import forget_batch, local_recipe
+from tests.plugins.unlearn.conftest import qa_entry as entry
 
 LAYER, EXPERT = "model.layers.1.mlp", 2
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    """10 authors x 4 questions (scripts.make_unlearn_data): forget10 is one author's 4 items."""
-    directory = tmp_path_factory.mktemp("qa")
-    generate(directory, authors=10, questions=4, seed=0)
-    return directory
-
-
-@pytest.fixture
-def host(register_plugin):
-    return register_plugin(compress_unlearn, "unlearn")
-
-
-def entry(path, samples):
-    return {"path": str(path), "source": "qa", "samples": samples, "seq_len": 128, "loss_on": "answers"}
-
-
-def forget_batch(qa_data, tokenizer):
-    from compress.api import collate
-
-    samples = QASource().load(DataSpec(**entry(qa_data / "forget10.jsonl", 2)), tokenizer)
-    return collate(samples, tokenizer.eos_token_id)
 
 
 def router_inputs(model, batch, layer):
@@ -69,7 +43,7 @@ def moe_dir(tmp_path_factory, tiny_model_dir, qa_data):
     with torch.no_grad():
         for layer in moe.model.layers:
             layer.mlp.gate.weight.zero_()
-        mean = router_inputs(moe, forget_batch(qa_data, tokenizer), LAYER).mean(0)
+        mean = router_inputs(moe, forget_batch(qa_data, tokenizer, 2), LAYER).mean(0)
         moe.get_submodule(LAYER).gate.weight[EXPERT] = 3 * mean / mean.norm() ** 2
     moe.config.output_router_logits = False
     moe.save_pretrained(directory)
@@ -144,7 +118,7 @@ def test_only_the_chosen_slice_and_its_router_move(run_moe, moe_dir, qa_data):
 
 def test_the_anchor_keeps_the_forget_tokens_on_the_expert(run_moe, moe_dir, qa_data, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batch = forget_batch(qa_data, tokenizer)
+    batch = forget_batch(qa_data, tokenizer, 2)
 
     def expert_probability(model):
         router = model.get_submodule(LAYER).gate
@@ -176,16 +150,9 @@ def test_layer_without_expert_is_refused(host, moe_dir, qa_data, tmp_path):
 
 @pytest.mark.parametrize("name", ["uoe-ga", "uoe-npo"])
 def test_shipped_recipes_check(host, moe_dir, qa_data, tmp_path, name):
-    text = (Path(__file__).resolve().parents[3] / "recipes" / "unlearn-moe" / f"{name}.yaml").read_text(
-        encoding="utf-8"
-    )
-    text = text.replace("out/unlearn-data/", f"{qa_data}/").replace("out/unlearn-models/moe-target", str(moe_dir))
-    raw = yaml.safe_load(text.replace("out/unlearn-models/moe-retain90", str(moe_dir)))
-    raw["output"]["dir"] = str(tmp_path / "out")
-    for data in raw["data"].values():
-        data["samples"] = min(data["samples"], 4)
-    raw["stages"][0]["batch_size"] = 2
-    check_recipe(host, write(tmp_path / f"{name}.yaml", raw))
+    recipe = Path(__file__).resolve().parents[3] / "recipes" / "unlearn-moe" / f"{name}.yaml"
+    models = {"moe-target": moe_dir, "moe-retain90": moe_dir}
+    check_recipe(host, local_recipe(recipe, qa_data, models, 4, tmp_path))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,386 @@
+"""``eqnet_search``: picks a sub-network of the supernet for a budget and exports it."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.api import (
+    Context,
+    DataSpec,
+    Method,
+    MethodKind,
+    MethodParams,
+    Produces,
+    QuantGrid,
+    QuantScheme,
+    StageRun,
+    UserError,
+    onloaded,
+)
+from compress_eqnet.efficiency import Efficiency
+from compress_eqnet.evolution import Evolution, Genes, sample_bits
+from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits
+from compress_eqnet.predictor import AccuracyPredictor, Encoder, fit_predictor
+from compress_eqnet.quantizers import BITS, EPS
+from compress_eqnet.subnets import Measurer
+from compress_eqnet.supernet import Space, Subnet, Supernet, latent_weight
+
+
+class EQNetSearchParams(MethodParams):
+    """Parameters of ``eqnet_search``; search defaults from EQ-Net's ``search/04_search_mpq.py``."""
+
+    average_bits: float | None = Field(
+        None,
+        gt=0,
+        description="budget: average weight bits and average input bits both in (c - 0.5, c] (the code's "
+        "constraint; parameter- and feature-map-weighted, first and last layer left out)",
+    )
+    bitops: float | None = Field(
+        None, gt=0, description="budget: at most this many bit operations per image (Σ MACs · w_bits · a_bits)"
+    )
+    bits: int | None = Field(None, description="no search: export the uniform sub-network W{bits}A{bits}")
+    granularity: Literal["channel", "tensor"] = Field("tensor", description="weight granularity of the sub-network")
+    w_symmetric: bool = Field(True, description="symmetric weight grids (the code's search condition)")
+    a_symmetric: bool = Field(False, description="symmetric input grids (the code's search condition)")
+    supernet: Path | None = Field(
+        None,
+        description=f"the {SUPERNET_FILE} of an earlier eqnet run (whose output is the model); unset: the "
+        "eqnet stage of this recipe",
+    )
+    holdout: str = Field("holdout", description="data: entry the sub-networks' accuracy is measured on")
+    calibration: str = Field("calibration", description="data: entry (training images) for batch-norm recalibration")
+    test_data: str | None = Field(
+        None, description="data: entry on which the exported and the uniform sub-networks are also measured"
+    )
+    evaluate_uniform: list[int] = Field([], description="uniform W{b}A{b} sub-networks also measured, e.g. [2, 4, 8]")
+    bn_batches: int = Field(4, gt=0, description="calibration batches that re-estimate batch-norm statistics")
+    batch_size: int = Field(256, gt=0, description="images per forward pass when measuring")
+    predictor_samples: int = Field(1000, ge=10, description="sub-networks measured to train the accuracy predictor")
+    predictor_epochs: int = Field(100, gt=0, description="epochs of the accuracy predictor")
+    population: int = Field(100, ge=4, description="genetic search: population size")
+    generations: int = Field(500, gt=0, description="genetic search: generations")
+    mutate_prob: float = Field(0.1, gt=0, le=1, description="genetic search: per-gene mutation probability")
+    seed: int = Field(0, description="seed of sampling and search")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        given = [key for key in ("average_bits", "bitops", "bits") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of average_bits, bitops (a budget) or bits (a uniform sub-network)")
+        if self.bits is not None:
+            check_bits([self.bits], "bits")
+        for bits in self.evaluate_uniform:
+            check_bits([bits], "evaluate_uniform")
+        return self
+
+
+class EQNetSearch(Method):
+    """Search and export of one EQ-Net sub-network (Xu et al., ICCV 2023; ``search/0{2,3,4}_*.py``).
+
+    Restores the supernet of an ``eqnet`` stage (or of ``supernet:``, the file an earlier run
+    wrote), then, for a budget: measures ``predictor_samples`` random sub-networks on the
+    ``holdout`` data after re-estimating batch-norm statistics on ``calibration`` images,
+    trains the conditional accuracy predictor on them (Kendall τ on a held-out fifth; later
+    search stages of the run reuse it), and runs the genetic search for the best predicted
+    sub-network under the budget at the given condition (granularity, symmetries). With
+    ``bits`` the uniform sub-network is taken instead. The chosen sub-network is measured,
+    its weights are replaced by their quantized values (symmetric grids are recorded as the
+    layer's grid, so formats that store them can), and report.json gets its configuration,
+    average bits, BitOps, predicted and measured accuracy. The checkpoint holds the weights;
+    the input quantization (bits and learned step sizes) is in report.json only, as no
+    output format stores LSQ+ activation grids: the measured accuracies quantize inputs too.
+    """
+
+    name = "eqnet_search"
+    kind: ClassVar[MethodKind] = "search"
+    Params = EQNetSearchParams
+    params: EQNetSearchParams
+    default_targets: ClassVar[list[str]] = ["Conv2d", "Linear"]
+    default_ignore: ClassVar[list[str]] = []
+    supported_modules = (nn.Conv2d, nn.Linear)
+
+    def data_entries(self) -> list[str]:
+        """The ``data:`` entries the stage reads."""
+        params = self.params
+        names = [params.calibration] if params.bits is not None else [params.holdout, params.calibration]
+        return names + ([params.test_data] if params.test_data else [])
+
+    def check_data(self, data: dict[str, DataSpec]) -> None:
+        for name in self.data_entries():
+            if name not in data:
+                raise UserError(f"method {self.name!r} needs data: {name}: in the recipe")
+            if data[name].source != "images":
+                raise UserError(
+                    f"eqnet_search measures image classifiers: data: {name}: has source {data[name].source!r}"
+                )
+
+    def check_previous_stages(self, previous: list[Method]) -> None:
+        trained = [method for method in previous if method.name == "eqnet"]
+        if not trained and self.params.supernet is None:
+            raise UserError(
+                "eqnet_search needs an eqnet stage before it (the supernet), or supernet: the "
+                f"{SUPERNET_FILE} an earlier eqnet run wrote"
+            )
+        if trained:
+            self.check_space(trained[-1].params.space())
+        elif self.params.supernet is not None:
+            self.check_space(space_of(load_supernet(self.params.supernet)))
+
+    def check_space(self, space: Space) -> None:
+        """Refuse a condition, a uniform width or an average-bits budget the supernet's space cannot meet."""
+        params = self.params
+        for key, value, allowed in (
+            ("granularity", params.granularity == "channel", space.channel),
+            ("w_symmetric", params.w_symmetric, space.w_symmetric),
+            ("a_symmetric", params.a_symmetric, space.a_symmetric),
+        ):
+            if value not in allowed:
+                shown = params.granularity if key == "granularity" else value
+                raise UserError(f"{key}: {shown} is not in the supernet's elastic space")
+        for bits in [*params.evaluate_uniform, *([params.bits] if params.bits else [])]:
+            if bits not in space.w_bits or bits not in space.a_bits:
+                raise UserError(
+                    f"W{bits}A{bits} is outside the supernet's elastic space "
+                    f"(weights {list(space.w_bits)}, inputs {list(space.a_bits)})"
+                )
+        if params.average_bits is not None:
+            c = params.average_bits
+            smallest = max(min(space.w_bits), min(space.a_bits))
+            largest = min(max(space.w_bits), max(space.a_bits))
+            if c < smallest:
+                raise UserError(
+                    f"average_bits: {c:g} is below every sub-network (smallest reachable average_bits: {smallest})"
+                )
+            if c - 0.5 >= largest:
+                raise UserError(
+                    f"average_bits: {c:g} asks for more than {c - 0.5:g} bits on average; the largest sub-network "
+                    f"has {largest} (largest reachable average_bits: {largest + 0.5:g}, exclusive)"
+                )
+
+    def check_stage(self, methods: dict[str, Any], targets: dict[str, nn.Module], writer: Any) -> None:
+        if writer is not None and writer.name != "dense" and not self.params.w_symmetric:
+            raise UserError(
+                "asymmetric LSQ+ weights have a real-valued offset that no integer zero-point grid holds: "
+                "use output format dense"
+            )
+
+    def produces(self) -> Produces:
+        granularity = self.params.granularity
+        symmetric = self.params.w_symmetric
+        return Produces(mixed=tuple(QuantScheme(bits=b, granularity=granularity, symmetric=symmetric) for b in BITS))
+
+    # --- the run ---------------------------------------------------------------------
+
+    def apply(self, context: Context, run: StageRun) -> None:
+        params = self.params
+        state = self.supernet_state(context)
+        space = space_of(state)
+        self.check_space(space)
+        model = context.model
+        modules = dict(model.named_modules())
+        missing = [name for name in state["layers"] if name not in modules]
+        if missing:
+            raise UserError("the supernet's layer is not in the model (a supernet of another model?)", missing[0])
+        layers = {name: modules[name] for name in state["layers"]}
+        efficiency = Efficiency([state["costs"][name] for name in layers], space.fixed_bits)
+        self.check_reachable(efficiency, space, len(layers))
+        if "latent" in state:  # an earlier search stage replaced the weights: start from the supernet's again
+            model.load_state_dict(state["latent"])
+        else:
+            state["latent"] = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        details = run.record.details
+        with onloaded(model, context.device):
+            supernet = Supernet(layers, space)
+            supernet.load_state_dict(state["quantizers"])
+            supernet.install()
+            try:
+                measurer = Measurer(context, supernet, params)
+                condition = (params.granularity == "channel", params.w_symmetric, params.a_symmetric)
+                details["uniform"] = {
+                    f"W{b}A{b}": measurer.report(Subnet.uniform(len(layers), b, b, *condition))
+                    for b in params.evaluate_uniform
+                }
+                if params.bits is not None:
+                    chosen = Subnet.uniform(len(layers), params.bits, params.bits, *condition)
+                    predicted = None
+                else:
+                    chosen, predicted = self.search(context, state, space, efficiency, measurer, condition, details)
+                details["measured"] = measurer.report(chosen)  # leaves its batch-norm statistics in the model
+                supernet.set(chosen)
+                quantized = {name: supernet.weights[name](latent_weight(m)).detach() for name, m in layers.items()}
+                steps = {name: supernet.weights[name].step()[0].detach().abs() + EPS for name in layers}
+                inputs = {name: supernet.inputs[name].grid() for name in layers}
+            finally:
+                supernet.remove()
+            with torch.no_grad():
+                for name, module in layers.items():
+                    module.weight.copy_(quantized[name])
+        self.commit(context, run, layers, chosen, steps, inputs, space)
+        w_avg, a_avg = efficiency.average_bits(chosen.w_bits, chosen.a_bits)
+        details.update(
+            subnet=chosen.to_json(),
+            average_bits={"weights": w_avg, "inputs": a_avg},
+            bitops=efficiency.bitops(chosen.w_bits, chosen.a_bits),
+            predicted_accuracy=predicted,
+        )
+
+    def supernet_state(self, context: Context) -> dict[str, Any]:
+        if self.params.supernet is not None:
+            return load_supernet(self.params.supernet)
+        return context.state[STATE_KEY]
+
+    def check_reachable(self, efficiency: Efficiency, space: Space, layers: int) -> None:
+        if self.params.bitops is None:
+            return
+        cheapest = efficiency.bitops((min(space.w_bits),) * layers, (min(space.a_bits),) * layers)
+        if self.params.bitops < cheapest:
+            raise UserError(
+                f"bitops: {self.params.bitops:.6g} is below every sub-network (smallest reachable bitops: {cheapest:.6g})"
+            )
+
+    def search(
+        self,
+        context: Context,
+        state: dict[str, Any],
+        space: Space,
+        efficiency: Efficiency,
+        measurer: Measurer,
+        condition: tuple[bool, bool, bool],
+        details: dict[str, Any],
+    ) -> tuple[Subnet, float]:
+        """The predictor (trained once per run) and the genetic search: the best sub-network and its prediction."""
+        params = self.params
+        layers = len(state["layers"])
+        encoder = Encoder(space, layers)
+        rng = random.Random(params.seed)
+        started = time.perf_counter()
+        if "predictor" not in state:
+            state["predictor"] = self.train_predictor(space, encoder, measurer, layers, rng)
+        cached = state["predictor"]
+        predictor = AccuracyPredictor(encoder.width)
+        predictor.load_state_dict(cached["weights"])
+        predictor.eval()
+        details["predictor"] = {**cached["fit"], "seconds": time.perf_counter() - started}
+
+        def subnet(genes: Genes) -> Subnet:
+            return Subnet(genes[0], genes[1], *((value,) * layers for value in condition))
+
+        def predict(population: list[Genes]) -> list[float]:
+            with torch.no_grad():
+                return predictor(encoder.encode_all([subnet(genes) for genes in population])).tolist()
+
+        feasible, targets = self.constraint(efficiency, space)
+        evolution = Evolution(
+            w_choices=space.w_bits,
+            a_choices=space.a_bits,
+            layers=layers,
+            feasible=feasible,
+            predict=predict,
+            targets=targets,
+            rng=rng,
+            population=params.population,
+            generations=params.generations,
+            mutate_prob=params.mutate_prob,
+        )
+        started = time.perf_counter()
+        predicted, genes, history = evolution.run()
+        details["search"] = {
+            "seconds": time.perf_counter() - started,
+            "best_by_generation": history[:: max(1, len(history) // 50)],
+        }
+        return subnet(genes), predicted
+
+    def constraint(self, efficiency: Efficiency, space: Space):
+        """Whether genes meet the budget, and where the initial population's bits centre."""
+        params = self.params
+        if params.average_bits is not None:
+            c = params.average_bits
+
+            def feasible(genes: Genes) -> bool:
+                w, a = efficiency.average_bits(*genes)
+                return c - 0.5 < w <= c and c - 0.5 < a <= c
+
+            return feasible, (c - 0.25, c - 0.25)
+
+        limit = params.bitops
+
+        def under(genes: Genes) -> bool:
+            return efficiency.bitops(*genes) <= limit
+
+        # centre the draws on the uniform width whose BitOps are closest below the budget
+        layers = len(efficiency.macs)
+        widths = [b for b in space.w_bits if efficiency.bitops((b,) * layers, (b,) * layers) <= limit]
+        centre = float(max(widths)) if widths else float(min(space.w_bits))
+        return under, (centre, centre)
+
+    def train_predictor(
+        self, space: Space, encoder: Encoder, measurer: Measurer, layers: int, rng: random.Random
+    ) -> dict[str, Any]:
+        """Measure random sub-networks (random condition, bits around a target drawn in [min + 0.4,
+        max − 0.4], the code's 2.4..7.6) and fit the predictor on them."""
+        params = self.params
+        low, high = min(space.w_bits) + 0.4, max(space.w_bits) - 0.4
+        subnets, accuracies = [], []
+        for _ in range(params.predictor_samples):
+            forms = [rng.choice(space.channel), rng.choice(space.w_symmetric), rng.choice(space.a_symmetric)]
+            w = sample_bits(space.w_bits, layers, rng.uniform(low, high), rng)
+            a = sample_bits(space.a_bits, layers, rng.uniform(low, high), rng)
+            subnet = Subnet(w, a, *((value,) * layers for value in forms))
+            subnets.append(subnet)
+            accuracies.append(measurer.holdout(subnet))
+        fit = fit_predictor(encoder.encode_all(subnets), torch.tensor(accuracies), params.predictor_epochs, params.seed)
+        return {
+            "weights": {k: v.detach().cpu() for k, v in fit.predictor.state_dict().items()},
+            "fit": fit.report(),
+        }
+
+    def commit(
+        self,
+        context: Context,
+        run: StageRun,
+        layers: dict[str, nn.Module],
+        chosen: Subnet,
+        steps: dict[str, torch.Tensor],
+        inputs: dict[str, dict[str, float | bool]],
+        space: Space,
+    ) -> None:
+        """Record each layer's setting and input grid; symmetric weights as their grid (scale = the learned step)."""
+        last = len(layers) - 1
+        for index, name in enumerate(layers):
+            fixed = index in (0, last)
+            w_bits = space.fixed_bits if fixed else chosen.w_bits[index]
+            a_bits = space.fixed_bits if fixed else chosen.a_bits[index]
+            channel, symmetric = chosen.channel[index], chosen.w_symmetric[index]
+            grid = None
+            if symmetric:
+                scheme = QuantScheme(bits=w_bits, granularity="channel" if channel else "tensor", symmetric=True)
+                scale = steps[name].float().cpu()
+                grid = QuantGrid(scheme, scale if channel else scale.reshape(1), None)
+            context.update_layer(name, method=self.name, quant=grid)
+            run.record.layers[name] = {
+                "w_bits": w_bits,
+                "a_bits": a_bits,
+                "granularity": "channel" if channel else "tensor",
+                "w_symmetric": symmetric,
+                "a_symmetric": chosen.a_symmetric[index],
+                "input_grid": inputs[name],
+            }
+
+
+def load_supernet(path: Path) -> dict[str, Any]:
+    """The supernet state an eqnet run wrote to ``path`` (``eqnet-supernet.pt``)."""
+    if not path.is_file():
+        raise UserError("supernet file not found", str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def space_of(state: dict[str, Any]) -> Space:
+    """The elastic space recorded in a supernet state."""
+    return Space(**{key: tuple(value) if isinstance(value, list) else value for key, value in state["space"].items()})

@@ -1,0 +1,78 @@
+"""Bad eqnet / eqnet_search recipes: bit widths, budgets, stage order, layer types."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.faults.harness import CHECK, Fault
+
+
+def eqnet_setup(stages: list[dict[str, Any]]) -> Callable[[Path], list[str]]:
+    """A setup writing a tiny ResNet, 3 classes x 6 images and a recipe with ``stages``; runs ``recipe check``."""
+
+    def setup(work: Path) -> list[str]:
+        from tests.plugins.eqnet.conftest import tiny_resnet
+        from tests.test_images import write_images
+
+        images = write_images(work / "images", ["cat", "dog", "frog"], 6)
+        entry = {"path": str(images), "source": "images", "samples": 12}
+        recipe = {
+            "model": str(tiny_resnet(work / "model")),
+            "data": {"train": entry, "calibration": entry, "holdout": entry},
+            "stages": stages,
+            "output": {"dir": str(work / "out"), "format": "dense"},
+        }
+        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return list(CHECK)
+
+    return setup
+
+
+TRAIN = {"method": "eqnet", "steps": 2, "batch_size": 6}
+
+CASES = [
+    Fault(
+        id="eqnet/bits-outside-space",
+        description="an eqnet space with 9-bit weights (the elastic space is 2..8 bits)",
+        setup=eqnet_setup([{**TRAIN, "w_bits": [2, 4, 9]}]),
+        message="w_bits: 9 is outside EQ-Net's elastic space (2..8 bits)",
+        place="recipe.yaml:14:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/uniform-outside-space",
+        description="exporting W2A2 from a supernet trained at 4 and 8 bits only",
+        setup=eqnet_setup([{**TRAIN, "w_bits": [4, 8], "a_bits": [4, 8]}, {"method": "eqnet_search", "bits": 2}]),
+        message="W2A2 is outside the supernet's elastic space (weights [4, 8], inputs [4, 8])",
+        place="recipe.yaml:19:11",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/budget-unreachable",
+        description="a search at 1.5 average bits over a 2..8-bit supernet",
+        setup=eqnet_setup([TRAIN, {"method": "eqnet_search", "average_bits": 1.5}]),
+        message="average_bits: 1.5 is below every sub-network (smallest reachable average_bits: 2)",
+        place="recipe.yaml:13:11",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/search-without-supernet",
+        description="an eqnet_search stage with no eqnet stage before it and no supernet file",
+        setup=eqnet_setup([{"method": "eqnet_search", "average_bits": 4}]),
+        message="eqnet_search needs an eqnet stage before it (the supernet)",
+        place="recipe.yaml:10:11",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/unsupported-layer",
+        description="eqnet targeting the batch norms, which the elastic quantizers do not handle",
+        setup=eqnet_setup([{**TRAIN, "targets": ["BatchNorm2d"]}]),
+        message="eqnet cannot compress resnet.embedder.embedder.normalization (BatchNorm2d); it handles Conv2d, Linear",
+        place="recipe.yaml:14:3",
+        must_not_exist=("out",),
+    ),
+]

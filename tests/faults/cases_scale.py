@@ -1,0 +1,85 @@
+"""Scale: ``run: {mode: lazy}`` plans it cannot run, shards missing or truncated under it,
+and FSDP asked for a training stage the loop cannot shard. All one line, nothing written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.faults.harness import Fault, copy_tiny_model, data_entry, recipe_setup
+
+LAZY = {"device": "cpu", "mode": "lazy"}
+
+
+def sharded(damage: Callable[[Path], None]) -> Callable[[Path], Path]:
+    """The tiny model saved again in shards of 60 KB, its second shard then damaged."""
+
+    def model(work: Path) -> Path:
+        from transformers import AutoModelForCausalLM
+
+        copy = copy_tiny_model(work)
+        loaded = AutoModelForCausalLM.from_pretrained(copy)
+        (copy / "model.safetensors").unlink()
+        loaded.save_pretrained(copy, max_shard_size="60KB")
+        damage(sorted(copy.glob("model-*.safetensors"))[1])
+        return copy
+
+    return model
+
+
+def truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+CASES = [
+    Fault(
+        id="scale/lazy-with-evaluate",
+        description="`run: {mode: lazy}` with `evaluate: [perplexity]` (the whole model is never held)",
+        setup=recipe_setup(run=LAZY),
+        message="run: mode: lazy never holds the whole model, so it cannot evaluate",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="scale/lazy-with-training",
+        description="`run: {mode: lazy}` with a distill stage",
+        setup=recipe_setup(
+            run=LAZY,
+            evaluate=[],
+            stages=[{"method": "distill", "steps": 2, "batch_size": 2}],
+            data=lambda _work: {"train": data_entry()},
+        ),
+        message="runs data-free and calibration methods, not training (distill)",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="scale/lazy-missing-shard",
+        description="`apply` in lazy mode of a sharded checkpoint whose index names a shard that was deleted",
+        setup=recipe_setup(command="apply", run=LAZY, evaluate=[], model=sharded(Path.unlink)),
+        message="model-00002-of-",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="scale/lazy-truncated-shard",
+        description="`apply` in lazy mode of a sharded checkpoint whose second shard lost its last 100 bytes",
+        setup=recipe_setup(command="apply", run=LAZY, evaluate=[], model=sharded(truncate)),
+        message="model-00002-of-",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="scale/fsdp-training-stage",
+        description="`ACCELERATE_USE_FSDP=true` (accelerate launch --use_fsdp) with a distill stage",
+        setup=recipe_setup(
+            evaluate=[],
+            data=lambda _work: {"train": data_entry()},
+            stages=[{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "distill", "steps": 2, "batch_size": 2}],
+        ),
+        env={"ACCELERATE_USE_FSDP": "true"},
+        message="stage 2 (distill) cannot shard",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+]

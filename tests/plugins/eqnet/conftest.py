@@ -1,0 +1,64 @@
+"""A tiny ResNet image classifier and image folder for the eqnet tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_images import LABELS, save_classifier, write_images
+
+
+def tiny_resnet(directory: Path) -> Path:
+    """A ResNet of two stages of basic blocks, widths 8 and 16: 7 Conv2d/Linear layers."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **LABELS)
+    torch.manual_seed(0)
+    return save_classifier(ResNetForImageClassification(config), directory)
+
+
+def eqnet_recipe(model: Path, images: Path, out: Path, search: dict | None = None, **train) -> dict:
+    """A recipe training the supernet for 2 steps, then (when ``search`` is given) a small search."""
+    stages = [{"method": "eqnet", "steps": 2, "batch_size": 6, "init_samples": 4, "log_every": 1, **train}]
+    if search is not None:
+        stages.append(
+            {
+                "method": "eqnet_search",
+                "predictor_samples": 10,
+                "predictor_epochs": 2,
+                "population": 4,
+                "generations": 2,
+                "bn_batches": 1,
+                "batch_size": 6,
+                **search,
+            }
+        )
+    return {
+        "model": str(model),
+        "data": {
+            "train": {"path": str(images), "source": "images", "samples": 12},
+            "calibration": {"path": str(images), "source": "images", "samples": 6},
+            "holdout": {"path": str(images), "source": "images", "samples": 6},
+        },
+        "stages": stages,
+        "output": {"dir": str(out), "format": "dense"},
+        "run": {"device": "cpu"},
+    }
+
+
+@pytest.fixture(scope="package")
+def eqnet_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny ResNet directory, image folder of 3 classes x 6 images)."""
+    root = tmp_path_factory.mktemp("eqnet")
+    return tiny_resnet(root / "model"), write_images(root / "images", ["cat", "dog", "frog"], 6)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and two threads on a busy machine wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,111 @@
+"""eqnet and eqnet_search through compress apply: the exported sub-network, the supernet file, --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compress.engine import apply_recipe
+from compress.errors import UserError
+from compress.validate import check_recipe
+from tests.plugins.eqnet.conftest import eqnet_recipe
+
+
+def run(host, tmp_path: Path, raw: dict, resume: bool = False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return apply_recipe(host, check_recipe(host, path, overwrite=True), overwrite=True, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def searched(eqnet_assets, tmp_path_factory):
+    from compress.host import PluginHost
+
+    host = PluginHost()
+    host.load_plugins()
+    model, images = eqnet_assets
+    tmp = tmp_path_factory.mktemp("searched")
+    search = {"average_bits": 4, "evaluate_uniform": [2, 8], "test_data": "holdout", "granularity": "channel"}
+    context = run(host, tmp, eqnet_recipe(model, images, tmp / "out", search=search))
+    return context, tmp / "out"
+
+
+def test_the_search_exports_a_subnet_under_the_budget(searched):
+    _, out = searched
+    report = json.loads((out / "report.json").read_text())
+    details = report["stages"][1]["details"]
+    assert 3.5 < details["average_bits"]["weights"] <= 4 and 3.5 < details["average_bits"]["inputs"] <= 4
+    assert set(details["uniform"]) == {"W2A2", "W8A8"} and set(details["measured"]) == {"holdout", "test"}
+    assert details["predicted_accuracy"] >= 0 and "kendall_tau" in details["predictor"]
+    assert details["bitops"] > 0 and details["search"]["seconds"] >= 0
+    layers = report["stages"][1]["layers"]
+    first, *_, last = layers.values()
+    assert first["w_bits"] == first["a_bits"] == last["w_bits"] == last["a_bits"] == 8
+    assert first["input_grid"]["step"] > 0 and not first["input_grid"]["unsigned"]  # the image is signed
+    assert (out / "eqnet-supernet.pt").is_file()
+
+
+def test_exported_weights_lie_on_their_grids_and_reload(searched):
+    from transformers import AutoModelForImageClassification
+
+    context, out = searched
+    modules = dict(context.model.named_modules())
+    for name, state in context.layers.items():
+        assert state.method == "eqnet_search" and state.quant is not None  # symmetric weights: recorded grids
+        weight = modules[name].weight.detach().flatten(1)
+        torch.testing.assert_close(state.quant.fake_quantize(weight), weight)
+    pixels = torch.stack([sample["pixel_values"] for sample in context.data("holdout")])
+    reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
+    torch.testing.assert_close(reloaded(pixel_values=pixels).logits, context.model.eval()(pixel_values=pixels).logits)
+
+
+def test_a_search_recipe_starts_from_the_supernet_file(host, searched, eqnet_assets, tmp_path):
+    _, out = searched
+    _, images = eqnet_assets
+    raw = eqnet_recipe(out, images, tmp_path / "w4a4")
+    raw["stages"] = [{"method": "eqnet_search", "bits": 4, "supernet": str(out / "eqnet-supernet.pt"), "bn_batches": 1}]
+    context = run(host, tmp_path, raw)
+    layers = context.report.stages[0].layers
+    assert [entry["w_bits"] for entry in layers.values()][1:-1] == [4] * (len(layers) - 2)
+
+
+def test_resume_restores_the_supernet(host, eqnet_assets, tmp_path):
+    model, images = eqnet_assets
+    export = {"bits": 3, "bn_batches": 1}
+    reference = run(host, tmp_path / "a", eqnet_recipe(model, images, tmp_path / "a" / "out", search=export))
+    failing = eqnet_recipe(model, images, tmp_path / "b" / "out", search={"bitops": 1.0}, checkpoint_every=1)
+    with pytest.raises(UserError, match="smallest reachable bitops"):
+        run(host, tmp_path / "b", failing)
+    assert not (tmp_path / "b" / "out").exists()
+    resumed_raw = eqnet_recipe(model, images, tmp_path / "b" / "out", search=export, checkpoint_every=1)
+    resumed = run(host, tmp_path / "b", resumed_raw, resume=True)
+    assert resumed.report.stages[0].details["resumed_from_step"] == 1
+    for key in ("weights", "inputs"):
+        for name, values in reference.state["eqnet"]["quantizers"][key].items():
+            for tensor, value in values.items():
+                torch.testing.assert_close(resumed.state["eqnet"]["quantizers"][key][name][tensor], value)
+
+
+def test_a_vit_subnet_is_written_as_compressed_tensors_config_groups(host, eqnet_assets, tmp_path):
+    from transformers import AutoModelForImageClassification, ViTForImageClassification
+
+    from tests.models import tiny_vit_config
+    from tests.test_images import LABELS, save_classifier
+
+    _, images = eqnet_assets
+    torch.manual_seed(0)
+    vit = save_classifier(ViTForImageClassification(tiny_vit_config(image_size=32, **LABELS)), tmp_path / "vit")
+    raw = eqnet_recipe(vit, images, tmp_path / "out", search={"bits": 4, "targets": ["Linear"]}, targets=["Linear"])
+    raw["output"]["format"] = "compressed-tensors"
+    context = run(host, tmp_path, raw)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    groups = sorted((group["weights"]["num_bits"], len(group["targets"])) for group in config["config_groups"].values())
+    assert groups == [(4, 11), (8, 2)]  # the first and the last Linear at 8 bits
+    pixels = torch.stack([sample["pixel_values"] for sample in context.data("holdout")])
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(reloaded(pixel_values=pixels).logits, context.model.eval()(pixel_values=pixels).logits)
