@@ -1,13 +1,14 @@
-"""The loss-curve plot an output directory holds when a stage trained.
+"""The plots an output directory holds: the loss curve when a stage trained, the per-layer allocation of a search.
 
-Drawn from the curves the training loop records in each stage's report details
-(``loss_curve`` and ``eval_curve``, lists of ``(step, loss)``), with matplotlib's
+The loss curve is drawn from the curves the training loop records in each stage's report
+details (``loss_curve`` and ``eval_curve``, lists of ``(step, loss)``). Both use matplotlib's
 object-oriented API on the Agg canvas: no display and no pyplot state, so it runs on
 headless machines and leaves the process's matplotlib backend alone.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,23 @@ def write_loss_curve(stages: list[dict[str, Any]], path: Path) -> bool:
         axes.legend()
     figure.savefig(path, dpi=100)
     return True
+
+
+def allocation_png(values: list[float], target: float, unit: str, title: str) -> bytes:
+    """A PNG bar chart of each targeted layer's chosen cost (in ``unit``), with the budget
+    ``target`` as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(6.0, 0.06 * len(values) + 2), 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.bar(range(len(values)), values, width=0.9, color="#4c72b0")
+    axes.axhline(target, color="#c44e52", linestyle="--", label=f"budget {target:.4g}")
+    axes.set_xlabel("targeted layer (model order)")
+    axes.set_ylabel(unit)
+    axes.set_title(f"{title}: per-layer allocation")
+    axes.legend(loc="upper right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

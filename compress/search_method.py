@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -46,6 +45,7 @@ from compress.devices import onloaded, pinned
 from compress.errors import UserError, did_you_mean
 from compress.hessian import collect_hessians
 from compress.method import Method, MethodKind, MethodParams, Produces
+from compress.plots import allocation_png
 from compress.quant import QuantScheme
 from compress.search import Budget, Candidate, CandidateOffer, CandidateRequest, LayerInputs, collect_candidates
 
@@ -118,7 +118,7 @@ class SearchSpace:
 
     def cost(self, choice: list[int]) -> float:
         """A configuration's cost per targeted weight."""
-        return sum(self.costs[i, k].item() for i, k in enumerate(choice))
+        return self.costs[torch.arange(len(choice)), torch.tensor(choice, dtype=torch.long)].sum().item()
 
     def bounds(self) -> tuple[float, float]:
         """The cheapest and the dearest configuration's cost per targeted weight."""
@@ -355,23 +355,5 @@ class SearchMethod(Method):
 
 def allocation_plot(space: SearchSpace, choice: list[int], title: str) -> bytes:
     """A PNG bar chart of each layer's chosen cost per weight, with the budget as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    values = [space.density[i, k].item() for i, k in enumerate(choice)]
-    figure, axes = pyplot.subplots(figsize=(max(6.0, 0.06 * len(values) + 2), 3.5))
-    try:
-        axes.bar(range(len(values)), values, width=0.9, color="#4c72b0")
-        axes.axhline(space.target, color="#c44e52", linestyle="--", label=f"budget {space.target:.4g}")
-        axes.set_xlabel("targeted layer (model order)")
-        axes.set_ylabel(f"{space.budget.unit} per weight")
-        axes.set_title(f"{title}: per-layer allocation")
-        axes.legend(loc="upper right")
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-    finally:
-        pyplot.close(figure)
-    return buffer.getvalue()
+    values = space.density[torch.arange(len(choice)), torch.tensor(choice, dtype=torch.long)].tolist()
+    return allocation_png(values, space.target, f"{space.budget.unit} per weight", title)
