@@ -148,6 +148,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=500)
     parser.add_argument("--limit", type=int, default=None, help="train on only N (shuffled) images")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU check of the script)")
+    parser.add_argument(
+        "--static-only", action="store_true", help="only the FP model and the static QAT runs (no supernet part)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -192,8 +195,31 @@ def main() -> None:
     }
     write()
 
-    # 2. the supernet, the uniform sub-networks, the predictor and the searches
     data = data_entries(args, train_zip, holdout_zip, train_images)
+    if not args.static_only:
+        run_supernet(args, result, model_dir, data, steps)
+        write()
+
+    # 3. the static counterparts: the same epochs at one setting
+    result["static"] = {}
+    for bits in STATIC_ORDER:
+        space = {"w_bits": [bits], "a_bits": [bits], "granularity": [CONDITION["granularity"]], "subnets": 1}
+        space |= {"w_symmetric": [CONDITION["w_symmetric"]], "a_symmetric": [CONDITION["a_symmetric"]]}
+        report = run_recipe(
+            args, f"static-w{bits}a{bits}", model_dir, data, [training(args, steps, **space), search(args, bits=bits)]
+        )
+        result["static"][f"W{bits}A{bits}"] = {
+            "seconds": report["stages"][0]["seconds"],
+            "measured": percent(report["stages"][1]["details"]["measured"]),
+        }
+        write()
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    write()
+    print(json.dumps(result["static"], indent=2) if args.static_only else table(result))
+
+
+def run_supernet(args: argparse.Namespace, result: dict, model_dir: Path, data: dict, steps: int) -> None:
+    """The supernet, the uniform sub-networks, the predictor and the searches, into ``result["supernet"]``."""
     stages = [
         training(args, steps),
         search(args, average_bits=BUDGETS[0], evaluate_uniform=UNIFORM),
@@ -219,24 +245,6 @@ def main() -> None:
             for budget, stage in zip(BUDGETS, searches)
         ],
     }
-    write()
-
-    # 3. the static counterparts: the same epochs at one setting
-    result["static"] = {}
-    for bits in STATIC_ORDER:
-        space = {"w_bits": [bits], "a_bits": [bits], "granularity": [CONDITION["granularity"]], "subnets": 1}
-        space |= {"w_symmetric": [CONDITION["w_symmetric"]], "a_symmetric": [CONDITION["a_symmetric"]]}
-        report = run_recipe(
-            args, f"static-w{bits}a{bits}", model_dir, data, [training(args, steps, **space), search(args, bits=bits)]
-        )
-        result["static"][f"W{bits}A{bits}"] = {
-            "seconds": report["stages"][0]["seconds"],
-            "measured": percent(report["stages"][1]["details"]["measured"]),
-        }
-        write()
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    write()
-    print(table(result))
 
 
 def holdout_mask(labels_: torch.Tensor, holdout: int) -> torch.Tensor:

@@ -205,6 +205,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save(args: argparse.Namespace, results: dict) -> None:
+    text = json.dumps(results, indent=2)
+    (args.out / "unlearn_bench.json").write_text(text, encoding="utf-8")
+    if args.json:
+        args.json.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -235,20 +242,19 @@ def main() -> None:
     if not args.skip_finetune:
         finetune_seconds = finetune_all(args, args.data, args.models)
     host = unlearn_host()
-    table = {f"forget{p:02d}": bench_split(args, host, p) for p in args.splits}
     results = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "data": meta,
         "finetune_seconds": None if args.skip_finetune else finetune_seconds,
-        "table": table,
-        "quantization": bench_quantized(args, host),
         "environment": environment(args.device_resolved),
+        "table": {},
     }
+    for percent in args.splits:  # written after each split, so a run cut short keeps what it measured
+        results["table"][f"forget{percent:02d}"] = bench_split(args, host, percent)
+        save(args, results)
+    results["quantization"] = bench_quantized(args, host)
     results["total_seconds"] = time.perf_counter() - start
-    text = json.dumps(results, indent=2)
-    (args.out / "unlearn_bench.json").write_text(text, encoding="utf-8")
-    if args.json:
-        args.json.write_text(text, encoding="utf-8")
+    save(args, results)
     print(markdown(results))
     print(json.dumps(results["quantization"], indent=2))
     print(f"total {results['total_seconds']:.0f} s")

@@ -149,12 +149,15 @@ def compress_layer(weight: torch.Tensor, grid: QuantGrid, scheme, dtype: torch.d
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    local = {"weight": weight.detach().float(), "weight_scale": grid.scale.float()}
+    # compressed-tensors picks its Triton kernel from the weight's device, so the grid must be there too;
+    # in lazy mode the weight is still on the GPU while the grid was recorded on the host.
+    device = weight.device
+    local = {"weight": weight.detach().float(), "weight_scale": grid.scale.to(device, torch.float32)}
     if grid.zero_point is not None:
-        local["weight_zero_point"] = grid.zero_point.to(torch.int8)
+        local["weight_zero_point"] = grid.zero_point.to(device, torch.int8)
     packed = compressor.compress(local, scheme)
     packed["weight_scale"] = packed["weight_scale"].to(dtype)
-    return {key: value.contiguous() for key, value in packed.items()}
+    return {key: value.contiguous().cpu() for key, value in packed.items()}
 
 
 def input_qparams(state: LayerState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
