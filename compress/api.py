@@ -63,7 +63,7 @@ from compress.quant import QuantGrid, QuantScheme, check_group_width, compute_gr
 from compress.quant.activations import ActivationQuant, ActivationScheme, activation_qparams, input_quantizer
 from compress.quant.params import QuantParams
 from compress.recipe import DataSpec, ModelSpec, load_recipe
-from compress.scoring import ReferenceKL, Scorer
+from compress.scoring import ClassifierKL, ReferenceKL, Scorer, reference_kl
 from compress.search import (
     COST_UNITS,
     Budget,
@@ -101,6 +101,7 @@ __all__ = [
     "CandidateOffer",
     "CandidateRequest",
     "ChunkLoss",
+    "ClassifierKL",
     "Context",
     "DataSpec",
     "DirectoryLoader",  # noqa: F822 (module __getattr__, imported on first use)
@@ -171,6 +172,7 @@ __all__ = [
     "quantizer_price",
     "quantizer_settings",
     "records",
+    "reference_kl",
     "relative_output_error",
     "semi_structured_layers",  # noqa: F822 (module __getattr__, imported on first use)
     "settle",

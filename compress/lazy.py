@@ -58,6 +58,13 @@ def lazy_refusal(
         where = ("stages", index, "method")
         if not isinstance(method, (LayerMethod, BlockMethod)):
             return f"run: mode: lazy runs data-free and calibration methods, not {method.kind} ({method.name})", where
+        reads_original = method.reads_original_model()
+        if reads_original:
+            return (
+                f"run: mode: lazy never loads the whole model, so {method.name} cannot read the original one "
+                f"({reads_original}); use mode: sequential",
+                where,
+            )
         if calibrated is not None:
             return (
                 f"run: mode: lazy runs all stages on one block at a time, so no stage may follow the calibration "

@@ -146,6 +146,13 @@ class Method:
         at ``compress recipe check``. The default: nothing a writer needs to know of."""
         return Produces()
 
+    def reads_original_model(self) -> str | None:
+        """The setting that makes this stage read the uncompressed model through
+        ``context.reference_model()`` (e.g. ``"target: original"``), or None when it does not.
+        ``run: mode: lazy``, which never loads the whole model, refuses such a stage at
+        ``compress recipe check``. The default: None."""
+        return None
+
     def around_stage(self, context: Context, run: StageRun) -> AbstractContextManager[None]:
         """A context manager the engine enters before the stage runs and leaves after it, also
         when it fails: check what only the loaded model can tell, hold and release caches.

@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.blocks import block_outputs, device_batch, forward, hidden_states, skipping_blocks
 from compress.data import IGNORE_INDEX, collate
-from compress.devices import host_copy, move, pinned, settle
+from compress.devices import host_copy, move, onloaded, pinned, settle
 from compress.errors import UserError, did_you_mean
 from compress.evaluate import Metric, metric_key, next_token_labels, next_token_log_probs
 from compress.recipe import MetricSpec, ModelSpec
@@ -169,3 +169,60 @@ class ReferenceKL:
             total = total + per_token[scored].sum()
             tokens += int(scored.sum())
         return total / max(tokens, 1)
+
+
+class ClassifierKL:
+    """KL(original ‖ model) of the class distributions of an image classifier on one dataset: the
+    objective of :class:`ReferenceKL` for models that take ``pixel_values`` and give one row of
+    class logits per image, with the same interface (``samples``, ``tokens``, :meth:`loss`), so
+    ``rco`` and ``evopress`` search classifiers too.
+
+    The original (``context.reference_model()``) runs over the samples once, on the device only
+    for that, and its log-probabilities are kept (images x classes, float32, on the device). Each
+    image is one scored position (``tokens`` is 1 per sample; a piece's length is ignored).
+    :meth:`loss` runs the scored model in eval mode (batch norms on their running statistics,
+    none updated), on the device where its parameters are.
+    """
+
+    def __init__(self, context: Context, data: str = "calibration", batch_size: int = 64) -> None:
+        if data not in context.recipe.data:
+            raise UserError(f"the KL objective reads data {data!r}, which the recipe's data: lacks")
+        self.device = context.device
+        self.samples = context.data(data)
+        self.tokens = [1] * len(self.samples)
+        reference = context.reference_model()
+        with torch.no_grad(), onloaded(reference, self.device):
+            self.log_probs = torch.cat(
+                [
+                    self._log_probs(reference, list(range(start, min(start + batch_size, len(self.samples)))))
+                    for start in range(0, len(self.samples), batch_size)
+                ]
+            )
+
+    def _log_probs(self, model: nn.Module, indices: list[int]) -> torch.Tensor:
+        images = torch.stack([self.samples[i]["pixel_values"] for i in indices]).to(self.device)
+        return torch.log_softmax(model(pixel_values=images).logits.float(), -1)
+
+    def loss(self, model: nn.Module, pieces: Sequence[tuple[int, int | None]], batch_size: int = 8) -> torch.Tensor:
+        """Mean per image of KL(original ‖ ``model``) over the images of ``pieces`` (sample index,
+        ignored length), ``batch_size`` per forward pass; carries gradients when grad mode is on."""
+        training = model.training
+        model.eval()
+        try:
+            total = torch.zeros((), device=self.device)
+            for start in range(0, len(pieces), batch_size):
+                indices = [index for index, _ in pieces[start : start + batch_size]]
+                log_q = self._log_probs(model, indices)
+                reference = self.log_probs[indices]
+                total = total + torch.nn.functional.kl_div(log_q, reference, reduction="sum", log_target=True)
+        finally:
+            model.train(training)
+        return total / max(len(pieces), 1)
+
+
+def reference_kl(context: Context, data: str = "calibration") -> ReferenceKL | ClassifierKL:
+    """The KL-to-the-original objective that fits the model: :class:`ClassifierKL` when ``data``'s
+    samples are images (``pixel_values``), else the next-token :class:`ReferenceKL`."""
+    if data in context.recipe.data and "pixel_values" in context.data(data)[0]:
+        return ClassifierKL(context, data)
+    return ReferenceKL(context, data)

@@ -119,6 +119,10 @@ class CandidateOffer:
     budget's range is checked when the candidates exist)."""
     modules: tuple[type[nn.Module], ...] = (nn.Linear,)
     """Layer types it offers variants of."""
+    nominal: bool = False
+    """Its ``bits`` and ``bitops`` count the variant's arithmetic (parameters x weight bits, as a
+    supernet's search does) rather than a packed checkpoint's storage, so an output format that
+    stores the weights unpacked (``dense``) does not refuse a budget in them."""
 
     @property
     def settings(self) -> frozenset[str]:

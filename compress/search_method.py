@@ -4,7 +4,8 @@
 :meth:`SearchMethod.search` over a :class:`SearchSpace`:
 
 1. ``compress recipe check`` (:meth:`SearchMethod.check_stage`): every requested setting is
-   understood and the budget's unit priced by some provider, every targeted layer has one,
+   understood and the budget's unit priced by some provider, every targeted layer has one
+   that offers its variants and prices that unit (only those are asked at run time),
    the output format can meet the unit, and the budget lies between the cheapest and the
    dearest configuration when the providers price from shapes;
 2. collect: when a provider needs input statistics, the calibration data streams through
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
 from compress.blocks import (
@@ -50,6 +51,21 @@ from compress.quant import QuantScheme
 from compress.search import Budget, Candidate, CandidateOffer, CandidateRequest, LayerInputs, collect_candidates
 
 
+def requested_schemes(settings: dict[str, list[Any]]) -> list[QuantScheme]:
+    """The weight grids a search's settings ask for: each bits x group size x symmetric."""
+    schemes = []
+    for bits in settings.get("bits", []):
+        for group_size in settings.get("group_size", [128]):
+            for symmetric in settings.get("symmetric", [True]):
+                try:
+                    schemes.append(QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+                except ValidationError as error:
+                    problem = error.errors()[0]
+                    setting = ".".join(map(str, problem["loc"]))
+                    raise ValueError(f"{setting} {problem['input']!r}: {problem['msg']}") from None
+    return schemes
+
+
 class SearchParams(MethodParams):
     """Parameters every search method shares: the candidates it considers and its budget."""
 
@@ -68,6 +84,12 @@ class SearchParams(MethodParams):
         "{bitops: N} (per token), {params_kept: 0.5} (fraction of targeted weights kept), {params: N}. "
         "The chosen configuration costs at most the budget, and as close to it as the candidates allow."
     )
+
+    @field_validator("settings")
+    @classmethod
+    def _schemes_exist(cls, settings: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        requested_schemes(settings)
+        return settings
 
 
 @dataclass
@@ -141,6 +163,8 @@ class SearchMethod(Method):
     kind: ClassVar[MethodKind] = "search"
     Params: ClassVar[type[SearchParams]] = SearchParams
     needs_data: ClassVar[tuple[str, ...]] = ("calibration",)
+    supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    """What a search may target; ``check_stage`` then refuses a layer no asked provider offers variants of."""
 
     def search(self, context: Context, run: StageRun, space: SearchSpace) -> list[int]:
         """One candidate index per layer of ``space``, costing at most ``space.target`` per weight;
@@ -152,11 +176,7 @@ class SearchMethod(Method):
     def produces(self) -> Produces:
         """Mixed precision: a grid for each requested bits x group size x symmetric; sparsity when requested."""
         settings = self.params.settings
-        schemes = []
-        for bits in settings.get("bits", []):
-            for group_size in settings.get("group_size", [128]):
-                for symmetric in settings.get("symmetric", [True]):
-                    schemes.append(QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+        schemes = requested_schemes(settings)
         sparsity = None
         if "sparsity" in settings:
             patterns = {value for value in settings["sparsity"] if isinstance(value, str)}
@@ -176,15 +196,16 @@ class SearchMethod(Method):
 
     def check_stage(self, methods: dict[str, type[Method]], targets: dict[str, nn.Module], writer: Any) -> None:
         providers = self.providers(methods)
-        request = self.request()
+        request = self.request(providers)
         for setting in request.settings:
             if not any(setting in offer.settings for offer in providers.values()):
                 known = "; ".join(f"{name}: {', '.join(sorted(offer.settings))}" for name, offer in providers.items())
                 raise UserError(f"candidate setting {setting!r} is understood by no provider ({known})")
         unit = self.params.budget.unit
-        if not any(unit in offer.costs for offer in providers.values()):
-            raise UserError(f"cost unit {unit!r} is priced by no provider of {', '.join(providers)}")
-        if writer is not None and unit in ("bits", "bitops") and not writer.capabilities.packed_weights:
+        if not request.methods:
+            raise UserError(unpriced(self.params.budget, providers))
+        nominal = all(providers[name].nominal for name in request.methods)
+        if writer is not None and unit in ("bits", "bitops") and not writer.capabilities.packed_weights and not nominal:
             raise UserError(
                 f"a budget in {self.params.budget.key} cannot be met by output format {writer.name!r}, which "
                 "does not store weights as their integer codes (use compressed-tensors)"
@@ -192,24 +213,28 @@ class SearchMethod(Method):
         cheapest = dearest = 0.0
         priced = True
         for name, module in targets.items():
-            usable = {
-                provider: offer.settings_for(module, request)
+            offered = {
+                provider: settings
                 for provider, offer in providers.items()
-                if isinstance(module, offer.modules) and unit in offer.costs
+                if isinstance(module, offer.modules) and (settings := offer.settings_for(module, request))
             }
-            if not any(usable.values()):
+            if not offered:
                 raise UserError(
                     f"no candidate provider offers variants of this {type(module).__name__} with settings "
                     f"{dict(request.settings)} (providers: {', '.join(providers)})",
                     name,
                 )
+            usable = {provider: settings for provider, settings in offered.items() if provider in request.methods}
+            if not usable:
+                offering = {provider: providers[provider] for provider in offered}
+                raise UserError(unpriced(self.params.budget, offering, f" for this {type(module).__name__}"), name)
             prices = [
-                offer.price(module, setting, unit)
-                for provider, offer in providers.items()
-                if offer.price is not None
-                for setting in usable.get(provider, [])
+                providers[provider].price(module, setting, unit)
+                for provider, settings in usable.items()
+                if providers[provider].price is not None
+                for setting in settings
             ]
-            priced = priced and all(providers[p].price is not None for p in usable if usable[p])
+            priced = priced and all(providers[provider].price is not None for provider in usable)
             if prices:
                 cheapest, dearest = cheapest + min(prices), dearest + max(prices)
         if priced:
@@ -232,9 +257,12 @@ class SearchMethod(Method):
                 f"({key}: {budget.in_key(dearest * weights, weights):.6g}, every layer at its dearest candidate)"
             )
 
-    def request(self) -> CandidateRequest:
-        providers = None if self.params.providers is None else frozenset(self.params.providers)
-        return CandidateRequest(dict(self.params.settings), providers, self.params.budget.unit)
+    def request(self, providers: dict[str, CandidateOffer]) -> CandidateRequest:
+        """What every layer is asked for: the settings, in the budget's unit, from those of the asked
+        ``providers`` whose offer prices that unit (the ones ``compress recipe check`` vetted)."""
+        unit = self.params.budget.unit
+        methods = frozenset(name for name, offer in providers.items() if unit in offer.costs)
+        return CandidateRequest(dict(self.params.settings), methods, unit)
 
     # --- the run ---------------------------------------------------------------------
 
@@ -266,9 +294,9 @@ class SearchMethod(Method):
 
     def collect(self, context: Context, run: StageRun) -> list[LayerChoices]:
         """Every targeted layer's candidates, with its input statistics when a provider needs them."""
-        request = self.request()
         providers = self.providers(context.host.methods())
-        if any(offer.needs_inputs for offer in providers.values()):
+        request = self.request(providers)
+        if any(providers[name].needs_inputs for name in request.methods):
             found = self.collect_with_inputs(context, run, request)
         else:
             found = {}
@@ -351,6 +379,12 @@ class SearchMethod(Method):
                 "cost_per_weight": candidate.cost / layer.weights,
                 "error": candidate.error,
             }
+
+
+def unpriced(budget: Budget, offers: dict[str, CandidateOffer], what: str = "") -> str:
+    """The one line refusing a budget whose unit none of ``offers`` prices (``what``: for which layer)."""
+    listing = "; ".join(f"{name}: {', '.join(sorted(offer.costs))}" for name, offer in offers.items())
+    return f"budget in {budget.key}: no candidate provider{what} prices {budget.unit} (they price: {listing})"
 
 
 def allocation_plot(space: SearchSpace, choice: list[int], title: str) -> bytes:

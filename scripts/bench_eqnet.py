@@ -109,8 +109,10 @@ def search(args: argparse.Namespace, **target: Any) -> dict:
     }
 
 
-def run_recipe(args: argparse.Namespace, name: str, model_dir: Path, data: dict, stages: list[dict]) -> dict:
-    """``compress apply`` of one recipe; its report.json."""
+def run_recipe(
+    args: argparse.Namespace, name: str, model_dir: Path, data: dict, stages: list[dict], **extra: Any
+) -> dict:
+    """``compress apply`` of one recipe (``extra``: more top-level keys, e.g. ``evaluate``); its report.json."""
     directory = args.work / "runs"
     directory.mkdir(parents=True, exist_ok=True)
     raw = {
@@ -119,6 +121,7 @@ def run_recipe(args: argparse.Namespace, name: str, model_dir: Path, data: dict,
         "stages": stages,
         "output": {"dir": str(directory / name), "format": "dense"},
         "run": {"device": args.device, "mode": "whole"},
+        **extra,
     }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -10,7 +10,8 @@ source), targets every Linear and the patch embedding's convolution (classifier 
 - ``rtn``: min-max activation ranges per tensor, round-to-nearest weights on min-max grids,
   no reconstruction (``range_search: false, reconstruct: false``, no per-channel or per-token scales);
 - ``init``: FIMA-Q's initialization alone (percentile-searched ranges, per-channel
-  post-LayerNorm inputs, per-token scales, clipped weight grids), no reconstruction;
+  post-LayerNorm ranges folded into the LayerNorm then per-token scales (``--no-reparameterize``:
+  left per channel), clipped weight grids), no reconstruction;
 - ``mse``, ``diag``, ``lowrank``, ``dplr``: the reconstruction with that loss.
 
 Top-1 is measured here on the 10,000 test images (decoded once by ``scripts.cifar``), in
@@ -60,6 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", default="W4A4,W3A3")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check)")
+    parser.add_argument(
+        "--no-reparameterize",
+        action="store_true",
+        help="keep post-LayerNorm inputs per channel, unfolded (reparameterize_layernorm: false)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.smoke:
@@ -71,6 +77,8 @@ def stage(args: argparse.Namespace, setting: str, row: str) -> dict:
     bits, activation_bits = SETTINGS[setting]
     fields = {"method": "fimaq", "bits": bits, "activation_bits": activation_bits, "targets": ["Linear", "Conv2d"]}
     fields.update({"iterations": args.iterations, "rank": args.rank, **ROWS[row]})
+    if args.no_reparameterize:
+        fields["reparameterize_layernorm"] = False
     if args.smoke:
         fields.update({"batch_size": 8, "search_steps": 8, "search_samples": 16})
     return fields

@@ -229,10 +229,25 @@ def test_disk_space_boundary(monkeypatch, tmp_path, free, refused):
     )
 
 
-def test_original_model_is_refused_in_lazy_mode(host, models, tiny_text_file, tmp_path):
-    """gptq's ``target: original`` would load the whole original model: refused in one line, nothing written."""
-    stages = [{"method": "gptq", "bits": 4, "group_size": 32, "target": "original"}]
-    with pytest.raises(UserError) as raised:
-        run(host, tmp_path, models[(2, False)], tiny_text_file, "lazy", "out", stages=stages)
-    assert "never loads the whole model" in raised.value.message and "\n" not in raised.value.message
+@pytest.mark.parametrize(
+    ("stages", "reason"),
+    [
+        ([{"method": "gptq", "bits": 4, "group_size": 32, "target": "original"}], "(target: original)"),
+        (
+            [
+                {"method": "kl_ptq", "bits": 4, "group_size": 32, "outlier_fraction": 0},
+                {"method": "gptq", "bits": 4, "group_size": 32, "grid": "inherit"},
+            ],
+            "(grid: inherit, whose default is target: original)",
+        ),
+    ],
+)
+def test_original_model_is_refused_at_check(host, models, tiny_text_file, tmp_path, stages, reason):
+    """gptq reading the original weights would load the whole original model: refused at check
+    (the method says so through ``reads_original_model``), before anything is read or written."""
+    error = check_lazy(host, tmp_path, models[(2, False)], tiny_text_file, stages=stages, evaluate=[])
+    assert error.message == (
+        f"run: mode: lazy never loads the whole model, so gptq cannot read the original one {reason}; "
+        "use mode: sequential"
+    )
     assert not (tmp_path / "out").exists()

@@ -162,12 +162,33 @@ def test_search_with_gptq_candidates_from_collected_hessians(register_plugin, ru
         ({"settings": {"bits": [2, 3], "sparsity": [0.5]}}, "candidate setting 'sparsity' is understood by no"),
         ({"providers": ["gptqq"]}, "no installed method named 'gptqq' offers candidates (did you mean 'gptq'?)"),
         ({"settings": {"bits": [2, 3], "group_size": [48]}}, "no candidate provider offers variants of this Linear"),
+        (
+            {"providers": ["kl_ptq"], "budget": {"bitops_per_weight": 48}},
+            "budget in bitops_per_weight: no candidate provider prices bitops (they price: kl_ptq: bits, params)",
+        ),
+        (
+            {"providers": ["gptq", "magnitude"], "settings": {"sparsity": [0.25, 0.5]}},
+            "model.layers.0.self_attn.q_proj: budget in bits_per_weight: no candidate provider for this Linear "
+            "prices bits (they price: magnitude: bitops, params)",
+        ),
     ],
 )
 def test_recipe_check_refuses(register_plugin, run_recipe, change, message):
     register_plugin(compress_rco, name="rco")
     with pytest.raises(UserError, match=re.escape(message)):
         run_recipe({"stages": [{**STAGE, **change}]})
+
+
+def test_only_providers_pricing_the_unit_are_asked(register_plugin, run_recipe):
+    """kl_ptq prices bits and weights kept, not BitOps: a BitOps search over rtn and kl_ptq gets
+    rtn's candidates only, the ones recipe check priced the budget's range with."""
+    register_plugin(compress_rco, name="rco")
+    stage = {**STAGE, "providers": ["rtn", "kl_ptq"], "budget": {"bitops_per_weight": 48}}
+    run = run_recipe({"stages": [stage]})
+    (record,) = run.report["stages"]
+    assert {layer["method"] for layer in record["layers"].values()} == {"rtn"}
+    assert record["details"]["candidates"] == 3 * len(record["layers"])
+    assert record["details"]["achieved"]["bitops_per_weight"] <= 48
 
 
 def test_a_target_after_the_blocks_gets_its_hessian_from_the_last_blocks_outputs(register_plugin, run_recipe):

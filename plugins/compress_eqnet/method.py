@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from compress.api import Batch, Context, DataSpec, StageRun, TrainingMethod, TrainParams, UserError
+from compress.api import Batch, CandidateOffer, Context, DataSpec, StageRun, TrainingMethod, TrainParams, UserError
 from compress_eqnet.efficiency import layer_costs
 from compress_eqnet.losses import soft_kl, wdr_terms
 from compress_eqnet.quantizers import BITS
@@ -108,6 +108,16 @@ class EQNet(TrainingMethod):
     supported_modules = (nn.Conv2d, nn.Linear)
     writes_state: ClassVar[tuple[str, ...]] = (STATE_KEY,)
     straight_through: ClassVar[bool] = False  # the supernet's own quantizers replace any fixed grid
+    offers: ClassVar[CandidateOffer] = CandidateOffer(
+        {"granularity": ["tensor"], "symmetric": [True], "input_bits": [8]},
+        required=frozenset({"bits"}),
+        costs=frozenset({"bits", "bitops"}),
+        modules=(nn.Conv2d, nn.Linear),
+        nominal=True,
+    )
+    """The supernet's settings as search candidates (:mod:`compress_eqnet.candidates`): weight ``bits``
+    of the space, ``granularity`` (tensor or channel) and weight ``symmetric`` (defaults as
+    ``eqnet_search``'s), ``input_bits`` (one value) pricing BitOps."""
     keeps_zeros: ClassVar[bool] = False
 
     def __init__(self, params: EQNetParams) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.api import QuantGrid, QuantScheme
+
 BITS = tuple(range(2, 9))
 """The bit widths every quantizer holds a slot for (index ``bits - 2``)."""
 SLOTS = len(BITS)
@@ -118,6 +120,15 @@ class WeightQuantizer(nn.Module):
         scale = getattr(self, f"scale_{kind}_{'sym' if self.symmetric else 'asym'}")[:, slot : slot + 1]
         beta = None if self.symmetric else getattr(self, f"beta_{kind}_asym")[:, slot : slot + 1]
         return scale, beta
+
+    def grid(self) -> QuantGrid | None:
+        """The active setting as the layer's recorded grid (scale = the learned step), when symmetric;
+        None for an asymmetric one, whose real-valued offset no integer zero-point grid holds."""
+        if not self.symmetric:
+            return None
+        scheme = QuantScheme(bits=self.bits, granularity="channel" if self.channel else "tensor", symmetric=True)
+        scale = self.step()[0].detach().abs().float().cpu() + EPS
+        return QuantGrid(scheme, scale if self.channel else scale.reshape(1), None)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -28,7 +28,7 @@ from compress_eqnet.efficiency import Efficiency
 from compress_eqnet.evolution import Evolution, Genes, sample_bits
 from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits
 from compress_eqnet.predictor import AccuracyPredictor, Encoder, fit_predictor
-from compress_eqnet.quantizers import BITS, EPS
+from compress_eqnet.quantizers import BITS
 from compress_eqnet.subnets import Measurer
 from compress_eqnet.supernet import Space, Subnet, Supernet, latent_weight
 
@@ -215,14 +215,14 @@ class EQNetSearch(Method):
                 details["measured"] = measurer.report(chosen)  # leaves its batch-norm statistics in the model
                 supernet.set(chosen)
                 quantized = {name: supernet.weights[name](latent_weight(m)).detach() for name, m in layers.items()}
-                steps = {name: supernet.weights[name].step()[0].detach().abs() + EPS for name in layers}
+                grids = {name: supernet.weights[name].grid() for name in layers}
                 inputs = {name: supernet.inputs[name].grid() for name in layers}
             finally:
                 supernet.remove()
             with torch.no_grad():
                 for name, module in layers.items():
                     module.weight.copy_(quantized[name])
-        self.commit(context, run, layers, chosen, steps, inputs, space)
+        self.commit(context, run, layers, chosen, grids, inputs, space)
         w_avg, a_avg = efficiency.average_bits(chosen.w_bits, chosen.a_bits)
         details.update(
             subnet=chosen.to_json(),
@@ -347,23 +347,18 @@ class EQNetSearch(Method):
         run: StageRun,
         layers: dict[str, nn.Module],
         chosen: Subnet,
-        steps: dict[str, torch.Tensor],
+        grids: dict[str, QuantGrid | None],
         inputs: dict[str, dict[str, float | bool]],
         space: Space,
     ) -> None:
-        """Record each layer's setting and input grid; symmetric weights as their grid (scale = the learned step)."""
+        """Record each layer's setting, weight grid (symmetric weights only) and input grid."""
         last = len(layers) - 1
         for index, name in enumerate(layers):
             fixed = index in (0, last)
             w_bits = space.fixed_bits if fixed else chosen.w_bits[index]
             a_bits = space.fixed_bits if fixed else chosen.a_bits[index]
             channel, symmetric = chosen.channel[index], chosen.w_symmetric[index]
-            grid = None
-            if symmetric:
-                scheme = QuantScheme(bits=w_bits, granularity="channel" if channel else "tensor", symmetric=True)
-                scale = steps[name].float().cpu()
-                grid = QuantGrid(scheme, scale if channel else scale.reshape(1), None)
-            context.update_layer(name, method=self.name, quant=grid)
+            context.update_layer(name, method=self.name, quant=grids[name])
             run.record.layers[name] = {
                 "w_bits": w_bits,
                 "a_bits": a_bits,

@@ -1,7 +1,9 @@
 """FIMA-Q (Wang et al., CVPR 2025, "FIMA-Q: Post-Training Quantization for Vision Transformers
 by Fisher Information Matrix Approximation"; code: github.com/ShiheWang/FIMA-Q) as a
 sequential calibration method: parameters and the block-by-block driver. The losses are in
-``losses.py``, the weight rounding in ``rounding.py``, the activation points in ``points.py``.
+``losses.py``, the weight rounding in ``rounding.py``, the activation points in ``points.py``,
+RepQ-ViT's folding of per-channel post-LayerNorm ranges into the LayerNorm in ``reparam.py``
+(done at the start of each block, before its weight grids are searched, as the code does).
 
 What follows the code (``utils/block_recon.py``): each block is reconstructed on its own
 with AdaRound weights and learned activation step sizes (Adam, lr 1e-3 for the rounding
@@ -28,10 +30,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.api import (
@@ -58,7 +60,8 @@ from compress.api import (
     with_hidden_states,
 )
 from compress_fimaq.losses import FisherFactors, ReconstructionLoss, rounding_penalty, temperature
-from compress_fimaq.points import block_point_names, initial_point, observe, per_token
+from compress_fimaq.points import block_point_names, grouped, initial_point, observe, per_token, search_range
+from compress_fimaq.reparam import fold, foldable
 from compress_fimaq.rounding import attach, searched_grid, settle_rounding
 
 Site = Literal["input", "query", "key", "value", "probs"]
@@ -94,7 +97,14 @@ class FimaqParams(QuantParams):
     channel_inputs: bool = Field(
         True,
         description="Layer inputs taken straight from a normalization get one range per channel "
-        "(RepQ-ViT's, which a runtime folds into the LayerNorm).",
+        "(RepQ-ViT's), searched before the reparameterization below.",
+    )
+    reparameterize_layernorm: bool = Field(
+        True,
+        description="Fold those per-channel ranges into the LayerNorm's affine and the Linears reading it "
+        "(RepQ-ViT's reparameterization, on in FIMA-Q's code): the float model is unchanged and the input "
+        "is then quantized per tensor. A normalization that cannot take the fold (RMSNorm, no bias) keeps "
+        "its per-channel ranges.",
     )
     loss: Literal["mse", "diag", "lowrank", "dplr"] = Field(
         "dplr",
@@ -122,6 +132,16 @@ class FimaqParams(QuantParams):
     weight_search_steps: int = Field(20, ge=1, description="Clipping ratios tried per weight row.")
     search_samples: int = Field(128, ge=1, description="Calibration samples observed for the range search.")
     seed: int = Field(3407, description="Seed of the batch draws and QDrop masks (FIMA-Q's seed).")
+
+    @model_validator(mode="after")
+    def _fold_needs_channel_ranges(self) -> Self:
+        asked = "reparameterize_layernorm" in self.model_fields_set and self.reparameterize_layernorm
+        if asked and (not self.channel_inputs or "input" not in self.points):
+            raise ValueError(
+                "reparameterize_layernorm folds the per-channel ranges of layer inputs into the LayerNorm: "
+                "it needs channel_inputs: true and 'input' in points"
+            )
+        return self
 
 
 class Fimaq(BlockMethod):
@@ -189,6 +209,8 @@ class Fimaq(BlockMethod):
         for name, grid in block.grids.items():
             context.update_layer(name, method=self.name, quant=grid.to("cpu"))
             reports[name] = {"block_seconds": round(seconds, 3), **history}
+            if name in block.folded:
+                reports[name]["folded_norm"] = block.folded[name]
         return reports
 
 
@@ -218,6 +240,7 @@ class Block:
             self.fp_outputs = torch.cat([self.forward(self.fp_inputs[part]) for part in self.parts()])
         self.grids = {}
         self.roundings = {}
+        self.folded: dict[str, str] = {}
 
     def parts(self) -> list[slice]:
         step = self.params.batch_size
@@ -234,11 +257,14 @@ class Block:
         params, work = self.params, self.work
         names = block_point_names(self.context.model, work.name, work.block, work.targets, params.points)
         observed = self.q_inputs[: params.search_samples]
-        values, after_norm = observe(
+        seen = observe(
             self.context.model,
             names,
             lambda: [self.forward(observed[part]) for part in self.parts() if part.start < observed.shape[0]],
         )
+        values, after_norm = seen.values, seen.after_norm
+        if params.channel_inputs and params.reparameterize_layernorm and not self.outside:
+            self.fold_norms(values, after_norm, seen.consumers)
         modules = dict(self.context.model.named_modules())
         points = {}
         for name, x in values.items():
@@ -248,7 +274,8 @@ class Block:
             if site == "input":
                 convolution = isinstance(modules[module_name], nn.Conv2d)
                 bits = params.embedding_activation_bits if convolution else bits
-                granularity = "channel" if params.channel_inputs and name in after_norm else "tensor"
+                channel = params.channel_inputs and name in after_norm and module_name not in self.folded
+                granularity = "channel" if channel else "tensor"
             grid = params.probs_grid if site == "probs" else "uniform"
             scheme = PointScheme(bits=bits, grid=grid, granularity=granularity)
             point = initial_point(x, scheme, params.search_steps if params.range_search else None, self.generator)
@@ -261,6 +288,30 @@ class Block:
             else:
                 self.grids[name] = compute_grid(weight, params.scheme(), name)
         return points
+
+    def fold_norms(
+        self, values: dict[str, torch.Tensor], after_norm: dict[str, str], consumers: dict[str, set[str]]
+    ) -> None:
+        """RepQ-ViT's fold (``reparam.py``) of each LayerNorm of the block whose output only the
+        block's targeted Linears read: their shared input's per-channel ranges are searched, folded
+        into the LayerNorm and those Linears, and the observed ``values`` transformed to match;
+        ``self.folded`` records layer name to LayerNorm name."""
+        params, modules = self.params, dict(self.context.model.named_modules())
+        readers: dict[str, list[str]] = {}
+        for point, norm in after_norm.items():
+            if norm.startswith(self.work.name + "."):
+                readers.setdefault(norm, []).append(point)
+        for norm, points in readers.items():
+            layers = [point.rpartition(":")[0] for point in points]
+            if consumers.get(norm, set()) != set(layers) or not foldable(modules[norm], [modules[n] for n in layers]):
+                continue
+            scheme = PointScheme(bits=params.activation_bits, granularity="channel")
+            steps = params.search_steps if params.range_search else None
+            scale, zero = search_range(grouped(values[points[0]], "channel"), scheme, steps, self.generator)
+            folded = fold(modules[norm], [modules[n] for n in layers], scale, zero)
+            for point, layer in zip(points, layers, strict=True):
+                values[point] = folded.apply(values[point])
+                self.folded[layer] = norm
 
     def output_targets(self) -> list[torch.Tensor]:
         """The full-precision model's output probabilities at the Fisher's temperature, per

@@ -8,7 +8,7 @@ grid is asymmetric uniform, ``scale = (upper - lower) / (2**bits - 1)``. Then sc
 expanded to one per token position (and head) and learned during the reconstruction.
 Linear inputs that come straight out of a normalization (qkv, fc1) get one range per
 channel, which RepQ-ViT's reparameterization (used by FIMA-Q) folds into the
-LayerNorm's affine so that a runtime sees per-tensor scales; the fold is not performed here.
+LayerNorm's affine so that they are quantized per tensor (``reparam.py``).
 
 Our choices where the code differs or is unavailable: a candidate is scored by the squared
 error of the quantized point itself (FIMA-Q scores the matmul output, which needs the
@@ -20,6 +20,7 @@ blocks, with this block's weights unquantized.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,6 +51,16 @@ class Recorder(nn.Module):
         return x
 
 
+@dataclass
+class Observed:
+    """What :func:`observe` saw: the values at each point, the normalization (module name) whose
+    output each layer input is, and the leaf modules that received each normalization's output."""
+
+    values: dict[str, torch.Tensor]
+    after_norm: dict[str, str]
+    consumers: dict[str, set[str]]
+
+
 def block_point_names(
     model: nn.Module, block_name: str, block: nn.Module, targets: dict[str, nn.Module], sites: list[str]
 ) -> list[str]:
@@ -64,24 +75,47 @@ def block_point_names(
     return names
 
 
-def observe(model: nn.Module, names: list[str], run) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """The activations reaching each point while ``run()`` computes the block, and which layer
-    inputs are a normalization's output as it is (not transformed in between)."""
+def observe(model: nn.Module, names: list[str], run) -> Observed:
+    """The activations reaching each point while ``run()`` computes the block, which layer
+    inputs are a normalization's output as it is (not transformed in between), and which leaf
+    modules receive each normalization's output."""
     recorders = {name: Recorder() for name in names}
-    norm_outputs: list[torch.Tensor] = []
-    after_norm: dict[str, bool] = defaultdict(lambda: True)
+    norm_outputs: list[tuple[str, torch.Tensor]] = []
+    after_norm: dict[str, str | None] = {}
+    consumers: dict[str, set[str]] = defaultdict(set)
     modules = dict(model.named_modules())
 
-    def remember(_module, _args, output):
-        norm_outputs.append(output)
+    def source(value) -> str | None:
+        return next((norm for norm, output in norm_outputs if value is output), None)
 
-    def check(name: str):
-        def hook(_module, args):
-            after_norm[name] &= any(args[0] is output for output in norm_outputs)
+    def remember(norm: str):
+        def hook(_module, _args, output):
+            norm_outputs.append((norm, output))
 
         return hook
 
-    handles = [m.register_forward_hook(remember) for m in modules.values() if type(m).__name__.endswith("Norm")]
+    def check(name: str):
+        def hook(_module, args):
+            norm = source(args[0])
+            after_norm[name] = norm if after_norm.get(name, norm) == norm else None
+
+        return hook
+
+    def consume(module_name: str):
+        def hook(_module, args, kwargs):
+            for value in (*args, *kwargs.values()):
+                norm = source(value)
+                if norm is not None:
+                    consumers[norm].add(module_name)
+
+        return hook
+
+    handles = [m.register_forward_hook(remember(n)) for n, m in modules.items() if type(m).__name__.endswith("Norm")]
+    handles += [
+        m.register_forward_pre_hook(consume(n), with_kwargs=True)
+        for n, m in modules.items()
+        if not any(True for _ in m.children())
+    ]
     for name in names:
         module, _, site = name.rpartition(":")
         if site == "input":
@@ -99,7 +133,7 @@ def observe(model: nn.Module, names: list[str], run) -> tuple[dict[str, torch.Te
     if missing:
         raise UserError("the block's forward pass never reached this activation point", missing[0])
     values = {name: torch.cat(recorder.values) for name, recorder in recorders.items()}
-    return values, {name for name in after_norm if after_norm[name]}
+    return Observed(values, {name: norm for name, norm in after_norm.items() if norm is not None}, dict(consumers))
 
 
 def grouped(x: torch.Tensor, granularity: str) -> torch.Tensor:

@@ -112,6 +112,10 @@ class GPTQParams(QuantParams):
         "Falls back to the float32 copy when the mixed-dtype matmul is unavailable. No effect on CPU.",
     )
 
+    def target_kind(self) -> Literal["current", "original"]:
+        """The weights GPTQ approximates: ``target``, or its default for ``grid``."""
+        return self.target or ("original" if self.grid == "inherit" else "current")
+
 
 class GPTQ(BlockMethod):
     """GPTQ: post-training weight quantization with second-order error compensation.
@@ -150,6 +154,12 @@ class GPTQ(BlockMethod):
 
     def produces(self) -> Produces:
         return Produces(quant=self.params.scheme())
+
+    def reads_original_model(self) -> str | None:
+        """``target: original`` (given, or the default of ``grid: inherit``) reads the original weights."""
+        if self.params.target_kind() == "current":
+            return None
+        return "target: original" if self.params.target else "grid: inherit, whose default is target: original"
 
     def check_previous_stages(self, previous: list[Method]) -> None:
         """Raise UserError when ``grid: inherit`` has no earlier stage leaving a compatible grid, or
@@ -234,7 +244,7 @@ class GPTQ(BlockMethod):
         names = list(modules)
         where = ", ".join(names)
         inherit = params.grid == "inherit"
-        target_kind = params.target or ("original" if inherit else "current")
+        target_kind = params.target_kind()
         layers = [_Layer(context, name, module, target_kind, inherit, scheme) for name, module in modules.items()]
         baselines = [layer.baselines(hessian.matrix, params.rtn_reference) for layer in layers]
 

@@ -11,7 +11,9 @@ As there:
   ``initial_tokens`` tokens is the first parent;
 - mutation: min(U{1..3}, U{1..3}) level switches; each lowers one layer and raises another of
   the same group by one level, so the cost does not change (``group_rule: cost``, the code's
-  ``size`` rule: layers whose candidate costs are equal); with ``group_rule: none`` levels
+  ``size`` rule: layers whose candidate costs are equal; on an unevenly spaced ladder, such as
+  bits 2, 3, 4, 8, the raised layer is one whose step up costs exactly the step down, which
+  the code's evenly spaced levels never need); with ``group_rule: none`` levels
   are raised in random layers, then lowered in random layers until the budget holds, and an
   offspring needing more than 10 changes or adding less than 0.8 of the cost it removes is
   dropped; duplicates of the parent or of another offspring are dropped;
@@ -26,6 +28,7 @@ trade exactly; for a quantization database this is the code's ``size`` rule.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import Literal
@@ -33,7 +36,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.api import Context, ReferenceKL, SearchMethod, SearchParams, SearchSpace, StageRun
+from compress.api import Context, ReferenceKL, SearchMethod, SearchParams, SearchSpace, StageRun, reference_kl
 
 MAX_CHANGES = 10
 """``group_rule: none``: offspring needing more level changes are dropped (the code's limit)."""
@@ -104,7 +107,7 @@ class EvoPress(SearchMethod):
         """EvoPress over ``space``; ``objective``: the KL on the calibration data when already made."""
         params: EvoPressParams = self.params
         started = time.perf_counter()
-        objective = ReferenceKL(context, "calibration") if objective is None else objective
+        objective = reference_kl(context, "calibration") if objective is None else objective
         evolution = Evolution(space, random.Random(context.recipe.run.seed))
         seconds = {"reference": time.perf_counter() - started, "fitness": 0.0, "load": 0.0}
 
@@ -183,6 +186,11 @@ class Evolution:
         configuration[i] = self.levels[i][position]
         return True
 
+    def step_cost(self, configuration: list[int], i: int, step: int) -> float:
+        """The cost added by moving layer i one level up (+1) or down (−1); the move must exist."""
+        position = self.level(configuration, i)
+        return self.costs[i, self.levels[i][position + step]].item() - self.costs[i, configuration[i]].item()
+
     def ceiling(self) -> list[int]:
         """Every layer at its cheapest level costing at least the budget per weight (else its dearest)."""
         configuration = []
@@ -212,12 +220,23 @@ class Evolution:
             for _ in range(flips):
                 group = self.random_group()
                 lower = [i for i in group if self.level(child, i) > 0]
-                raise_ = [i for i in group if self.level(child, i) < len(self.levels[i]) - 1]
-                if not lower or not raise_:
+                if not lower:
                     return None
-                down, up = self.rng.choice(lower), self.rng.choice(raise_)
+                down = self.rng.choice(lower)
+                saved = -self.step_cost(child, down, -1)
+                # On an unevenly spaced ladder (bits 2, 3, 4, 8) one level up is not worth one level
+                # down everywhere: only a layer whose step up costs exactly what was saved keeps the budget.
+                raise_ = [
+                    i
+                    for i in group
+                    if i != down
+                    and self.level(child, i) < len(self.levels[i]) - 1
+                    and math.isclose(self.step_cost(child, i, +1), saved, rel_tol=1e-9, abs_tol=1e-9)
+                ]
+                if not raise_:
+                    return None
                 self.shifted(child, down, -1)
-                self.shifted(child, up, +1)
+                self.shifted(child, self.rng.choice(raise_), +1)
             return child
         added = removed = 0.0
         changes = flips

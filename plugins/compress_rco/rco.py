@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.api import Context, ReferenceKL, SearchMethod, SearchParams, SearchSpace, StageRun
+from compress.api import Context, ReferenceKL, SearchMethod, SearchParams, SearchSpace, StageRun, reference_kl
 from compress_rco.knapsack import budget_choice
 from compress_rco.manifold import budget_normal, probabilities, project, retract, transport
 
@@ -106,7 +106,7 @@ class RCO(SearchMethod):
     ) -> list[int]:
         """RCO over ``space``; ``objective``: the KL on the calibration data when already made."""
         started = time.perf_counter()
-        objective = ReferenceKL(context, "calibration") if objective is None else objective
+        objective = reference_kl(context, "calibration") if objective is None else objective
         seconds = {"reference": time.perf_counter() - started, "objective": 0.0, "dp": 0.0, "manifold": 0.0}
         started = time.perf_counter()
         with mixtures(context.model, space, context.device) as shared:

@@ -8,11 +8,12 @@ from typing import Any
 
 import yaml
 
-from tests.faults.harness import CHECK, Fault
+from tests.faults.harness import APPLY, CHECK, Fault
 
 
-def eqnet_setup(stages: list[dict[str, Any]]) -> Callable[[Path], list[str]]:
-    """A setup writing a tiny ResNet, 3 classes x 6 images and a recipe with ``stages``; runs ``recipe check``."""
+def eqnet_setup(stages: list[dict[str, Any]], argv: list[str] = CHECK) -> Callable[[Path], list[str]]:
+    """A setup writing a tiny ResNet, 3 classes x 6 images and a recipe with ``stages``; runs ``argv``
+    (``recipe check`` by default)."""
 
     def setup(work: Path) -> list[str]:
         from tests.plugins.eqnet.conftest import tiny_resnet
@@ -27,14 +28,36 @@ def eqnet_setup(stages: list[dict[str, Any]]) -> Callable[[Path], list[str]]:
             "output": {"dir": str(work / "out"), "format": "dense"},
         }
         (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return list(CHECK)
+        return list(argv)
 
     return setup
 
 
 TRAIN = {"method": "eqnet", "steps": 2, "batch_size": 6}
 
+RCO = {"method": "rco", "targets": ["Conv2d", "Linear"], "providers": ["eqnet"], "steps": 1, "batch_size": 3}
+
 CASES = [
+    Fault(
+        id="eqnet/rco-bits-outside-space",
+        description="rco asking for 3-bit candidates of a supernet trained at 2, 4 and 8 bits",
+        setup=eqnet_setup(
+            [{**TRAIN, "w_bits": [2, 4, 8]}, {**RCO, "settings": {"bits": [2, 3]}, "budget": {"bits_per_weight": 4}}],
+            APPLY,
+        ),
+        message="settings: bits: 3 is outside the eqnet supernet's space ([2, 4, 8])",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/rco-several-input-bits",
+        description="rco over the eqnet supernet with two input_bits (the candidates quantize weights only)",
+        setup=eqnet_setup(
+            [TRAIN, {**RCO, "settings": {"bits": [2, 4], "input_bits": [4, 8]}, "budget": {"bitops_per_weight": 3000}}],
+            APPLY,
+        ),
+        message="settings: input_bits: give one value, not [4, 8]",
+        must_not_exist=("out",),
+    ),
     Fault(
         id="eqnet/bits-outside-space",
         description="an eqnet space with 9-bit weights (the elastic space is 2..8 bits)",

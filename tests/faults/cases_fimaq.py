@@ -80,6 +80,14 @@ CASES = [
         must_not_exist=("out",),
     ),
     Fault(
+        id="fimaq/reparameterize-without-channel-ranges",
+        description="fimaq with `reparameterize_layernorm: true` and `channel_inputs: false` (nothing to fold)",
+        setup=fimaq(reparameterize_layernorm=True, channel_inputs=False),
+        message="it needs channel_inputs: true and 'input' in points",
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    ),
+    Fault(
         id="fimaq/fewer-samples-than-batch",
         description="fimaq with `batch_size: 32` and 4 calibration samples",
         setup=fimaq(batch_size=32),

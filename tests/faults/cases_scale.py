@@ -54,6 +54,18 @@ CASES = [
         must_not_exist=("out",),
     ),
     Fault(
+        id="scale/lazy-gptq-target-original",
+        description="`run: {mode: lazy}` with a gptq stage of `target: original`, which reads the whole original model",
+        setup=recipe_setup(
+            run=LAZY,
+            evaluate=[],
+            stages=[{"method": "gptq", "bits": 4, "group_size": 32, "target": "original"}],
+        ),
+        message="run: mode: lazy never loads the whole model, so gptq cannot read the original one (target: original)",
+        place="recipe.yaml:12:11",
+        must_not_exist=("out",),
+    ),
+    Fault(
         id="scale/lazy-missing-shard",
         description="`apply` in lazy mode of a sharded checkpoint whose index names a shard that was deleted",
         setup=recipe_setup(command="apply", run=LAZY, evaluate=[], model=sharded(Path.unlink)),

@@ -55,8 +55,26 @@ CASES = [
         id="search/unit-no-provider-prices",
         description="a BitOps budget over kl_ptq candidates only, which price storage bits and weights kept",
         setup=search(providers=["kl_ptq"], budget={"bitops_per_weight": 48}),
-        message="cost unit 'bitops' is priced by no provider of kl_ptq",
+        message="budget in bitops_per_weight: no candidate provider prices bitops (they price: kl_ptq: bits, params)",
         place="recipe.yaml:12:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="search/unit-no-provider-prices-for-layer",
+        description="sparsity candidates (only magnitude offers them; it prices weights kept and BitOps) under a "
+        "budget in bits per weight, which only rtn, offering nothing for these settings, prices",
+        setup=search(providers=["magnitude", "rtn"], settings={"sparsity": [0.25, 0.5]}),
+        message="model.layers.0.self_attn.q_proj: budget in bits_per_weight: no candidate provider for this Linear "
+        "prices bits (they price: magnitude: bitops, params)",
+        place="recipe.yaml:12:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="search/bits-out-of-range",
+        description="9-bit candidates, beyond the 8 bits a quantization scheme can hold",
+        setup=search(settings={"bits": [2, 9], "group_size": [32]}),
+        message="bits 9: Input should be less than or equal to 8",
+        place="recipe.yaml:19:5",
         must_not_exist=("out",),
     ),
     Fault(

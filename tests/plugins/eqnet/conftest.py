@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.test_images import LABELS, save_classifier, write_images
 
@@ -17,6 +18,17 @@ def tiny_resnet(directory: Path) -> Path:
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **LABELS)
     torch.manual_seed(0)
     return save_classifier(ResNetForImageClassification(config), directory)
+
+
+def run(host, directory: Path, raw: dict, resume: bool = False):
+    """``compress apply`` of ``raw`` written to ``directory/recipe.yaml``; the run's context."""
+    from compress.engine import apply_recipe
+    from compress.validate import check_recipe
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return apply_recipe(host, check_recipe(host, path, overwrite=True), overwrite=True, resume=resume)
 
 
 def eqnet_recipe(model: Path, images: Path, out: Path, search: dict | None = None, **train) -> dict:

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from compress.engine import apply_recipe
 from compress.errors import UserError
-from compress.validate import check_recipe
-from tests.plugins.eqnet.conftest import eqnet_recipe
-
-
-def run(host, tmp_path: Path, raw: dict, resume: bool = False):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return apply_recipe(host, check_recipe(host, path, overwrite=True), overwrite=True, resume=resume)
+from tests.plugins.eqnet.conftest import eqnet_recipe, run
 
 
 @pytest.fixture(scope="module")

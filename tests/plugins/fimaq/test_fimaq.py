@@ -138,10 +138,28 @@ def test_points_cover_the_attention_operands_and_layer_inputs(vit_run):
             point = points[f"vit.layers.{index}.attention:{site}"]
             assert point.scheme.bits == 4 and point.scheme.granularity == "token"
             assert point.scale.shape == (1, 2, 17, 1)  # heads; 16 patches and the class token
-        assert points[f"vit.layers.{index}.attention.q_proj:input"].scheme.granularity == "channel"  # after LayerNorm
+        for layer in ("attention.q_proj", "attention.k_proj", "mlp.fc1"):  # after LayerNorm: folded, per token
+            assert points[f"vit.layers.{index}.{layer}:input"].scheme.granularity == "token"
         assert points[f"vit.layers.{index}.mlp.fc2:input"].scheme.granularity == "token"
     assert points["vit.embeddings.patch_embeddings.projection:input"].scheme.bits == 8
     assert all(point.drop == 0 and not point.scale.requires_grad for point in points.values())
+
+
+def test_the_report_names_the_folded_layernorms(vit_run):
+    context, _, _ = vit_run
+    layers = context.report.stages[0].layers
+    folded = {name: details["folded_norm"] for name, details in layers.items() if "folded_norm" in details}
+    expected = {}
+    for index in (0, 1):
+        block = f"vit.layers.{index}"
+        expected |= {f"{block}.attention.{p}_proj": f"{block}.layernorm_before" for p in "qkv"}
+        expected[f"{block}.mlp.fc1"] = f"{block}.layernorm_after"
+    assert folded == expected
+    reference = context.reference_model()
+    for norm in set(expected.values()):
+        assert not torch.equal(context.model.get_submodule(norm).bias, reference.get_submodule(norm).bias)
+    final = "vit.layernorm"  # read by the classifier, outside the blocks: not folded (nor in FIMA-Q's code)
+    assert torch.equal(context.model.get_submodule(final).weight, reference.get_submodule(final).weight)
 
 
 def test_evaluation_computes_through_the_points(vit_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -149,3 +150,30 @@ def test_rco_reaches_the_dp_optimum_on_a_synthetic_knapsack(seed):
     assert reached == pytest.approx(best, rel=1e-9)
     assert space.costs[torch.arange(layers), chosen].sum().item() <= 3.5
     assert all(abs(entry["expected_cost"] - 3.5) < 1e-4 for entry in history)
+
+
+def test_evopress_level_switches_keep_the_budget_on_an_unevenly_spaced_ladder():
+    """Bits 2, 3, 4, 8: one level down from 4 saves 1 bit, one level up from 4 adds 4."""
+    from torch import nn
+
+    from compress.api import Budget
+    from compress.search_method import LayerChoices, SearchSpace
+    from compress_rco.evopress import Evolution
+
+    layers = [
+        LayerChoices(
+            f"l{i}", nn.Linear(8, 8, bias=False), [SimpleNamespace(cost=64 * b, error=0.0) for b in (2, 3, 4, 8)]
+        )
+        for i in range(6)
+    ]
+    space = SearchSpace(layers, Budget.model_validate({"bits_per_weight": 3.5}))
+    evolution = Evolution(space, random.Random(0))
+    parent = evolution.lowered(evolution.ceiling())
+    budget = space.cost(parent)
+    accepted = 0
+    for _ in range(500):
+        child = evolution.mutated(parent, "cost")
+        if child is not None:
+            assert space.cost(child) == pytest.approx(budget)
+            parent, accepted = child, accepted + 1
+    assert accepted > 0
