@@ -52,7 +52,7 @@ def supernet_candidates(
     check_request(request.settings, space)
     index = state["layers"].index(name)
     fixed = index in (0, len(state["layers"]) - 1)
-    weight = latent(state, name, module)
+    weight = latent(state, name, module).float()
     quantizer = WeightQuantizer(weight.shape[0])
     quantizer.load_state_dict(state["quantizers"]["weights"][name])
     quantizer.to(weight.device)
@@ -66,8 +66,8 @@ def supernet_candidates(
         quantizer.bits, quantizer.channel = setting["bits"], setting["granularity"] == "channel"
         quantizer.symmetric = setting["symmetric"]
         with torch.no_grad():
-            variant = quantizer(weight.float())
-        error = (variant - weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-30)
+            variant = quantizer(weight)
+        error = (variant - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)
         candidates.append(
             Candidate(
                 METHOD,
@@ -83,25 +83,21 @@ def supernet_candidates(
 
 def check_request(settings: dict[str, list[Any]], space: Space) -> None:
     """Refuse requested values the supernet's space does not hold, and more than one ``input_bits``."""
-    for key, allowed in (
-        ("bits", space.w_bits),
-        ("granularity", ["channel" if channel else "tensor" for channel in space.channel]),
-        ("symmetric", space.w_symmetric),
-    ):
-        outside = [value for value in settings.get(key, []) if value not in allowed]
-        if outside:
-            raise UserError(f"settings: {key}: {outside[0]} is outside the eqnet supernet's space ({list(allowed)})")
     inputs = settings.get("input_bits", [])
     if len(inputs) > 1:
         raise UserError(
             f"settings: input_bits: give one value, not {inputs} (eqnet's candidates quantize weights only; "
             "input_bits prices BitOps)"
         )
-    outside = [bits for bits in inputs if bits not in space.a_bits]
-    if outside:
-        raise UserError(
-            f"settings: input_bits: {outside[0]} is outside the eqnet supernet's space ({list(space.a_bits)})"
-        )
+    for key, allowed in (
+        ("bits", space.w_bits),
+        ("granularity", ["channel" if channel else "tensor" for channel in space.channel]),
+        ("symmetric", space.w_symmetric),
+        ("input_bits", space.a_bits),
+    ):
+        outside = [value for value in settings.get(key, []) if value not in allowed]
+        if outside:
+            raise UserError(f"settings: {key}: {outside[0]} is outside the eqnet supernet's space ({list(allowed)})")
 
 
 def latent(state: dict[str, Any], name: str, module: nn.Module) -> torch.Tensor:
