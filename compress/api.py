@@ -43,6 +43,7 @@ from compress.gradients import (
     ChunkLoss,
     OutputLoss,
     after_block,
+    after_module,
     block_output_gradients,
     chunks,
     gradients_after_block,
@@ -79,9 +80,10 @@ from compress.search import (
 )
 from compress.search_method import SearchMethod, SearchParams, SearchSpace
 from compress.training.method import Batch, TrainingMethod, TrainParams
+from compress.training.sharding import frozen_placed
 from compress.training.slices import trainable_slice
 
-API_VERSION = "2.1"
+API_VERSION = "2.2"
 """The version of this API: the major number changes when a name is removed or changes
 meaning, the minor number when names are added."""
 
@@ -145,6 +147,7 @@ __all__ = [
     "WriterOptions",
     "activation_qparams",
     "after_block",
+    "after_module",
     "block_output_gradients",
     "check_group_width",
     "chunks",
@@ -154,6 +157,7 @@ __all__ = [
     "collect_input_norms",
     "compute_grid",
     "did_you_mean",
+    "frozen_placed",
     "gradients_after_block",
     "grid_storage_bits",
     "h_norms",

@@ -110,11 +110,46 @@ def capture_block_inputs(
     and pixel values both work). Everything outside the blocks (embeddings, rotary tables)
     runs on ``device``; the forward pass stops at the first block.
     """
-    with stopping_at(blocks[0], device) as captured, onloaded_on_use(model, blocks_name, device):
+    return _inputs_up_to(model, blocks[0], blocks_name, samples, device)
+
+
+@torch.no_grad()
+def capture_inputs_before_blocks(
+    model: nn.Module, module: nn.Module, samples: list[Sample], device: torch.device
+) -> list[tuple[tuple, dict]]:
+    """The arguments ``module``, which the forward pass reaches before the first block (a ViT's
+    patch embedding, see :func:`reached_before_blocks`), receives for each sample, on the host,
+    as :func:`capture_block_inputs` captures the first block's."""
+    return _inputs_up_to(model, module, find_blocks(model)[0], samples, device)
+
+
+def _inputs_up_to(
+    model: nn.Module, module: nn.Module, blocks_name: str, samples: list[Sample], device: torch.device
+) -> list[tuple[tuple, dict]]:
+    with stopping_at(module, device) as captured, onloaded_on_use(model, blocks_name, device):
         for sample in samples:
             with suppress(_StopForward):
                 forward(model, device_batch(sample, device))
     return captured
+
+
+@torch.no_grad()
+def reached_before_blocks(
+    model: nn.Module, modules: dict[str, nn.Module], sample: Sample, device: torch.device
+) -> dict[str, nn.Module]:
+    """Those of ``modules`` (outside the blocks) that ``sample``'s forward pass reaches before
+    the first block, in the order it reaches them."""
+    blocks_name, blocks = find_blocks(model)
+    reached: list[str] = []
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: reached.append(name)) for name, module in modules.items()
+    ]
+    try:
+        _inputs_up_to(model, blocks[0], blocks_name, [sample], device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: modules[name] for name in dict.fromkeys(reached)}
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compress.distributed import local_rank
+from compress.distributed import fsdp_requested, local_rank
 from compress.errors import UserError
 from compress.recipe import ModelSpec
 
@@ -203,8 +203,9 @@ class Context:
 
     @property
     def sequential(self) -> bool:
-        """Whether blocks go to the device one at a time (``sequential`` and ``lazy`` modes)."""
-        return self.recipe.run.mode in ("sequential", "lazy")
+        """Whether blocks go to the device one at a time (``sequential`` and ``lazy`` modes, and
+        FSDP runs, whose training stage shards the model over the devices instead)."""
+        return self.recipe.run.mode in ("sequential", "lazy") or fsdp_requested()
 
     def update_layer(self, name: str, **changes: Any) -> LayerState:
         """Record what a stage did to a layer, keeping what earlier stages recorded.
@@ -225,15 +226,18 @@ class Context:
         return self._data[name]
 
     def load_model(self, spec: ModelSpec | str) -> nn.Module:
-        """Another model than the run's (a teacher, a reference checkpoint), on the host in eval mode.
+        """Another model than the run's (a teacher, a reference checkpoint), on the host in eval mode
+        (weightless until sharded where FSDP loads lazily: :func:`compress.training.sharding.loads_lazily`).
 
         ``spec`` is written like a recipe's ``model:`` (or is just its name) and is loaded by
         the loader that would load it as a recipe's model; a UserError naming it when no
         loader knows it. Each call loads afresh: keep what you need.
         """
+        from compress.training.sharding import load_for_run
+
         if isinstance(spec, str):
             spec = ModelSpec(name=spec)
-        return self.host.loader_for(spec).load(spec).model.eval()
+        return load_for_run(self.host, self.recipe, self.host.loader_for(spec), spec).model.eval()
 
     def reference_model(self) -> nn.Module:
         """The original, uncompressed model, loaded again on first use (on the host); refused
@@ -244,5 +248,7 @@ class Context:
                     "run: mode: lazy never loads the whole model, so nothing here can read the original "
                     "one (e.g. gptq's target: original); use mode: sequential"
                 )
-            self._reference = self.loader.load(self.recipe.model).model.eval()
+            from compress.training.sharding import load_for_run
+
+            self._reference = load_for_run(self.host, self.recipe, self.loader, self.recipe.model).model.eval()
         return self._reference

@@ -7,6 +7,7 @@ they move themselves (a teacher model, cached block inputs); plugins reach them 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,15 @@ def settle(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of ``device`` that :func:`on_device` copies on. One for the process:
+    the caching allocator keeps freed memory per stream, and a new stream per pass (drawn in
+    turn from a pool of 32) would hold a cache of its own, so the reserve would grow far past
+    what is allocated."""
+    return torch.cuda.Stream(device)
+
+
 def on_device(inputs: list[tuple[tuple, dict]], device: torch.device) -> Iterator[tuple[tuple, dict]]:
     """Each cached block input moved to ``device``, in order.
 
@@ -68,7 +78,7 @@ def on_device(inputs: list[tuple[tuple, dict]], device: torch.device) -> Iterato
             yield move(args, device), move(kwargs, device)
         return
     compute = torch.cuda.current_stream(device)
-    copier = torch.cuda.Stream(device)
+    copier = copy_stream(indexed(device))
     copier.wait_stream(compute)  # the host buffers may still be written by queued copies
 
     def fetch(item: tuple[tuple, dict]) -> tuple[tuple[tuple, dict], torch.cuda.Event]:

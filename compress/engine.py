@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from compress.activation_points import quantized_points
 from compress.checkpoint import LoadedModel
 from compress.checkpoint.dtypes import model_dtype, stored_dtype
-from compress.checkpoint.lazy import LazyWeights, open_lazy
+from compress.checkpoint.lazy import LazyWeights, empty_model, open_lazy
 from compress.checkpoint.output import output_directory, output_reserved
 from compress.checkpoint.stream import ShardSink, size_in_bytes
 from compress.context import (
@@ -38,13 +38,15 @@ from compress.sequential import compress_blocks, compress_layers
 from compress.training.checkpoint import discard_checkpoints
 from compress.training.loop import train
 from compress.training.method import TrainingMethod
+from compress.training.sharding import gathered_units, is_sharded, load_for_run
 from compress.tying import untie_targets
 from compress.validate import CheckedRecipe, PlannedStage
 
 
 def load_context(host: PluginHost, checked: CheckedRecipe) -> Context:
-    """The run's context with the recipe's model loaded."""
-    return context_of(host, checked, lambda: checked.loader.load(checked.recipe.model))
+    """The run's context with the recipe's model loaded (under FSDP, weightless until it is
+    sharded: :func:`compress.training.sharding.load_for_run`)."""
+    return context_of(host, checked, lambda: load_for_run(host, checked.recipe, checked.loader, checked.recipe.model))
 
 
 def load_lazy_context(host: PluginHost, checked: CheckedRecipe) -> tuple[Context, LazyWeights]:
@@ -261,6 +263,45 @@ def evaluate_and_write(context: Context, checked: CheckedRecipe, overwrite: bool
         )
 
 
+def write_gathered(context: Context, checked: CheckedRecipe, overwrite: bool) -> None:
+    """Write a sharded (FSDP) run's model: every process gathers it one block at a time, and the
+    main process fills that block of a weightless copy of the model, hands the writer's tensors
+    to the shard stream and empties the block again; so its host holds one block and one
+    pending shard, never the whole model. Trained parameters are stored in the loaded dtype."""
+    sharded = context.model
+    first: dict[int, str] = {}
+    aliases = {n for n, p in sharded.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+    dtype = getattr(torch, context.report.model["dtype"])
+    skeleton = empty_model(sharded.config, context.task, dtype, checked.recipe.model.trust_remote_code)
+    wanted = {key: tensor.dtype for key, tensor in skeleton.state_dict().items() if key not in aliases}
+    if not is_main_process():
+        for _ in gathered_units(sharded, wanted):
+            pass
+        return
+    writer, options = checked.writer, checked.writer_options
+    loaded = context.loaded
+    context.loaded = replace(loaded, model=skeleton)  # the writer reads the model's class, config and dtype
+    try:
+        with output_directory(context, writer, checked.located.as_run(), overwrite) as staging:
+            with phase(context, "write"):
+                sink = ShardSink(staging, size_in_bytes(checked.recipe.output.max_shard_size))
+                for unit, tensors in gathered_units(sharded, wanted):
+                    module = skeleton.get_submodule(unit)
+                    module.load_state_dict(
+                        {key.removeprefix(f"{unit}."): tensor for key, tensor in tensors.items()},
+                        strict=False,
+                        assign=True,
+                    )
+                    tensors = writer.stored_tensors(context, unit, module, options)
+                    sink.add({key: tensor for key, tensor in tensors.items() if key not in aliases})
+                    module.to("meta")
+                sink.finish()
+                writer.write_metadata(context, staging, options)
+            context.report.phases["write"]["peak_pending_bytes"] = sink.peak_pending_bytes
+    finally:
+        context.loaded = loaded
+
+
 def apply_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool = False, resume: bool = False) -> Context:
     """The whole of ``compress apply``; returns the context with the finished report.
 
@@ -288,7 +329,10 @@ def run_recipe(host: PluginHost, checked: CheckedRecipe, overwrite: bool, resume
         else:
             run_stages(context, checked)
             try:
-                evaluate_and_write(context, checked, overwrite)
+                if is_sharded(context.model):
+                    write_gathered(context, checked, overwrite)
+                else:
+                    evaluate_and_write(context, checked, overwrite)
             except OutputKept:
                 discard_checkpoints(context)  # the output is complete: there is nothing to resume
                 raise

@@ -1,7 +1,8 @@
 """The gradient of a model's output loss with respect to each block's output: for the model
 as it is, one block on the device at a time (:func:`block_output_gradients`), or at one
 block's output when that block outputs given values (:func:`gradients_after_block`), what a
-Fisher-weighted block reconstruction such as FIMA-Q needs."""
+Fisher-weighted block reconstruction such as FIMA-Q needs; the model's output when a block
+(:func:`after_block`) or a module before the blocks (:func:`after_module`) outputs given values."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.blocks import block_outputs, device_batch, find_blocks, hidden_states, skipping_blocks, with_hidden_states
+from compress.blocks import (
+    block_outputs,
+    device_batch,
+    find_blocks,
+    forward,
+    hidden_states,
+    onloaded_on_use,
+    skipping_blocks,
+    with_hidden_states,
+)
 from compress.data import Batch, Sample, collate
 from compress.devices import move, on_device, onloaded
 
@@ -82,6 +92,32 @@ def after_block(
         for block in blocks[index + 1 :]:
             stack.enter_context(onloaded(block, device))
         yield stack.enter_context(skipping_blocks(model, device, returns_tuple, count=index + 1))
+
+
+@contextmanager
+def after_module(
+    model: nn.Module, module: nn.Module, device: torch.device
+) -> Iterator[Callable[[Batch, torch.Tensor], Any]]:
+    """Inside, ``run(batch, hidden)`` is the model's output on ``batch`` when ``module``, outside
+    the blocks (a ViT's patch embedding), outputs ``hidden`` (on ``device``) instead of what it
+    computes: the whole model runs on ``device``, every block there together while inside, the
+    modules outside them onloaded as :func:`compress.blocks.onloaded_on_use` does. What
+    :func:`after_block` is to a block; grad mode is the caller's.
+    """
+    blocks_name, blocks = find_blocks(model)
+    current: list[torch.Tensor] = []
+
+    def run(batch: Batch, hidden: torch.Tensor) -> Any:
+        current[:] = [hidden]
+        return forward(model, batch)
+
+    with ExitStack() as stack:
+        for block in blocks:
+            stack.enter_context(onloaded(block, device))
+        stack.enter_context(onloaded_on_use(model, blocks_name, device))
+        stack.callback(current.clear)
+        stack.callback(module.register_forward_hook(lambda *_: current[0]).remove)
+        yield run
 
 
 def chunks(samples: list[Sample], outputs: list[torch.Tensor], batch_size: int) -> Iterator[range]:

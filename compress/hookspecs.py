@@ -154,7 +154,8 @@ def compress_layer_candidates(
     """Offer compressed variants of one layer to a search or allocation method.
 
     Called by a search method (RCO, EvoPress, EQ-Net's search) for each layer it
-    allocates, before it chooses one variant per layer under a budget.
+    allocates, before it chooses one variant per layer under a budget; only on the plugins
+    that register the methods in ``request.methods`` (on every plugin when it is None).
 
     :param context: the run's context (model, data, report).
     :param name: the layer's qualified module name, e.g. ``model.layers.3.mlp.up_proj``.
@@ -164,8 +165,9 @@ def compress_layer_candidates(
         unit of its budget (``bits``, ``bitops`` or ``params``) and, when the search
         collected them, the layer's input statistics (``inputs.hessian``).
     :return: a list of :class:`compress.search.Candidate` (cost, error, the variant's
-        weights and the state applying it records), or ``None`` when the plugin has
-        nothing for this layer. The results of all plugins are concatenated. A method
+        weights, the state applying it records and, optionally, how it quantizes the
+        layer's input), or ``None`` when the plugin has nothing for this layer. The results
+        of the plugins asked are concatenated. A method
         that answers declares what its candidates can be as its class's ``offers``
         (:class:`compress.search.CandidateOffer`), which ``compress recipe check`` reads.
     """

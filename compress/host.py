@@ -25,7 +25,7 @@ import ast
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -357,6 +357,14 @@ class PluginHost:
     def owner(self, kind: str, name: str) -> str:
         """The plugin that registered ``name`` in registry ``kind``."""
         return self._owners[kind][name]
+
+    def hook_of_methods(self, hook_name: str, methods: Iterable[str]) -> Any:
+        """``hook_name``'s caller restricted to the plugins that register ``methods`` (a search asks
+        only the plugins of the candidate providers it wants); names no plugin registers are skipped."""
+        registered = self.methods()
+        owners = {self.owner("method", name) for name in methods if name in registered}
+        others = [plugin for name, plugin in self.pm.list_name_plugin() if name not in owners]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     def call_guarded(self, impl: Any, hook_name: str, **kwargs: Any) -> bool:
         """Call one plugin's implementation of a hook; a plugin that raises is reported, not fatal.

@@ -183,7 +183,9 @@ class BlockWork:
 
     A target outside the repeated blocks (``lm_head``, a classifier) comes after the blocks
     as a work of its own: ``block`` is the target itself, ``index`` counts on from the
-    last block, ``inputs`` are what the model with its compressed blocks feeds it.
+    last block, ``inputs`` are what the model with its compressed blocks feeds it. One that
+    the forward pass reaches before the blocks (a ViT's patch embedding) comes before them,
+    ``index`` negative (counting back from -1), ``inputs`` what the model feeds it.
     """
 
     name: str

@@ -19,7 +19,7 @@ per layer under a budget (:class:`compress.search_method.SearchMethod` owns that
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -31,6 +31,7 @@ from compress.errors import did_you_mean
 
 if TYPE_CHECKING:
     from compress.context import Context, LayerState
+    from compress.method import Method
     from compress.quant import QuantScheme
 
 CostUnit = Literal["bits", "bitops", "params"]
@@ -90,9 +91,15 @@ class Candidate:
     """The weights the variant gives the layer (same shape and dtype), on the host."""
     state: LayerState = field(repr=False)
     """What applying the variant records in ``context.layers`` (its grid, its sparsity)."""
+    inputs: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    """How the variant quantizes the layer's input (its first argument; fake quantization, on the
+    input's device, differentiable for searches that need gradients), or None when it leaves the
+    input as it is. A search scores the variant with it: while the search runs, the layer's input
+    passes through its current candidate's ``inputs``. The written checkpoint holds the weights only."""
 
     def apply(self, module: nn.Module) -> LayerState:
-        """Copy the variant's weights into ``module`` (in place, on its device); return its state."""
+        """Copy the variant's weights into ``module`` (in place, on its device); return its state
+        (the search, not this, quantizes the inputs with ``inputs``)."""
         module.weight.data.copy_(self.weight)
         return self.state
 
@@ -100,6 +107,13 @@ class Candidate:
 Price = Callable[[nn.Module, dict[str, Any], str], float]
 """``price(module, setting, unit)``: a candidate's cost from the layer's shapes alone (a meta
 module at recipe check)."""
+PriceRange = Callable[[nn.Module, dict[str, Any], str], tuple[float, float] | None]
+"""``price_range(module, setting, unit)``: the lowest and the highest cost a candidate can have,
+from the layer's shapes alone, when they do not decide the exact one; None when they bound
+nothing in ``unit``."""
+EarlierCheck = Callable[[dict[str, list[Any]], Sequence["Method"]], str | None]
+"""``check_earlier(settings, earlier)``: why a provider has no candidates after the recipe's earlier
+stages (their methods, in order), or None when it has; raises UserError for requested values they rule out."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +129,18 @@ class CandidateOffer:
     needs_inputs: bool = False
     """It offers nothing without the layer's :class:`LayerInputs`."""
     price: Price | None = None
-    """Its candidates' exact cost from shapes, or None when it depends on the weights (then the
-    budget's range is checked when the candidates exist)."""
+    """Its candidates' exact cost from shapes, or None when it depends on the weights."""
+    price_range: PriceRange | None = None
+    """With no ``price``: bounds on its candidates' cost from shapes, so that ``compress recipe check``
+    refuses a budget outside every configuration the bounds allow; a budget inside them is checked
+    against the exact range when the candidates exist. Neither: it is checked only then."""
     modules: tuple[type[nn.Module], ...] = (nn.Linear,)
     """Layer types it offers variants of."""
+    check_earlier: EarlierCheck | None = None
+    """For a provider whose candidates come from an earlier stage of the recipe (a supernet it trains):
+    whether those stages give it candidates, and in which space (:data:`EarlierCheck`), asked by
+    ``compress recipe check``; a search naming it without them is refused, one asking every
+    provider leaves it out. None: its candidates need no earlier stage."""
     nominal: bool = False
     """Its ``bits`` and ``bitops`` count the variant's arithmetic (parameters x weight bits, as a
     supernet's search does) rather than a packed checkpoint's storage, so an output format that
@@ -128,6 +150,13 @@ class CandidateOffer:
     def settings(self) -> frozenset[str]:
         """Every setting it understands."""
         return self.required | frozenset(self.defaults)
+
+    def cost_range(self, module: nn.Module, setting: dict[str, Any], unit: str) -> tuple[float, float] | None:
+        """A candidate's cost from shapes as (lowest, highest), the two equal when exact; None when unknown."""
+        if self.price is not None:
+            cost = self.price(module, setting, unit)
+            return cost, cost
+        return None if self.price_range is None else self.price_range(module, setting, unit)
 
     def settings_for(self, module: nn.Module, request: CandidateRequest) -> list[dict[str, Any]]:
         """Every combination of the request's values (defaults filling the gaps) it offers for ``module``:
@@ -189,8 +218,18 @@ def quantizer_price(module: nn.Module, setting: dict[str, Any], unit: str) -> fl
 
 
 def collect_candidates(context: Context, name: str, module: nn.Module, request: CandidateRequest) -> list[Candidate]:
-    """Every plugin's candidates for one layer, filtered to the requested methods."""
-    offers = context.host.hook.compress_layer_candidates(context=context, name=name, module=module, request=request)
+    """The requested methods' candidates for one layer.
+
+    Only the plugins that register the methods in ``request.methods`` are asked (every plugin
+    when it is None), so an unasked provider computes nothing; a plugin registering several
+    providers may still answer for one that was not asked, whose candidates are dropped.
+    """
+    host = context.host
+    if request.methods is None:
+        hook = host.hook.compress_layer_candidates
+    else:
+        hook = host.hook_of_methods("compress_layer_candidates", request.methods)
+    offers = hook(context=context, name=name, module=module, request=request)
     found = [candidate for offer in offers if offer for candidate in offer]
     if request.methods is not None:
         found = [candidate for candidate in found if candidate.method in request.methods]

@@ -6,15 +6,18 @@
 1. ``compress recipe check`` (:meth:`SearchMethod.check_stage`): every requested setting is
    understood and the budget's unit priced by some provider, every targeted layer has one
    that offers its variants and prices that unit (only those are asked at run time),
-   the output format can meet the unit, and the budget lies between the cheapest and the
-   dearest configuration when the providers price from shapes;
+   the output format can meet the unit, the budget lies between the cheapest and the
+   dearest configuration when the providers price (or bound) costs from shapes, and a
+   provider whose candidates come from an earlier stage (a supernet) has one before, in
+   whose space the requested values lie;
 2. collect: when a provider needs input statistics, the calibration data streams through
    the original model's blocks (one on the device at a time in sequential mode) and each
    targeted layer's Hessian ``2/N Σ X Xᵀ`` goes with its request (a target after the blocks,
    such as lm_head, from a pass over the last block's outputs); every provider's candidates
    are gathered per layer (their weights kept on the host, page-locked on CUDA);
 3. search: the subclass returns one candidate index per layer, the model on the device in
-   both run modes (whole-model forward passes);
+   both run modes (whole-model forward passes), each layer's input quantized as its current
+   candidate says (``Candidate.inputs``);
 4. commit: the chosen variants are put into the model and recorded in ``context.layers``;
    report.json gets per layer the candidate, its cost and error, and per stage the budget,
    the achieved cost and the time spent collecting and searching; a PNG of the per-layer
@@ -24,7 +27,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -52,13 +56,18 @@ from compress.search import Budget, Candidate, CandidateOffer, CandidateRequest,
 
 
 def requested_schemes(settings: dict[str, list[Any]]) -> list[QuantScheme]:
-    """The weight grids a search's settings ask for: each bits x group size x symmetric."""
+    """The weight grids a search's settings ask for: each bits x group size (or x ``granularity``,
+    ``tensor`` or ``channel``, when the settings give one, as eqnet's) x symmetric."""
+    if "granularity" in settings:
+        layouts = [{"granularity": granularity} for granularity in settings["granularity"]]
+    else:
+        layouts = [{"group_size": group_size} for group_size in settings.get("group_size", [128])]
     schemes = []
     for bits in settings.get("bits", []):
-        for group_size in settings.get("group_size", [128]):
+        for layout in layouts:
             for symmetric in settings.get("symmetric", [True]):
                 try:
-                    schemes.append(QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+                    schemes.append(QuantScheme(bits=bits, symmetric=symmetric, **layout))
                 except ValidationError as error:
                     problem = error.errors()[0]
                     setting = ".".join(map(str, problem["loc"]))
@@ -72,7 +81,8 @@ class SearchParams(MethodParams):
     providers: list[str] | None = Field(
         None,
         description="Methods whose candidates are considered (a list of names such as gptq); default: every installed "
-        "method that offers candidates (`compress methods NAME` says what each understands).",
+        "method that offers candidates, but those whose candidates come from a stage this recipe lacks (eqnet's "
+        "supernet) (`compress methods NAME` says what each understands).",
     )
     settings: dict[str, list[Any]] = Field(
         description="Values to try per setting, e.g. {bits: [2, 3, 4, 5, 6, 7, 8], group_size: [64]}; "
@@ -103,6 +113,11 @@ class LayerChoices:
     @property
     def weights(self) -> int:
         return self.module.weight.numel()
+
+    @property
+    def quantizes_inputs(self) -> bool:
+        """Some candidate quantizes the layer's input (``Candidate.inputs``)."""
+        return any(candidate.inputs is not None for candidate in self.candidates)
 
 
 class SearchSpace:
@@ -148,6 +163,30 @@ class SearchSpace:
         cheapest = costs.masked_fill(~self.valid, float("inf")).min(1).values.sum().item()
         return cheapest, costs.max(1).values.sum().item()
 
+    @contextmanager
+    def quantized_inputs(self) -> Iterator[None]:
+        """Inside, a layer whose candidates quantize inputs sees its input as its current candidate
+        quantizes it (:meth:`put`); as it is while no candidate is current (as in RCO's mixtures,
+        which quantize the inputs themselves)."""
+        handles = [
+            layer.module.register_forward_pre_hook(self._input_hook(i))
+            for i, layer in enumerate(self.layers)
+            if layer.quantizes_inputs
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _input_hook(self, i: int) -> Callable[[nn.Module, tuple], tuple | None]:
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            k = self.current[i]
+            inputs = None if k is None else self.layers[i].candidates[k].inputs
+            return None if inputs is None else (inputs(args[0]), *args[1:])
+
+        return hook
+
     def put(self, choice: list[int]) -> None:
         """Give every layer the weights of its chosen candidate (only the layers whose choice changed)."""
         with torch.no_grad():
@@ -166,6 +205,11 @@ class SearchMethod(Method):
     supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     """What a search may target; ``check_stage`` then refuses a layer no asked provider offers variants of."""
 
+    def __init__(self, params: SearchParams) -> None:
+        super().__init__(params)
+        self.earlier: list[Method] = []
+        """The methods of the recipe's stages before this one (:meth:`check_previous_stages`)."""
+
     def search(self, context: Context, run: StageRun, space: SearchSpace) -> list[int]:
         """One candidate index per layer of ``space``, costing at most ``space.target`` per weight;
         the model is on the device. Put stage-level results in ``run.record.details``."""
@@ -183,16 +227,30 @@ class SearchMethod(Method):
             sparsity = patterns.pop() if len(patterns) == 1 and len(settings["sparsity"]) == 1 else "unstructured"
         return Produces(mixed=tuple(dict.fromkeys(schemes)), sparsity=sparsity)
 
+    def check_previous_stages(self, previous: list[Method]) -> None:
+        """Keep the earlier stages' methods: a provider whose candidates come from one of them (a
+        supernet) offers them only after it, in the space it trained (:meth:`providers`)."""
+        self.earlier = list(previous)
+
     def providers(self, methods: dict[str, type[Method]]) -> dict[str, CandidateOffer]:
-        """The offers of the providers this search asks, by method name."""
+        """The offers of the providers this search asks, by method name: those ``providers`` names, or
+        by default every installed one but those the earlier stages leave nothing to offer."""
         offering = {name: cls.offers for name, cls in methods.items() if cls.offers is not None}
         if self.params.providers is None:
-            return offering
+            return {name: offer for name, offer in offering.items() if self.missing(offer) is None}
         for name in self.params.providers:
             if name not in offering:
                 hint = did_you_mean(name, list(offering))
                 raise UserError(f"no installed method named {name!r} offers candidates{hint}")
+            reason = self.missing(offering[name])
+            if reason is not None:
+                raise UserError(f"provider {name!r} has no candidates here: {reason}")
         return {name: offering[name] for name in self.params.providers}
+
+    def missing(self, offer: CandidateOffer) -> str | None:
+        """Why ``offer`` has no candidates after this search's earlier stages, or None when it has
+        (it raises for requested values those stages rule out)."""
+        return None if offer.check_earlier is None else offer.check_earlier(self.params.settings, self.earlier)
 
     def check_stage(self, methods: dict[str, type[Method]], targets: dict[str, nn.Module], writer: Any) -> None:
         providers = self.providers(methods)
@@ -211,7 +269,7 @@ class SearchMethod(Method):
                 "does not store weights as their integer codes (use compressed-tensors)"
             )
         cheapest = dearest = 0.0
-        priced = True
+        priced = exact = True
         for name, module in targets.items():
             offered = {
                 provider: settings
@@ -228,33 +286,39 @@ class SearchMethod(Method):
             if not usable:
                 offering = {provider: providers[provider] for provider in offered}
                 raise UserError(unpriced(self.params.budget, offering, f" for this {type(module).__name__}"), name)
-            prices = [
-                providers[provider].price(module, setting, unit)
+            ranges = [
+                providers[provider].cost_range(module, setting, unit)
                 for provider, settings in usable.items()
-                if providers[provider].price is not None
                 for setting in settings
             ]
-            priced = priced and all(providers[provider].price is not None for provider in usable)
-            if prices:
-                cheapest, dearest = cheapest + min(prices), dearest + max(prices)
+            if not priced or None in ranges:
+                priced = False
+                continue
+            exact = exact and all(low == high for low, high in ranges)
+            cheapest += min(low for low, _ in ranges)
+            dearest += max(high for _, high in ranges)
         if priced:
             weights = sum(module.weight.numel() for module in targets.values())
-            self.check_budget(cheapest / weights, dearest / weights, weights)
+            self.check_budget(cheapest / weights, dearest / weights, weights, exact)
 
-    def check_budget(self, cheapest: float, dearest: float, weights: int) -> None:
-        """Refuse a budget below the cheapest or above the dearest configuration (costs per weight)."""
+    def check_budget(self, cheapest: float, dearest: float, weights: int, exact: bool = True) -> None:
+        """Refuse a budget below the cheapest or above the dearest configuration (costs per weight); not
+        ``exact``: ``cheapest`` and ``dearest`` are only bounds on them (the candidates decide the rest)."""
         budget = self.params.budget
         target = budget.total(weights) / weights
         key = budget.key
+        low = f"{'' if exact else 'at least '}{budget.in_key(cheapest * weights, weights):.6g}"
+        high = f"{'' if exact else 'at most '}{budget.in_key(dearest * weights, weights):.6g}"
+        reachable = f"reachable: {low} to {high}{'' if exact else ', bounds known before the candidates exist'}"
         if target < cheapest * (1 - 1e-9):
             raise UserError(
                 f"budget {key}: {budget.value:g} is below the cheapest configuration "
-                f"({key}: {budget.in_key(cheapest * weights, weights):.6g}, every layer at its cheapest candidate)"
+                f"({key}: {low}, every layer at its cheapest candidate; {reachable})"
             )
         if target > dearest * (1 + 1e-9):
             raise UserError(
                 f"budget {key}: {budget.value:g} is above the dearest configuration "
-                f"({key}: {budget.in_key(dearest * weights, weights):.6g}, every layer at its dearest candidate)"
+                f"({key}: {high}, every layer at its dearest candidate; {reachable})"
             )
 
     def request(self, providers: dict[str, CandidateOffer]) -> CandidateRequest:
@@ -273,7 +337,7 @@ class SearchMethod(Method):
         self.check_budget(cheapest, dearest, space.weights)
         collected = time.perf_counter()
         whole = onloaded(context.model, context.device) if context.sequential else nullcontext()
-        with whole:
+        with whole, space.quantized_inputs():
             choice = self.search(context, run, space)
             space.put(choice)
         searched = time.perf_counter()

@@ -8,7 +8,7 @@ In ``whole`` mode the engine has moved the model to the device before the stage.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -18,8 +18,10 @@ from torch import nn
 from compress.blocks import (
     capture_block_inputs,
     capture_inputs_after_blocks,
+    capture_inputs_before_blocks,
     find_blocks,
     hidden_states,
+    reached_before_blocks,
     run_block,
     within,
 )
@@ -78,7 +80,9 @@ def compress_blocks(
     """Calibration stages: each block sees the outputs of the already-compressed blocks
     before it; then each target outside the blocks (``lm_head``, a classifier), in module
     order, sees what the compressed model feeds it (:func:`capture_inputs_after_blocks`),
-    as a :class:`BlockWork` of its own whose ``block`` is the target itself.
+    as a :class:`BlockWork` of its own whose ``block`` is the target itself. Targets outside
+    the blocks that the forward pass reaches before them (a ViT's patch embedding) come
+    first, in that order (:func:`compress_before_blocks`), so the blocks see their output.
 
     The method's ``needs_original_inputs`` adds the stream the model as it was when the
     stage started produces (``BlockWork.original_inputs``), its ``needs_output_gradients``
@@ -93,8 +97,16 @@ def compress_blocks(
     gradients = None
     if method.needs_output_gradients:
         gradients = block_output_gradients(model, samples, partial(method.output_loss, context), device)
+    outside = {n: m for n, m in run.targets.items() if not within(n, blocks_name)}
+    leading = reached_before_blocks(model, outside, samples[0], device) if outside and samples else {}
+    original = None
+    if leading:
+        if method.needs_original_inputs:  # before the leading targets change
+            original = capture_block_inputs(model, blocks, blocks_name, samples, device)
+        compress_before_blocks(context, run, compress_block, leading)
     inputs = capture_block_inputs(model, blocks, blocks_name, samples, device)
-    original = inputs if method.needs_original_inputs else None
+    if method.needs_original_inputs and original is None:
+        original = inputs
     returns_tuple = False
     for index, block in enumerate(blocks):
         block_name = f"{blocks_name}.{index}"
@@ -113,7 +125,32 @@ def compress_blocks(
         context.host.hook.compress_block_done(
             context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
         )
-    compress_after_blocks(context, run, compress_block, inputs, original, returns_tuple)
+    compress_after_blocks(context, run, compress_block, inputs, original, returns_tuple, done=leading)
+
+
+def compress_before_blocks(
+    context: Context,
+    run: StageRun,
+    compress_block: Callable[[Context, BlockWork], dict[str, dict[str, Any]]],
+    leading: dict[str, nn.Module],
+) -> None:
+    """The calibration of the ``leading`` targets (outside the blocks, reached before them), in
+    the order the forward pass reaches them, each a :class:`BlockWork` whose ``block`` is the
+    target and whose ``index`` counts back from -1 (-2, -1 for two); its inputs are what the
+    model, with the earlier ones compressed, feeds it (:func:`capture_inputs_before_blocks`)."""
+    model, device = context.model, context.device
+    samples = context.data("calibration")
+    originals = {}
+    if run.method.needs_original_inputs:  # the stage's starting model, before any of them changes
+        originals = {name: capture_inputs_before_blocks(model, m, samples, device) for name, m in leading.items()}
+    for position, (name, module) in enumerate(leading.items()):
+        captured = capture_inputs_before_blocks(model, module, samples, device)
+        with onloaded(module, device) if context.sequential else _nothing():
+            work = BlockWork(
+                name, position - len(leading), module, {name: module}, captured, device, originals.get(name)
+            )
+            for layer, details in compress_block(context, work).items():
+                _report_layer(context, run, layer, details)
 
 
 def compress_after_blocks(
@@ -123,15 +160,17 @@ def compress_after_blocks(
     inputs: list[tuple[tuple, dict]],
     original: list[tuple[tuple, dict]] | None,
     returns_tuple: bool,
+    done: Collection[str] = (),
 ) -> None:
     """The calibration of the targets outside the blocks, in module order, once every block is
     compressed: ``inputs`` (and ``original``, for ``needs_original_inputs``) are what the last
-    block outputs, ``returns_tuple`` whether the blocks return tuples (:func:`run_block`)."""
+    block outputs, ``returns_tuple`` whether the blocks return tuples (:func:`run_block`);
+    targets named in ``done`` (compressed before the blocks) are skipped."""
     model = context.model
     blocks_name, blocks = find_blocks(model)
     device = context.device
     samples = context.data("calibration")
-    outside = {n: m for n, m in run.targets.items() if not within(n, blocks_name)}
+    outside = {n: m for n, m in run.targets.items() if not within(n, blocks_name) and n not in done}
     if not outside:
         return
     finals = [hidden_states(args, kwargs) for args, kwargs in inputs]

@@ -40,6 +40,7 @@ from compress.recipe import (
     validate_recipe,
 )
 from compress.targets import invalid_patterns, match_modules, names_near
+from compress.training.sharding import fsdp_refusal
 
 
 @dataclass
@@ -312,12 +313,6 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
             method.check_previous_stages(methods[:index])
         except UserError as error:
             raise located.error(error.message, ("stages", index, "method")) from None
-        if fsdp_requested() and method.kind == "training":
-            raise located.error(
-                f"FSDP was asked for (ACCELERATE_USE_FSDP), but stage {index + 1} ({method.name}) cannot shard: "
-                "the training loop keeps a full model and optimizer on every process (DDP); launch without --use_fsdp",
-                ("stages", index, "method"),
-            )
 
     sources = host.data_sources()
     for name, spec in recipe.data.items():
@@ -409,6 +404,11 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
     skeleton = meta_model(config, task, recipe.model.trust_remote_code)
     stages = [check_stage_targets(skeleton, method, recipe, located, i) for i, method in enumerate(methods)]
     check_zeros_kept(stages, located)
+    if fsdp_requested():
+        targets = [stage.target_names for stage in stages]
+        reason, key = fsdp_refusal(methods, targets, writer, bool(recipe.evaluate), loader)
+        if reason:
+            raise located.error(reason, key)
     if recipe.run.mode == "lazy":
         targets = [stage.target_names for stage in stages]
         reason, key = lazy_refusal(methods, targets, writer, loader, bool(recipe.evaluate))

@@ -41,9 +41,19 @@ Usage (GPU, after ``pip install --no-index --no-deps --target /tmp/site .whl/*.w
     PYTHONPATH=/tmp/site:.:plugins python -m scripts.bench_gptq_gpu --layers 4
     python -m scripts.bench_gptq_gpu --tiny --device cpu   # a small model on the CPU (logic check)
 
-``--unfused`` (no fused Triton column loop), ``--eager`` (no CUDA graphs) and
-``--fp32-products`` (Hessian products through float32 copies and TF32) select the slower
-paths of ours, for comparison.
+``--unfused`` (no fused Triton column loop), ``--eager`` (no CUDA graphs),
+``--fp32-products`` (Hessian products through float32 copies and TF32) and ``--old-paths``
+(session 6's Cholesky-inverse-Cholesky factor and full Hessian products instead of the
+reversed-Cholesky factor and upper-triangle products) select the slower paths of ours, for
+comparison. ``--compare`` runs ours as the flags say, then without the RTN reference and
+with expandable segments on the old paths and on the current ones, then LLM Compressor, in
+one invocation; ``--profile`` adds a run of ours with ``torch.profiler`` over layer 2 (its
+top operations printed and saved). The checks also time both factor routes on random
+Hessians 4096 and 14336 wide (``factor_seconds``) and compare them and the triangle
+Hessian products with the reference paths. The command for one H100::
+
+    PYTHONPATH=/tmp/site:.:plugins python -m scripts.bench_gptq_gpu --layers 4 --compare --profile \
+        --json $OUT/bench_gptq_gpu_compare.json
 
 ``--layers N`` builds a model with N decoder layers (default 4): every layer has the same
 shape and the same work, so the time per layer of a shorter model is the time per layer
@@ -114,6 +124,39 @@ class Progress:
         print(f"  layer {block_index + 1}/{num_blocks}: {marks[-1] - marks[-2]:.2f} s", flush=True)
 
 
+class BlockProfile:
+    """``torch.profiler`` over one decoder layer (from the end of the one before to its own end):
+    the operations and kernels taking the most device (on the CPU: host) time, in ``rows``."""
+
+    def __init__(self, device: torch.device, block_index: int, top: int = 30) -> None:
+        self.device, self.block_index, self.top = device, block_index, top
+        self.profiler = None
+        self.rows: list[dict] = []
+
+    @hookimpl
+    def compress_block_done(self, block_index: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if block_index == self.block_index - 1:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+        elif block_index == self.block_index and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            events = sorted(self.profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+            self.rows = [
+                {
+                    "name": event.key[:120],
+                    "calls": event.count,
+                    "self_device_ms": round(event.self_device_time_total / 1e3, 3),
+                    "self_host_ms": round(event.self_cpu_time_total / 1e3, 3),
+                }
+                for event in events[: self.top]
+            ]
+            self.profiler = None
+
+
 def calibration(args, config) -> list[torch.Tensor]:
     """The calibration token ids, the same for both runs (seeded)."""
     data = TINY if args.tiny else FULL
@@ -174,21 +217,66 @@ def graph_check(device: torch.device) -> dict:
         "cuda_graphs_equal_eager": graphs,
         "fused_equal_eager": fused,
         "fused_check_loop": sorted(loops),
-        "bf16_hessian_relative_difference": hessian_check(device),
+        **hessian_check(device),
+        **factor_check(device),
     }
 
 
-def hessian_check(device: torch.device) -> float:
-    """Largest difference between bf16-product and float32-product Hessians, relative to the largest entry."""
+def hessian_check(device: torch.device) -> dict:
+    """Largest differences, relative to the largest entry, from the full float32-product Hessian
+    of a 2560-wide input: of the bf16-product one and of the upper-triangle one (bands of
+    ``TRIANGLE_ROWS``, mirrored), as the method collects them on CUDA; and the relative
+    difference of ``tr(W H Wᵀ)`` (a bf16-valued W) in TF32, as the report computes it."""
     from compress.hessian import collect_hessians
 
     generator = torch.Generator().manual_seed(1)
-    layer = torch.nn.Linear(1024, 256).to(device, torch.bfloat16)
-    inputs = [((torch.randn(1, 2048, 1024, generator=generator).to(device, torch.bfloat16),), {}) for _ in range(3)]
-    plain, _ = collect_hessians(layer, {"l": layer}, inputs, device)
-    low, _ = collect_hessians(layer, {"l": layer}, inputs, device, low_precision=True)
-    a, b = plain["l"].matrix, low["l"].matrix
-    return ((a - b).abs().max() / a.abs().max()).item()
+    layer = torch.nn.Linear(2560, 256).to(device, torch.bfloat16)
+    inputs = [((torch.randn(1, 2048, 2560, generator=generator).to(device, torch.bfloat16),), {}) for _ in range(3)]
+    plain, _ = collect_hessians(layer, {"l": layer}, inputs, device, triangle=False)
+    reference = plain["l"].matrix
+    differences = {}
+    for label, options in (("bf16", {"low_precision": True, "triangle": False}), ("triangle", {"triangle": True})):
+        other, _ = collect_hessians(layer, {"l": layer}, inputs, device, **options)
+        differences[label] = ((reference - other["l"].matrix).abs().max() / reference.abs().max()).item()
+    from compress.hessian import h_norms
+
+    weight = torch.randn(512, 2560, generator=generator).to(device, torch.bfloat16).float() * 0.02
+    exact, fast = h_norms(reference, weight)[0], h_norms(reference, weight, tf32=True)[0]
+    return {
+        "bf16_hessian_relative_difference": differences["bf16"],
+        "triangle_hessian_relative_difference": differences["triangle"],
+        "tf32_norm_relative_difference": abs(fast - exact) / exact,
+    }
+
+
+def factor_check(device: torch.device, widths: tuple[int, ...] = (4096, 14336)) -> dict:
+    """The two routes of ``inverse_factor`` on random Hessians of the widths of a Llama-3-8B
+    block (4096, 14336): seconds (the faster of two calls) and the largest difference of their
+    factors relative to the largest entry (same matrix, other rounding)."""
+    from compress.hessian import FACTOR_ROUTES, inverse_factor
+
+    generator = torch.Generator(device=device).manual_seed(2)
+    seconds: dict = {route: {} for route in FACTOR_ROUTES}
+    difference = {}
+    for width in widths:
+        x = torch.randn(width + 256, width, generator=generator, device=device)
+        H = x.T @ x / x.shape[0]
+        del x
+        uppers = {}
+        for route in FACTOR_ROUTES:
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                uppers[route] = inverse_factor(H, 0.01, False, route=route).upper
+                torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+            seconds[route][str(width)] = round(min(times), 4)
+        a, b = (uppers[route] for route in FACTOR_ROUTES)
+        difference[str(width)] = ((a - b).abs().max() / a.abs().max()).item()
+        del H, uppers, a, b
+    torch.cuda.empty_cache()
+    return {"factor_seconds": seconds, "factor_route_relative_difference": difference}
 
 
 def ours_settings(params) -> dict:
@@ -218,9 +306,16 @@ def run_ours(args) -> dict:
     from compress.engine import run_stages
 
     device = torch.device(args.device)
+    if args.old_paths:
+        import compress.hessian
+
+        compress.hessian.CUDA_FACTOR_ROUTE, compress.hessian.CUDA_TRIANGLE = "inverse", False
     config, model, build_seconds, params = build(args)
     host = plugin_host("gptq")
     clock = StageClock(device)
+    profiler = BlockProfile(device, 1) if args.profile else None
+    if profiler is not None:
+        host.register(profiler, name="bench-profile")
     host.register(Progress(clock), name="bench-progress")
     host.register(
         clock, name="bench-stage-clock"
@@ -284,6 +379,9 @@ def run_ours(args) -> dict:
     # the two differ only in the order of fp32 summation (bf16 products are exact either way): about
     # sqrt(6144) x 2^-24 per entry, whose maximum over 1M entries is a few 1e-5; a wrong product is O(1)
     ok = ok and graphs.get("bf16_hessian_relative_difference", 0.0) < 1e-4
+    ok = ok and graphs.get("triangle_hessian_relative_difference", 0.0) < 1e-4
+    ok = ok and graphs.get("tf32_norm_relative_difference", 0.0) < 1e-3  # report-only figures
+    ok = ok and all(d < 1e-4 for d in graphs.get("factor_route_relative_difference", {}).values())
     for name in (first, last):
         weight = modules[name].weight.detach()
         grid = context.layers[name].quant
@@ -308,6 +406,8 @@ def run_ours(args) -> dict:
                 (args.fp32_products, "float32 Hessian products"),
                 (args.no_rtn_reference, "no RTN reference"),
                 (args.expandable_segments, "expandable segments"),
+                (args.old_paths, "session-6 factor and Hessian products"),
+                (args.profile, "profiled layer 2"),
             )
             if flag
         ),
@@ -331,6 +431,8 @@ def run_ours(args) -> dict:
         "mean_rtn_objective": statistics.fmean(rtn_objective) if rtn_objective else None,
         "checks": checks,
     }
+    if profiler is not None:
+        result["profile"] = profiler.rows
     print(json.dumps(result), flush=True)
     return result
 
@@ -504,6 +606,8 @@ def child(args, which: str) -> dict | None:
                 ("--act-order", args.act_order),
                 ("--no-rtn-reference", args.no_rtn_reference),
                 ("--expandable-segments", args.expandable_segments),
+                ("--old-paths", args.old_paths),
+                ("--profile", args.profile),
             )
             if on
         ]
@@ -549,10 +653,23 @@ def main(argv: list[str] | None = None) -> int:
         help="runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the reserve stays near what is allocated)",
     )
     parser.add_argument(
+        "--old-paths",
+        action="store_true",
+        help="ours with session 6's factor (Cholesky, inverse, Cholesky) and full Hessian products, "
+        "instead of the reversed-Cholesky factor and upper-triangle products",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run of ours (after the others) with torch.profiler over layer 2; its top operations "
+        "go in the results (its times are not comparable: profiling slows the layer)",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
-        help="ours twice in one invocation: as the other flags say (before), then with --no-rtn-reference "
-        "and --expandable-segments (after), then LLM Compressor",
+        help="ours three times in one invocation: as the other flags say, then with --no-rtn-reference and "
+        "--expandable-segments, on session 6's paths (before, --old-paths) and on the current ones (after); "
+        "then LLM Compressor",
     )
     parser.add_argument("--no-llmcompressor", action="store_true", help="skip LLM Compressor's run")
     parser.add_argument("--json", type=Path, default=None, help="results file (default $OUT/bench_gptq_gpu.json)")
@@ -569,16 +686,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("CUDA is not available (use --device cpu)")
     env = environment(args.device)
     print(json.dumps(env), flush=True)
-    results = [r for r in [child(args, "ours")] if r is not None]
+    plain = argparse.Namespace(**{**vars(args), "profile": False})
+    after = argparse.Namespace(**{**vars(plain), "no_rtn_reference": True, "expandable_segments": True})
+    results = [r for r in [child(plain, "ours")] if r is not None]
     if args.compare:
-        after = argparse.Namespace(**{**vars(args), "no_rtn_reference": True, "expandable_segments": True})
-        results += [r for r in [child(after, "ours")] if r is not None]
+        before = argparse.Namespace(**{**vars(after), "old_paths": True})
+        results += [r for r in [child(before, "ours"), child(after, "ours")] if r is not None]
     if args.no_llmcompressor:
         pass
     elif importlib.util.find_spec("llmcompressor") is None:
         print("llmcompressor is not importable: LLM Compressor's GPTQ not run", flush=True)
     else:
         results += [r for r in [child(args, "llmcompressor")] if r is not None]
+    profiled = None
+    if args.profile:  # the configuration of the last run of ours
+        profiled = child(argparse.Namespace(**{**vars(after if args.compare else args), "profile": True}), "ours")
     if not results:
         return 1
 
@@ -614,6 +736,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"floor ~1 s per layer: median {ours['median_seconds']['seconds']:.2f} s"
             )
 
+    if profiled is not None:
+        print(f"\n{profiled['run']}: top operations by {'device' if args.device.startswith('cuda') else 'host'} time")
+        for row in profiled["profile"]:
+            print(
+                f"  {row['self_device_ms']:9.2f} ms device {row['self_host_ms']:9.2f} ms host {row['calls']:6d}x  {row['name']}"
+            )
+        results.append(profiled)
     save_results(args.json, "bench_gptq_gpu.json", "bench_gptq_gpu", argv, {"environment": env, "results": results})
     return 0 if all(r["checks"]["ok"] for r in results) else 1
 

@@ -25,6 +25,7 @@ Writes ``--out``/unlearn_bench.json (and ``--json`` when given) and prints a mar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -59,8 +60,8 @@ def qa_entry(path: Path, samples: int, seq_len: int) -> dict:
     return {"path": str(path), "source": "qa", "samples": samples, "seq_len": seq_len, "loss_on": "answers"}
 
 
-def unlearn_recipe(args: argparse.Namespace, method: str, percent: int, stages_after: list[dict]) -> dict:
-    """Unlearn forget``percent`` from the target with ``method`` (then ``stages_after``), no output."""
+def unlearn_recipe(args: argparse.Namespace, method: str, percent: int, stages_after: list[dict], lr: float) -> dict:
+    """Unlearn forget``percent`` from the target with ``method`` at ``lr``, then ``stages_after``; no output."""
     forget = args.data / f"forget{percent:02d}.jsonl"
     retain = args.data / f"retain{100 - percent:02d}.jsonl"
     count = records(forget)
@@ -70,7 +71,7 @@ def unlearn_recipe(args: argparse.Namespace, method: str, percent: int, stages_a
         "method": method,
         "steps": math.ceil(args.unlearn_epochs * per_epoch),
         "batch_size": batch,
-        "lr": args.unlearn_lr,
+        "lr": lr,
         "warmup_steps": per_epoch,
         "schedule": "linear",
         "weight_decay": 0.01,
@@ -165,27 +166,29 @@ def bench_split(args: argparse.Namespace, host, percent: int) -> dict:
     evaluator = Evaluator(args, percent, tokenizer, target)
     rows = {"target": evaluator.row(target), "retain": evaluator.row(retain)}
     print(f"forget{percent:02d} target: {rows['target']}\nforget{percent:02d} retain: {rows['retain']}", flush=True)
-    for method in args.methods:
+    for method, lr in itertools.product(args.methods, args.unlearn_lrs):
+        name = method if len(args.unlearn_lrs) == 1 else f"{method}@{lr:g}"
         start = time.perf_counter()
-        context = run_recipe(host, unlearn_recipe(args, method, percent, []), args.out / f"{method}-{percent:02d}.yaml")
-        rows[method] = {**evaluator.row(context.model), "seconds": stage_seconds(context)}
-        print(f"forget{percent:02d} {method}: {rows[method]} ({time.perf_counter() - start:.0f} s)", flush=True)
+        recipe = unlearn_recipe(args, method, percent, [], lr)
+        context = run_recipe(host, recipe, args.out / f"{name}-{percent:02d}.yaml")
+        rows[name] = {**evaluator.row(context.model), "seconds": stage_seconds(context), "lr": lr}
+        print(f"forget{percent:02d} {name}: {rows[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
     return rows
 
 
 def bench_quantized(args: argparse.Namespace, host) -> dict:
     """Forget quality and the rest of one method's result before and after W4 (rtn, symmetric g64)."""
-    percent, method = max(args.splits), args.quant_method
+    percent, method, lr = max(args.splits), args.quant_method, args.unlearn_lrs[0]
     target, tokenizer = load_dense(args.models / "target")
     evaluator = Evaluator(args, percent, tokenizer, target)
     w4 = {"method": "rtn", "targets": ["re:.*(q|k|v|o|gate|up|down)_proj$"], "bits": 4, "group_size": 64}
-    result = {"split": f"forget{percent:02d}", "method": method, "quantization": w4}
+    result = {"split": f"forget{percent:02d}", "method": method, "lr": lr, "quantization": w4}
     for name, after in (("before", []), ("after_w4", [w4])):
-        context = run_recipe(host, unlearn_recipe(args, method, percent, after), args.out / f"{method}-{name}.yaml")
+        context = run_recipe(host, unlearn_recipe(args, method, percent, after, lr), args.out / f"{method}-{name}.yaml")
         result[name] = evaluator.row(context.model)
     result["target_w4"] = evaluator.row(
         run_recipe(
-            host, {**unlearn_recipe(args, method, percent, []), "stages": [w4]}, args.out / "target-w4.yaml"
+            host, {**unlearn_recipe(args, method, percent, [], lr), "stages": [w4]}, args.out / "target-w4.yaml"
         ).model
     )
     return result
@@ -205,9 +208,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def save(args: argparse.Namespace, results: dict) -> None:
+def save(args: argparse.Namespace, results: dict, name: str = "unlearn_bench.json") -> None:
+    """Write ``results`` to ``args.out / name`` and to ``--json`` when given."""
     text = json.dumps(results, indent=2)
-    (args.out / "unlearn_bench.json").write_text(text, encoding="utf-8")
+    (args.out / name).write_text(text, encoding="utf-8")
     if args.json:
         args.json.write_text(text, encoding="utf-8")
 
@@ -221,7 +225,12 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--unlearn-epochs", type=float, default=10.0)
     parser.add_argument("--unlearn-batch", type=int, default=32)
-    parser.add_argument("--unlearn-lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--unlearn-lrs",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=[1e-5],
+        help="learning rates, each method run at each (open-unlearning's TOFU: 1e-5; the W4 rows use the first)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-retain", type=int, default=100, help="retain items in model utility")
     parser.add_argument("--eval-batch", type=int, default=64)
@@ -234,7 +243,7 @@ def main() -> None:
 
         args.model = str(build_tiny_model(args.out / "tiny"))
         args.authors, args.splits, args.epochs, args.unlearn_epochs = 10, [10], 1.0, 2.0
-        args.max_new_tokens, args.eval_retain, args.unlearn_lr = 8, 10, 1e-3
+        args.max_new_tokens, args.eval_retain, args.unlearn_lrs = 8, 10, [1e-3]
     args.device_resolved = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     args.data, args.models = args.out / "data", args.out / "models"
     start = time.perf_counter()

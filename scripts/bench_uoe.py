@@ -17,11 +17,10 @@ forgetting, uoe keeps more utility while training under 1 % of the parameters.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from scripts.bench_unlearn import COLUMNS, Evaluator, load_dense, unlearn_recipe
+from scripts.bench_unlearn import COLUMNS, Evaluator, load_dense, save, unlearn_recipe
 from scripts.common import environment
 from scripts.finetune_unlearn_target import run_recipe, stage_seconds, unlearn_host
 from scripts.make_unlearn_data import generate
@@ -36,10 +35,10 @@ def runs(args: argparse.Namespace) -> dict[str, dict]:
     table = {}
     for loss in args.losses:
         for lr in args.uoe_lrs:
-            recipe = unlearn_recipe(args, "uoe", PERCENT, [])
-            recipe["stages"][0].update(loss=loss, lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.0)
+            recipe = unlearn_recipe(args, "uoe", PERCENT, [], lr)
+            recipe["stages"][0].update(loss=loss, schedule="constant", warmup_steps=0, weight_decay=0.0)
             table[f"uoe-{loss}@{lr:g}"] = recipe
-        recipe = unlearn_recipe(args, loss, PERCENT, [])
+        recipe = unlearn_recipe(args, loss, PERCENT, [], args.unlearn_lr)
         recipe["stages"][0].update(targets=WHOLE_MOE, ignore=["lm_head"])
         table[f"moe-{loss}@{args.unlearn_lr:g}"] = recipe
     return table
@@ -90,9 +89,17 @@ def main() -> None:
     total = sum(p.numel() for p in target.parameters())
     evaluator = Evaluator(args, PERCENT, tokenizer, target)
     rows = {"target": evaluator.row(target), "retain": evaluator.row(retain)}
+    print(f"target: {rows['target']}\nretain: {rows['retain']}", flush=True)
     del retain
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": meta,
+        "upcycle": upcycled,
+        "table": rows,
+        "environment": environment(args.device),
+    }
     host = unlearn_host()
-    for name, recipe in runs(args).items():
+    for name, recipe in runs(args).items():  # the JSON is written after each row, so a run cut short keeps them
         context = run_recipe(host, recipe, args.out / f"{name}.yaml")
         count = trained(context)
         rows[name] = {
@@ -104,18 +111,9 @@ def main() -> None:
             "layer": context.report.stages[0].details.get("uoe", {}).get("layer"),
         }
         print(f"{name}: {rows[name]}", flush=True)
-    results = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "data": meta,
-        "upcycle": upcycled,
-        "table": rows,
-        "environment": environment(args.device),
-        "total_seconds": time.perf_counter() - start,
-    }
-    text = json.dumps(results, indent=2)
-    (args.out / "uoe_bench.json").write_text(text, encoding="utf-8")
-    if args.json:
-        args.json.write_text(text, encoding="utf-8")
+        save(args, results, "uoe_bench.json")
+    results["total_seconds"] = time.perf_counter() - start
+    save(args, results, "uoe_bench.json")
     print("| model | " + " | ".join(COLUMNS) + " | trained % | time (s) |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for name, row in rows.items():

@@ -11,8 +11,9 @@ seed and data, so the same supernet), then allocate at ``--bits`` average weight
   their fixed 8 bits count too, so it is slightly tighter), KL to the full-precision model.
 
 Both written checkpoints are scored by the ``accuracy`` metric on the test images (weights as
-allocated, inputs in full precision: what rco optimizes); eqnet_search's own measurement with
-its inputs quantized and batch norms re-estimated is reported beside it. Prints and writes
+allocated, inputs in full precision, as the checkpoints hold them; rco scored its candidates
+with 8-bit inputs, eqnet's default ``input_bits``); eqnet_search's own measurement with its
+inputs quantized and batch norms re-estimated is reported beside it. Prints and writes
 ``compare_eqnet_rco.json`` to ``--out``.
 
 Usage::

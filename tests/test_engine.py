@@ -316,8 +316,11 @@ def test_a_tied_lm_head_is_untied_before_it_is_quantized(run_recipe, tiny_model_
     assert torch.equal(written.model.embed_tokens.weight, original.model.embed_tokens.weight)
 
 
-def record_streams_without_a_recipe(model, targets: list[str], samples: list[dict]) -> None:
-    """Run ``record-streams`` on ``targets`` of ``model`` through ``compress_blocks`` itself."""
+def record_streams_without_a_recipe(
+    model, targets: list[str], samples: list[dict], method: type[RecordStreams] = RecordStreams
+) -> dict:
+    """Run ``record-streams`` (or a subclass) on ``targets`` of ``model`` through ``compress_blocks``
+    itself; returns the layer reports."""
     import types
 
     from compress.sequential import compress_blocks
@@ -330,13 +333,14 @@ def record_streams_without_a_recipe(model, targets: list[str], samples: list[dic
         host=types.SimpleNamespace(hook=types.SimpleNamespace(compress_block_done=lambda **_: None)),
     )
     run = types.SimpleNamespace(
-        method=RecordStreams(RecordStreams.Params()),
+        method=method(method.Params()),
         targets={name: model.get_submodule(name) for name in targets},
         record=types.SimpleNamespace(layers={}),
         stage=None,
     )
     RecordStreams.seen.clear()
     compress_blocks(context, run, run.method.compress_block)
+    return run.record.layers
 
 
 def test_a_target_the_forward_pass_never_reaches_is_refused_naming_it(tiny_model_dir):

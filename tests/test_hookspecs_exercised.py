@@ -54,7 +54,8 @@ class SearchParams(MethodParams):
 class CheapestCandidate(Method):
     """A minimal search method: for each layer, the cheapest candidate ``rtn`` offers.
 
-    It asks through ``compress_layer_candidates`` and reports one
+    It asks every plugin through ``compress_layer_candidates`` (a request naming no methods, so
+    the recording plugin is asked too; one naming ``rtn`` asks only rtn's plugin) and reports one
     ``compress_stage_progress`` per layer, as the hookspecs say search methods do.
     """
 
@@ -65,9 +66,10 @@ class CheapestCandidate(Method):
     def apply(self, context, run) -> None:
         if self.params.fail:
             raise UserError("failing as asked", self.name)
-        request = CandidateRequest(settings={"bits": [4, 8], "group_size": [64]}, methods=frozenset({"rtn"}))
+        request = CandidateRequest(settings={"bits": [4, 8], "group_size": [64]})
         for step, (name, module) in enumerate(run.targets.items(), start=1):
-            chosen = min(collect_candidates(context, name, module, request), key=lambda candidate: candidate.cost)
+            offered = [c for c in collect_candidates(context, name, module, request) if c.method == "rtn"]
+            chosen = min(offered, key=lambda candidate: candidate.cost)
             context.layers[name] = chosen.apply(module)
             run.record.layers[name] = dict(chosen.setting)
             context.host.hook.compress_stage_progress(

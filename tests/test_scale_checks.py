@@ -1,5 +1,5 @@
 """Multi-process runs refused up front: more processes than CUDA devices, FSDP for a training
-stage the loop cannot shard."""
+stage that cannot train sharded."""
 
 from __future__ import annotations
 
@@ -56,4 +56,5 @@ def test_fsdp_with_a_training_stage_is_refused(host, tiny_model_dir, tiny_text_f
     with pytest.raises(UserError) as raised:
         check_recipe(host, path)
     message = str(raised.value)
-    assert "stage 2 (distill) cannot shard" in message and "\n" not in message
+    assert "distill cannot train sharded through the grids or masks that stage 1 (rtn) leaves" in message
+    assert "\n" not in message

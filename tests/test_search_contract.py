@@ -11,8 +11,10 @@ from pydantic import ValidationError
 from torch import nn
 
 import compress_rco
+from compress import hookimpl
 from compress.errors import UserError
 from compress.hessian import relative_output_error
+from compress.method import LayerMethod
 from compress.quant import QuantScheme
 from compress.scoring import ReferenceKL, Scorer
 from compress.search import (
@@ -20,10 +22,12 @@ from compress.search import (
     CandidateOffer,
     CandidateRequest,
     LayerInputs,
+    collect_candidates,
     grid_storage_bits,
     quantizer_price,
     weight_cost,
 )
+from compress.search_method import requested_schemes
 from compress_gptq.candidates import gptq_candidates
 from compress_rtn.method import rtn_candidates
 
@@ -80,6 +84,22 @@ def test_costs_in_each_unit():
     assert quantizer_price(layer, setting, "bitops") == 8 * 64 * 3 * 16
     assert quantizer_price(layer, setting, "params") == 8 * 64
     assert weight_cost("params", kept=10, weight_bits=4, storage_bits=99) == 10
+
+
+def test_requested_schemes_take_group_sizes_or_a_granularity():
+    assert requested_schemes({"bits": [2], "group_size": [64, None]}) == [
+        QuantScheme(bits=2, group_size=64),
+        QuantScheme(bits=2, granularity="channel"),
+    ]
+    schemes = requested_schemes({"bits": [2, 4], "granularity": ["tensor"], "symmetric": [True, False]})
+    assert [(s.bits, s.granularity, s.symmetric) for s in schemes] == [
+        (2, "tensor", True),
+        (2, "tensor", False),
+        (4, "tensor", True),
+        (4, "tensor", False),
+    ]
+    with pytest.raises(ValueError, match="granularity 'row'"):
+        requested_schemes({"bits": [2], "granularity": ["row"]})
 
 
 def test_an_offer_understands_its_settings_only():
@@ -177,6 +197,74 @@ def test_recipe_check_refuses(register_plugin, run_recipe, change, message):
     register_plugin(compress_rco, name="rco")
     with pytest.raises(UserError, match=re.escape(message)):
         run_recipe({"stages": [{**STAGE, **change}]})
+
+
+class TripwireMethod(LayerMethod):
+    """A candidate provider whose candidates must never be asked for."""
+
+    name = "tripwire"
+    offers = CandidateOffer({"group_size": [128], "symmetric": [True]}, price=quantizer_price)
+
+
+class Tripwire:
+    """The plugin registering ``tripwire``: its candidate hook raises when called."""
+
+    @hookimpl
+    def compress_register_methods(self, register):
+        register(TripwireMethod)
+
+    @hookimpl
+    def compress_layer_candidates(self, name, module, request):
+        raise AssertionError(f"tripwire asked for {name}")
+
+
+def test_an_unasked_providers_hook_is_not_called(register_plugin, run_recipe):
+    register_plugin(compress_rco, name="rco")
+    register_plugin(Tripwire(), name="tripwire")
+    run = run_recipe({"stages": [{**STAGE, "providers": ["rtn"]}]})
+    (record,) = run.report["stages"]
+    assert {layer["method"] for layer in record["layers"].values()} == {"rtn"}
+    layer = nn.Linear(64, 8)
+    for methods in (None, frozenset({"tripwire"})):  # asked by name, or every provider asked
+        with pytest.raises(AssertionError, match="tripwire asked for x"):
+            collect_candidates(run.context, "x", layer, CandidateRequest({"bits": [4], "group_size": [32]}, methods))
+
+
+KL_PTQ = {"providers": ["kl_ptq"], "settings": {"bits": [3, 4], "group_size": [32]}}
+TINY_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
+"""(out, in) of the tiny Llama's q, k, v, o, gate, up and down projections, in both blocks."""
+
+
+def kl_ptq_reachable() -> tuple[float, float]:
+    """The bounds on bits per weight of kl_ptq's candidates (3 or 4 bits, groups of 32, 1% outliers)
+    over the tiny model: every layer at 3 bits with the fewest outlier groups, and at 4 with the most."""
+    from compress_kl_ptq.storage import storage_range
+
+    weights = sum(rows * columns for rows, columns in TINY_SHAPES)
+    low = sum(storage_range(shape, 32, 3, True, 0.01, 8, "csr")[0] for shape in TINY_SHAPES)
+    high = sum(storage_range(shape, 32, 4, True, 0.01, 8, "csr")[1] for shape in TINY_SHAPES)
+    return low / weights, high / weights
+
+
+@pytest.mark.parametrize(("budget", "side"), [(3.0, "below the cheapest"), (6.0, "above the dearest")])
+def test_recipe_check_refuses_kl_ptq_budgets_outside_its_bounds(register_plugin, run_recipe, budget, side):
+    """kl_ptq prices no candidate exactly from shapes (the groups its outliers touch depend on the
+    weights), but it bounds them: a budget outside the bounds is refused before any weight is read."""
+    register_plugin(compress_rco, name="rco")
+    low, high = kl_ptq_reachable()
+    assert 3.5 < low < high < 6  # above 3-bit codes with their scales: the outliers' codes and positions
+    reachable = f"reachable: at least {low:.6g} to at most {high:.6g}, bounds known before the candidates exist)"
+    message = f"budget bits_per_weight: {budget:g} is {side} configuration .*{re.escape(reachable)}"
+    with pytest.raises(UserError, match=message):
+        run_recipe({"stages": [{**STAGE, **KL_PTQ, "budget": {"bits_per_weight": budget}}]})
+
+
+def test_a_kl_ptq_budget_within_its_bounds_runs(register_plugin, run_recipe):
+    register_plugin(compress_rco, name="rco")
+    low, high = kl_ptq_reachable()
+    run = run_recipe({"stages": [{**STAGE, **KL_PTQ, "budget": {"bits_per_weight": (low + high) / 2}}]})
+    details = run.report["stages"][0]["details"]
+    assert low <= details["cheapest"]["bits_per_weight"] <= details["dearest"]["bits_per_weight"] <= high
 
 
 def test_only_providers_pricing_the_unit_are_asked(register_plugin, run_recipe):

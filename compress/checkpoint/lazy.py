@@ -152,6 +152,27 @@ class LazyWeights:
                     self._replace(parameter, nn.Parameter(tensor.to(device), requires_grad=parameter.requires_grad))
                     self._count(tensor, +1)
 
+    def read_rows(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (of dim 0) of the stored tensor of parameter ``name`` (whole
+        shape ``shape``), in the model's dtype if floating point: only those rows are read
+        from the memory-mapped shard, which is closed again at once (FSDP's local shards)."""
+        key = self._tied.get(name, name)
+        if key not in self.shards:
+            raise UserError(f"the checkpoint lacks the weight {key}, which the architecture needs", str(self.directory))
+        shard = self.shards[key]
+        with _opened(shard) as handle:
+            try:
+                stored = handle.get_slice(key)
+                if tuple(stored.get_shape()) != shape:
+                    raise UserError(
+                        f"weight {key} is stored as {list(stored.get_shape())}, the architecture has {list(shape)}",
+                        str(shard),
+                    )
+                rows = stored[start:stop]
+            except (SafetensorError, OSError) as error:
+                raise UserError(f"cannot read {key}: {one_line(str(error))}", str(shard)) from None
+        return rows.to(self.dtype) if rows.is_floating_point() else rows
+
     def _read(self, handle: object, key: str, shard: Path) -> torch.Tensor:
         try:
             return handle.get_tensor(key)

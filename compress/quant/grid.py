@@ -224,8 +224,9 @@ def compute_grid(weight: torch.Tensor, scheme: QuantScheme, name: str | None = N
 
     qmin, qmax = scheme.qmin, scheme.qmax
     # a tensor divisor: CUDA turns division by a Python scalar into multiplication by its
-    # reciprocal, which rounds differently from the CPU and moves codes on exact ties
-    levels = torch.tensor(float(qmax - qmin), dtype=torch.float32, device=w.device)
+    # reciprocal, which rounds differently from the CPU and moves codes on exact ties; filled
+    # on the device (torch.tensor would copy from the host and wait for the device's queue)
+    levels = torch.full((), float(qmax - qmin), dtype=torch.float32, device=w.device)
     if scheme.symmetric:
         scale = torch.maximum(-min_val, max_val) / (levels / 2)
         return QuantGrid(scheme, _nonzero(scale), None)

@@ -28,6 +28,10 @@ class TrainerState:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
+    processes: int = 1
+    sharded: bool = False
+    """Whether the model and optimizer are saved as FSDP shards, one set per process: such a
+    checkpoint resumes only with the same number of processes."""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=1))

@@ -2,16 +2,16 @@
 
 A training method (:mod:`compress.training.method`) supplies ``loss``; :func:`train` does the
 rest on accelerate, so one recipe trains the same run on the CPU, one GPU or several
-(``accelerate launch -m compress apply recipe.yaml`` for DDP, or FSDP through an accelerate
-config): ``batch_size`` is the global batch of each dataset per optimizer step, split over
-the devices and, past ``micro_batch_size``, accumulated; bf16 autocast over fp32 master
-weights, gradient checkpointing, the straight-through path through layers an earlier stage
-quantized or pruned (:mod:`compress.straight_through`), a learning-rate schedule
-(``transformers.get_scheduler``), gradient clipping, evaluation every N steps, experiment
-trackers (``report_to``, :mod:`compress.training.trackers`), library warnings written once
-above the progress bar, checkpoints every N steps and on Ctrl-C, resuming
-(``compress apply --resume``) only with the recipe that wrote the checkpoint, and a stop
-on a NaN or inf loss that names the step.
+(``accelerate launch -m compress apply recipe.yaml`` for DDP; with ``--use_fsdp``, the model
+sharded per block, :mod:`compress.training.sharding`): ``batch_size`` is the global batch of
+each dataset per optimizer step, split over the devices and, past ``micro_batch_size``,
+accumulated; bf16 autocast over fp32 master weights, gradient checkpointing, the
+straight-through path through layers an earlier stage quantized or pruned
+(:mod:`compress.straight_through`), a learning-rate schedule (``transformers.get_scheduler``),
+gradient clipping, evaluation every N steps, experiment trackers (``report_to``,
+:mod:`compress.training.trackers`), library warnings written once above the progress bar,
+checkpoints every N steps and on Ctrl-C, resuming (``compress apply --resume``) only with the
+recipe that wrote the checkpoint, and a stop on a NaN or inf loss that names the step.
 
 Only the parameters of the method's groups (by default the targeted modules' own) are
 trained; the rest of the model is frozen.
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from compress.context import Context, StageRun
 from compress.data import Sample, collate
-from compress.devices import onloaded
+from compress.devices import move, onloaded
 from compress.errors import UserError
 from compress.library_warnings import warnings_above_the_bar
 from compress.straight_through import straight_through
@@ -48,6 +48,15 @@ from compress.training.checkpoint import (
     resumable_keys,
 )
 from compress.training.method import Batch, TrainingMethod, TrainParams
+from compress.training.sharding import (
+    SHARDED_STATE,
+    clip_sharded,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+    shard_model,
+    sharding_active,
+)
 from compress.training.trackers import StageTrackers, accelerator_options
 
 
@@ -119,13 +128,18 @@ def sample_tokens(sample: Sample) -> int:
     return sample["input_ids"].numel() if "input_ids" in sample else 0
 
 
+def upcast(parameters: list[nn.Parameter]) -> None:
+    """Hold the bf16 and fp16 ones of ``parameters`` in fp32 (the trained master weights)."""
+    for parameter in parameters:
+        if parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+
+
 @contextmanager
 def fp32_master_weights(parameters: list[nn.Parameter]) -> Iterator[None]:
     """Train low-precision parameters in fp32 and cast them back afterwards."""
     dtypes = [parameter.dtype for parameter in parameters]
-    for parameter in parameters:
-        if parameter.dtype in (torch.bfloat16, torch.float16):
-            parameter.data = parameter.data.float()
+    upcast(parameters)
     try:
         yield
     finally:
@@ -214,14 +228,23 @@ def train(context: Context, run: StageRun, method: TrainingMethod) -> None:
         if method.straight_through
         else nullcontext(0)
     )
+    sharded = sharding_active()
+    if sharded:  # fp32 for good: the sharded model is written from its shards, in the loaded dtype
+        upcast(trainable)
     with (
         warnings_above_the_bar(),
-        onloaded(model, context.device),
-        fp32_master_weights(trainable),
+        nullcontext() if sharded else onloaded(model, context.device),
+        nullcontext() if sharded else fp32_master_weights(trainable),
         constrain as constrained,
     ):
         if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if sharded:
+            if not is_sharded(model):  # else sharded already, e.g. materialized shard by shard from the meta device
+                shard_model(model, context.device, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
+            # the targets' parameters are new objects now, DTensor shards; dropping the old ones frees
+            # the whole weights fully_shard moved onto the device
+            trainable = [p for module in run.targets.values() for p in module.parameters(recurse=False)]
         try:
             method.prepare(context, run, context.device)
             run.record.details["constrained_layers"] = constrained
@@ -247,13 +270,18 @@ def latent_weights(context: Context, run: StageRun) -> dict[str, torch.Tensor] |
 
 class _Carried:
     """What a checkpoint holds besides accelerate's model, optimizer, scheduler and RNG state:
-    the values of the optimizer's parameters that are not the model's, and ``context.state``."""
+    the values of the optimizer's parameters that are not the model's, and ``context.state``;
+    with ``optimizer`` (FSDP, whose sharded optimizer state leaves them out), their optimizer
+    state too."""
 
-    def __init__(self, extra: list[nn.Parameter], context: Context) -> None:
-        self.extra, self.context = extra, context
+    def __init__(self, extra: list[nn.Parameter], context: Context, optimizer: torch.optim.Optimizer | None) -> None:
+        self.extra, self.context, self.optimizer = extra, context, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"extra": [parameter.detach().cpu() for parameter in self.extra], "state": self.context.state}
+        saved = {"extra": [parameter.detach().cpu() for parameter in self.extra], "state": self.context.state}
+        if self.optimizer is not None:
+            saved["optimizer"] = [move(self.optimizer.state.get(p, {}), torch.device("cpu")) for p in self.extra]
+        return saved
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         shapes = [tuple(value.shape) for value in saved["extra"]]
@@ -265,6 +293,10 @@ class _Carried:
                 parameter.copy_(value)
         self.context.state.clear()
         self.context.state.update(saved["state"])
+        if self.optimizer is not None:
+            for parameter, state in zip(self.extra, saved["optimizer"]):
+                if state:
+                    self.optimizer.state[parameter] = move(state, parameter.device)
 
 
 class _Loop:
@@ -293,11 +325,17 @@ class _Loop:
         self.extra = [p for p in self.parameters if id(p) not in in_model]
         # the scheduler stays unprepared: accelerate would step it once per process
         self.scheduler = self.params.scheduler(optimizer)
-        self.model, self.optimizer = accelerator.prepare(context.model, optimizer)
+        self.sharded = sharding_active()
+        if self.sharded:  # FSDP2 reduce-scatters the gradients itself; accelerate sees no model
+            self.model, self.optimizer = context.model, optimizer
+        else:
+            self.model, self.optimizer = accelerator.prepare(context.model, optimizer)
         self.directory = checkpoint_directory(context, run)
         accelerator.register_for_checkpointing(self.scheduler)
-        accelerator.register_for_checkpointing(_Carried(self.extra, context))
-        self.state = TrainerState(fingerprint=fingerprint(context, run))
+        accelerator.register_for_checkpointing(_Carried(self.extra, context, optimizer if self.sharded else None))
+        self.state = TrainerState(
+            fingerprint=fingerprint(context, run), processes=accelerator.num_processes, sharded=self.sharded
+        )
         self.trackers = StageTrackers(accelerator, context, run)
 
     def run(self) -> None:
@@ -348,6 +386,7 @@ class _Loop:
             steady_tokens_per_second=steady,
             resumed_from_step=start_step or None,
             devices=self.accelerator.num_processes,
+            fsdp=self.sharded,
             micro_steps=self.accumulation,
             loss_curve=self.state.loss_curve,
             eval_curve=self.state.eval_curve,
@@ -370,7 +409,8 @@ class _Loop:
         for index in range(self.accumulation):
             batches = {name: self._on_device(micro[index]) for name, micro in micro_batches.items()}
             last = index == self.accumulation - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
+            # FSDP reduce-scatters every micro-step: holding whole unsharded gradients would cost what sharding saves
+            with nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model):
                 with self.autocast:
                     loss, values = self.method.loss(self.model, batches)
                 if not torch.isfinite(loss.detach()).all():
@@ -388,10 +428,13 @@ class _Loop:
             for parameter in self.extra:
                 if parameter.grad is not None:
                     parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
-        if self.params.max_grad_value is not None:
-            self.accelerator.clip_grad_value_(self.parameters, self.params.max_grad_value)
-        if self.params.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.parameters, self.params.max_grad_norm)
+        if self.sharded:
+            clip_sharded(self.parameters, self.params.max_grad_norm, self.params.max_grad_value)
+        else:
+            if self.params.max_grad_value is not None:
+                self.accelerator.clip_grad_value_(self.parameters, self.params.max_grad_value)
+            if self.params.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.parameters, self.params.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -451,6 +494,8 @@ class _Loop:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(staging))
+        if self.sharded:
+            save_sharded(staging / SHARDED_STATE, self.model, self.optimizer)
         if self.accelerator.is_main_process:
             self.state.save(staging / CHECKPOINT_STATE)
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -479,12 +524,26 @@ class _Loop:
                 f"cannot resume: the checkpoint is at step {saved.step}, past this stage's steps: {self.params.steps}",
                 str(self.directory),
             )
+        if saved.sharded != self.sharded or (self.sharded and saved.processes != self.state.processes):
+            raise UserError(
+                f"cannot resume: the checkpoint was written {_layout(saved.sharded, saved.processes)}, "
+                f"this run is {_layout(self.sharded, self.state.processes)}; relaunch as it was",
+                str(self.directory),
+            )
         saved.fingerprint = self.state.fingerprint  # later checkpoints record the recipe as resumed
+        saved.processes = self.state.processes
         try:
             self.accelerator.load_state(str(self.directory))
+            if self.sharded:
+                load_sharded(self.directory / SHARDED_STATE, self.model, self.optimizer)
         except (ValueError, RuntimeError) as error:  # e.g. a plugin version with other parameters wrote it
             raise UserError(
                 f"the checkpoint does not fit this stage's parameters ({error}); delete it to start over",
                 str(self.directory),
             ) from None
         self.state = saved
+
+
+def _layout(sharded: bool, processes: int) -> str:
+    """How a training run holds its model, in words: e.g. "sharded over 2 processes (FSDP)"."""
+    return f"sharded over {processes} processes (FSDP)" if sharded else "whole on every process (not FSDP)"

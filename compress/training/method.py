@@ -183,6 +183,10 @@ class TrainingMethod(Method):
     (:mod:`compress.straight_through`). A method that moves masks or grids itself (SR-STE)
     sets it to False and keeps ``context.layers`` true on its own."""
     keeps_zeros: ClassVar[bool] = True  # the straight-through estimator keeps an earlier stage's masks
+    fsdp_refusal: ClassVar[str] = ""
+    """Why the method cannot train a model sharded by FSDP (``accelerate launch --use_fsdp``), e.g.
+    because its loss reads whole weights; empty when it can. ``compress recipe check`` refuses
+    such a stage under FSDP with this reason."""
 
     def data_names(self) -> dict[str, str]:
         """The ``data:`` entry each of :attr:`datasets` reads (UserError when ``data`` does not fit them)."""

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from compress.api import Batch, Context, ModelSpec, StageRun, TrainingMethod, TrainParams, UserError, onloaded
+from compress.api import Batch, Context, ModelSpec, StageRun, TrainingMethod, TrainParams, UserError, frozen_placed
 from compress_distill.losses import LOSSES, HiddenProjection, LossSpec, layer_map, lookup_loss, top_k_logits
 
 
@@ -103,7 +103,7 @@ class Distill(TrainingMethod):
         teacher = context.reference_model() if self.params.teacher is None else context.load_model(self.params.teacher)
         if not all(self._is_hidden(term) for term in self.params.losses):
             check_same_vocabulary(context.model, teacher)
-        self.teacher = self._onloads.enter_context(onloaded(teacher, device)).eval().requires_grad_(False)
+        self.teacher = self._onloads.enter_context(frozen_placed(teacher, device))
         for term in self.params.losses:
             if self._is_hidden(term):
                 for student_layer in self._layer_map(term, context.model, teacher):

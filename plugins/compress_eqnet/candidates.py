@@ -1,38 +1,42 @@
 """The supernet's settings as search candidates, so ``rco`` and ``evopress`` allocate over them.
 
-After an ``eqnet`` stage, every elastic layer is offered one candidate per requested weight
-bit width of the supernet's space (at the requested granularity and weight symmetry): its
-latent weights fake-quantized with the supernet's learned LSQ+ step (and offset) for that
-setting, exactly the weights of the sub-network that sets it. The first and the last layer
-are offered their ``fixed_bits`` only, as the supernet holds them.
+After an ``eqnet`` stage, every elastic layer is offered one candidate per combination of the
+requested weight bit widths, weight granularities and symmetries, input bit widths and input
+symmetries (:data:`compress_eqnet.offer.DEFAULTS` fill the settings a request omits): its latent
+weights fake-quantized with the supernet's learned LSQ+ step (and offset) for that setting,
+exactly the weights of the sub-network that sets it, and its input quantized by the supernet's
+learned input quantizer at the setting's input bits (``Candidate.inputs``), so the search scores
+each configuration as the sub-network computes. The first and the last layer are offered
+``fixed_bits`` weights and inputs only, as the supernet holds them.
 
 Costs are EQ-Net's: ``bits`` is parameters x weight bits (the numerator of the code's
-parameter-weighted average, ``BW_Estimator``; no scales counted), so ``bits_per_weight`` over
-the elastic layers is ``eqnet_search``'s average weight bits; ``bitops`` is MACs per image x
-weight bits x input bits, as :class:`compress_eqnet.efficiency.Efficiency` counts them.
+parameter-weighted average, ``BW_Estimator``; no scales counted, and inputs are not stored), so
+``bits_per_weight`` over the elastic layers is ``eqnet_search``'s average weight bits; ``bitops``
+is MACs per image x weight bits x input bits, as :class:`compress_eqnet.efficiency.Efficiency`
+counts them, so a BitOps search trades input bits against weight bits.
 
-Our choice, as the contract's variants are weights only: a candidate does not quantize the
-layer's inputs (the search's forward passes run them in full precision), so input bits are no
-search dimension; ``input_bits`` (one value) only prices BitOps, the first and last layers at
-``fixed_bits``. Batch-norm statistics are the trained supernet's, not re-estimated per
-configuration as ``eqnet_search`` does.
+Our choices: a request's values must lie in the supernet's space (``compress recipe check``
+refuses others from the recipe's ``eqnet`` stage); batch-norm statistics are the trained
+supernet's, not re-estimated per configuration as ``eqnet_search`` does; the written checkpoint
+holds the chosen weights, and the inputs' bits only report.json (per layer, in the setting), as
+for ``eqnet_search``: no output format stores LSQ+ input grids.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.api import Candidate, CandidateRequest, Context, LayerState, UserError
+from compress.api import Candidate, CandidateRequest, Context, LayerState
 from compress_eqnet.method import STATE_KEY, EQNet
-from compress_eqnet.quantizers import WeightQuantizer
+from compress_eqnet.offer import OFFER, check_request
+from compress_eqnet.quantizers import ActivationQuantizer, WeightQuantizer
 from compress_eqnet.search import space_of
-from compress_eqnet.supernet import Space
 
 METHOD = EQNet.name
-OFFER = EQNet.offers
 
 
 def supernet_candidates(
@@ -40,8 +44,6 @@ def supernet_candidates(
 ) -> list[Candidate] | None:
     """``name``'s candidates from the supernet an ``eqnet`` stage left in ``context.state``; None when
     there is none, the layer is not in it, or the request's unit is not one ``eqnet`` prices."""
-    if request.methods is not None and METHOD not in request.methods:
-        return None
     state = context.state.get(STATE_KEY)
     if state is None or name not in state["layers"] or request.cost not in OFFER.costs:
         return None
@@ -56,18 +58,23 @@ def supernet_candidates(
     quantizer = WeightQuantizer(weight.shape[0])
     quantizer.load_state_dict(state["quantizers"]["weights"][name])
     quantizer.to(weight.device)
+    inputs: dict[tuple[int, bool], Callable[[torch.Tensor], torch.Tensor]] = {}
+    lowest = (min(s["bits"] for s in settings), min(s["input_bits"] for s in settings))
     costs = state["costs"][name]
     candidates = []
     for setting in settings:
         if fixed:
-            if setting["bits"] != min(request.settings["bits"]):
-                continue  # one candidate: the supernet holds this layer at fixed_bits
+            if (setting["bits"], setting["input_bits"]) != lowest:
+                continue  # one candidate per form: the supernet holds this layer at fixed_bits
             setting = {**setting, "bits": space.fixed_bits, "input_bits": space.fixed_bits}
         quantizer.bits, quantizer.channel = setting["bits"], setting["granularity"] == "channel"
         quantizer.symmetric = setting["symmetric"]
         with torch.no_grad():
             variant = quantizer(weight)
         error = (variant - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)
+        form = (setting["input_bits"], setting["input_symmetric"])
+        if form not in inputs:
+            inputs[form] = input_quantization(state["quantizers"]["inputs"][name], *form)
         candidates.append(
             Candidate(
                 METHOD,
@@ -76,28 +83,29 @@ def supernet_candidates(
                 error.item(),
                 variant.to(module.weight.dtype).cpu(),
                 LayerState(method=METHOD, quant=quantizer.grid()),
+                inputs[form],
             )
         )
     return candidates
 
 
-def check_request(settings: dict[str, list[Any]], space: Space) -> None:
-    """Refuse requested values the supernet's space does not hold, and more than one ``input_bits``."""
-    inputs = settings.get("input_bits", [])
-    if len(inputs) > 1:
-        raise UserError(
-            f"settings: input_bits: give one value, not {inputs} (eqnet's candidates quantize weights only; "
-            "input_bits prices BitOps)"
-        )
-    for key, allowed in (
-        ("bits", space.w_bits),
-        ("granularity", ["channel" if channel else "tensor" for channel in space.channel]),
-        ("symmetric", space.w_symmetric),
-        ("input_bits", space.a_bits),
-    ):
-        outside = [value for value in settings.get(key, []) if value not in allowed]
-        if outside:
-            raise UserError(f"settings: {key}: {outside[0]} is outside the eqnet supernet's space ({list(allowed)})")
+def input_quantization(
+    learned: dict[str, torch.Tensor], bits: int, symmetric: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The supernet's input quantizer of a layer (its ``learned`` state) fixed at ``bits`` and
+    ``symmetric``, frozen: the function ``Candidate.inputs`` applies to the layer's input, moving
+    the quantizer to the input's device on first use there."""
+    quantizer = ActivationQuantizer()
+    quantizer.load_state_dict(learned)
+    quantizer.requires_grad_(False)
+    quantizer.bits, quantizer.symmetric = bits, symmetric
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        if quantizer.scale_sym.device != x.device:
+            quantizer.to(x.device)
+        return quantizer(x)
+
+    return quantize
 
 
 def latent(state: dict[str, Any], name: str, module: nn.Module) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from compress.api import Batch, CandidateOffer, Context, DataSpec, StageRun, TrainingMethod, TrainParams, UserError
 from compress_eqnet.efficiency import layer_costs
 from compress_eqnet.losses import soft_kl, wdr_terms
+from compress_eqnet.offer import OFFER
 from compress_eqnet.quantizers import BITS
 from compress_eqnet.supernet import Space, Supernet, latent_weight
 
@@ -108,16 +109,8 @@ class EQNet(TrainingMethod):
     supported_modules = (nn.Conv2d, nn.Linear)
     writes_state: ClassVar[tuple[str, ...]] = (STATE_KEY,)
     straight_through: ClassVar[bool] = False  # the supernet's own quantizers replace any fixed grid
-    offers: ClassVar[CandidateOffer] = CandidateOffer(
-        {"granularity": ["tensor"], "symmetric": [True], "input_bits": [8]},
-        required=frozenset({"bits"}),
-        costs=frozenset({"bits", "bitops"}),
-        modules=(nn.Conv2d, nn.Linear),
-        nominal=True,
-    )
-    """The supernet's settings as search candidates (:mod:`compress_eqnet.candidates`): weight ``bits``
-    of the space, ``granularity`` (tensor or channel) and weight ``symmetric`` (defaults as
-    ``eqnet_search``'s), ``input_bits`` (one value) pricing BitOps."""
+    offers: ClassVar[CandidateOffer] = OFFER
+    """The supernet's sub-networks as search candidates, once this stage trained it (:mod:`compress_eqnet.offer`)."""
     keeps_zeros: ClassVar[bool] = False
 
     def __init__(self, params: EQNetParams) -> None:

@@ -1,27 +1,29 @@
 """FIMA-Q (Wang et al., CVPR 2025, "FIMA-Q: Post-Training Quantization for Vision Transformers
 by Fisher Information Matrix Approximation"; code: github.com/ShiheWang/FIMA-Q) as a
 sequential calibration method: parameters and the block-by-block driver. The losses are in
-``losses.py``, the weight rounding in ``rounding.py``, the activation points in ``points.py``,
-RepQ-ViT's folding of per-channel post-LayerNorm ranges into the LayerNorm in ``reparam.py``
-(done at the start of each block, before its weight grids are searched, as the code does).
+``losses.py``, the Fisher refresh in ``fisher.py``, the weight grids' search in ``grids.py``,
+the weight rounding in ``rounding.py``, the activation points in ``points.py``, RepQ-ViT's
+folding of per-channel post-LayerNorm ranges into the LayerNorm in ``reparam.py`` (done at
+the start of each block, before its weight grids are searched, as the code does).
 
-What follows the code (``utils/block_recon.py``): each block is reconstructed on its own
-with AdaRound weights and learned activation step sizes (Adam, lr 1e-3 for the rounding
-variables, 4e-5 cosine-annealed to 0 for the activation scales), batch 32, QDrop with
-probability 0.5 (element-wise, the block input is the quantized stream's or the
-full-precision stream's; inside the block each quantizer passes half its elements
-unquantized); the Fisher loss is refreshed every ``iterations / rank`` iterations: the
-block, quantized as it is then, runs on the full-precision inputs, the rest of the model
-(full precision after it) gives the gradient of ``KL(softmax(f(x)/20) || softmax(f̂(x)/20))``
-at the block output (``compress.api.gradients_after_block``), and one row of ``G`` (mean
-|gradient|) and of ``D`` (mean |ẑ - z|) is added.
+What follows the code (``utils/block_recon.py``): the patch embedding is reconstructed first
+(the engine hands targets the forward pass reaches before the blocks over first), then each
+block, then the classifier; each on its own with AdaRound weights and learned activation step
+sizes (Adam, lr 1e-3 for the rounding variables, 4e-5 cosine-annealed to 0 for the
+activation scales), batch 32, QDrop with probability 0.5 (element-wise, the block input is
+the quantized stream's or the full-precision stream's; inside the block each quantizer
+passes half its elements unquantized); the Fisher loss is refreshed every
+``iterations / rank`` iterations: the block, quantized as it is then, runs on the
+full-precision inputs, the rest of the model (full precision after it) gives the gradient of
+``KL(softmax(f(x)/20) || softmax(f̂(x)/20))`` at the block output (``compress.api.after_block``;
+``after_module`` at the patch embedding's output), and one row of ``G`` (mean |gradient|) and
+of ``D`` (mean |ẑ - z|) is added. The patch embedding takes the recipe's loss, as in the code
+(only its ``head`` differs); the classifier fits the full-precision softmax (KL), the code's head.
 
 Where this differs: the paper runs 20,000 iterations per block; the default here is 2,000
-(``iterations``) to keep a run in minutes. The blocks outside the repeated layers (patch
-embedding, classifier) are reconstructed after the blocks, because the engine hands them
-over then (FIMA-Q does the patch embedding first, so its blocks see its quantized output);
-the patch embedding is fitted with ``mse``, the classifier with KL as the code's head. The
-default targets are the Linear layers; add ``Conv2d`` for a ViT's patch embedding.
+(``iterations``) to keep a run in minutes. The Fisher refresh streams over the calibration
+samples instead of keeping every sample's gradient and target (``fisher.py``). The default
+targets are the Linear layers; add ``Conv2d`` for a ViT's patch embedding.
 """
 
 from __future__ import annotations
@@ -49,20 +51,22 @@ from compress.api import (
     StageRun,
     UserError,
     after_block,
-    chunks,
+    after_module,
     collate,
     compute_grid,
-    gradients_after_block,
     hidden_states,
     move,
+    point_name,
     stack_inputs,
     weight_matrix,
     with_hidden_states,
 )
+from compress_fimaq.fisher import fisher_rows
+from compress_fimaq.grids import searched_grid
 from compress_fimaq.losses import FisherFactors, ReconstructionLoss, rounding_penalty, temperature
 from compress_fimaq.points import block_point_names, grouped, initial_point, observe, per_token, search_range
 from compress_fimaq.reparam import fold, foldable
-from compress_fimaq.rounding import attach, searched_grid, settle_rounding
+from compress_fimaq.rounding import attach, settle_rounding
 
 Site = Literal["input", "query", "key", "value", "probs"]
 
@@ -114,7 +118,7 @@ class FimaqParams(QuantParams):
     rank: int = Field(5, ge=1, description="k: Fisher refreshes per block (the low-rank part's rank).")
     range_search: bool = Field(
         True,
-        description="Search activation ranges between percentiles and weight clipping per row; false: "
+        description="Search activation ranges between percentiles and weight grids per row (grids.py); false: "
         "min-max ranges and round-to-nearest grids (the rtn baseline, with reconstruct: false).",
     )
     reconstruct: bool = Field(True, description="false: searched ranges and nearest rounding only (no reconstruction).")
@@ -128,8 +132,13 @@ class FimaqParams(QuantParams):
     warmup: float = Field(0.2, ge=0, lt=1, description="Fraction of iterations without the rounding term.")
     drop_prob: float = Field(0.5, ge=0, le=1, description="QDrop: probability an element is quantized.")
     temperature: float = Field(20.0, gt=0, description="Softmax temperature of the Fisher's KL.")
-    search_steps: int = Field(100, ge=1, description="Candidates between the percentiles (FIMA-Q: eq_n = 100).")
-    weight_search_steps: int = Field(20, ge=1, description="Clipping ratios tried per weight row.")
+    search_steps: int = Field(128, ge=1, description="Candidates between the percentiles (FIMA-Q's eq_n = 128).")
+    weight_candidates: int = Field(
+        128, ge=1, description="Scale and zero-point candidates per weight row (FIMA-Q's eq_n = 128; grids.py)."
+    )
+    search_rounds: int = Field(
+        3, ge=0, description="Rounds of the weight search on the layer's output error (FIMA-Q's search_round = 3)."
+    )
     search_samples: int = Field(128, ge=1, description="Calibration samples observed for the range search.")
     seed: int = Field(3407, description="Seed of the batch draws and QDrop masks (FIMA-Q's seed).")
 
@@ -165,7 +174,6 @@ class Fimaq(BlockMethod):
     def __init__(self, params: FimaqParams) -> None:
         super().__init__(params)
         self._quantization: PointQuantization | None = None
-        self._targets: list[torch.Tensor] | None = None
 
     def produces(self) -> Produces:
         return Produces(quant=self.params.scheme(), activation_points=tuple(self.params.points))
@@ -182,13 +190,11 @@ class Fimaq(BlockMethod):
     @contextmanager
     def around_stage(self, context: Context, run: StageRun) -> Iterator[None]:
         self._quantization = PointQuantization(context.model)
-        self._targets = None
         try:
             yield
         finally:
             self._quantization.close()
             self._quantization = None
-            self._targets = None
 
     def compress_block(self, context: Context, work: BlockWork) -> dict[str, dict[str, Any]]:
         start = time.perf_counter()
@@ -196,11 +202,8 @@ class Fimaq(BlockMethod):
         points = block.initial_points()
         self._quantization.add(points)
         fisher = None
-        outside = work.block in work.targets.values()
-        if self.params.reconstruct and not outside and self.params.loss != "mse":
-            if self._targets is None:
-                self._targets = block.output_targets()
-            fisher = partial(block.fisher_row, self._targets)
+        if self.params.reconstruct and block.loss_kind() not in ("mse", "kl"):
+            fisher = block.fisher_row
         history = block.reconstruct(points, fisher) if self.params.reconstruct else block.round_to_nearest()
         for name, point in points.items():
             context.points[name] = point
@@ -221,6 +224,7 @@ class Block:
         self.context, self.work, self.params = context, work, params
         self.device = work.device
         self.outside = work.block in work.targets.values()
+        self.leading = self.outside and work.index < 0  # before the blocks: the patch embedding
         self.generator = torch.Generator(self.device).manual_seed(params.seed + work.index)
         original = work.original_inputs if work.original_inputs is not None else work.inputs
         try:
@@ -256,18 +260,21 @@ class Block:
         """The block's points with searched ranges (per-token where asked), before any weight changes."""
         params, work = self.params, self.work
         names = block_point_names(self.context.model, work.name, work.block, work.targets, params.points)
+        inputs = {name: point_name(name, "input") for name in work.targets}  # the weight search reads them
         observed = self.q_inputs[: params.search_samples]
         seen = observe(
             self.context.model,
-            names,
+            list(dict.fromkeys([*names, *inputs.values()])),
             lambda: [self.forward(observed[part]) for part in self.parts() if part.start < observed.shape[0]],
         )
         values, after_norm = seen.values, seen.after_norm
-        if params.channel_inputs and params.reparameterize_layernorm and not self.outside:
+        folding = params.channel_inputs and params.reparameterize_layernorm and "input" in params.points
+        if folding and not self.outside:
             self.fold_norms(values, after_norm, seen.consumers)
         modules = dict(self.context.model.named_modules())
         points = {}
-        for name, x in values.items():
+        for name in names:
+            x = values[name]
             module_name, _, site = name.rpartition(":")
             bits = params.activation_bits
             granularity = "head"
@@ -283,10 +290,18 @@ class Block:
             points[name] = per_token(point, x) if token_wise and not self.outside else point
         for name, module in work.targets.items():
             weight = weight_matrix(module.weight)
-            if params.range_search:
-                self.grids[name] = searched_grid(weight, params.scheme(), params.weight_search_steps)
-            else:
+            if not params.range_search:
                 self.grids[name] = compute_grid(weight, params.scheme(), name)
+                continue
+            x, point = values[inputs[name]], points.get(inputs[name])
+            with torch.no_grad():
+                x_hat = x if point is None else point(x)
+            # FIMA-Q's conv search stops after one round when its input is 8-bit (grids.py)
+            eight_bit = isinstance(module, nn.Conv2d) and params.embedding_activation_bits >= 8
+            rounds = min(params.search_rounds, 1) if eight_bit else params.search_rounds
+            self.grids[name] = searched_grid(
+                module, weight, params.scheme(), params.weight_candidates, rounds, x, x_hat
+            )
         return points
 
     def fold_norms(
@@ -313,48 +328,30 @@ class Block:
                 values[point] = folded.apply(values[point])
                 self.folded[layer] = norm
 
-    def output_targets(self) -> list[torch.Tensor]:
-        """The full-precision model's output probabilities at the Fisher's temperature, per
-        sample, on the host (float16 for token sequences: samples x tokens x vocabulary values);
-        from the first block, before it changes."""
+    def fisher_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One refresh (``fisher.py``): mean |∂KL/∂ẑ| and mean |ẑ - z| over the calibration
+        samples, with the block as it is now run on the full-precision inputs."""
         samples = self.context.data("calibration")
-        outputs = list(self.fp_outputs.split(1))
-        targets = []
-        with torch.no_grad(), after_block(self.context.model, self.work.index, self.device, self.returns_tuple) as run:
-            for chunk in chunks(samples, outputs, self.params.fisher_batch_size):
-                batch = move(collate([samples[position] for position in chunk], 0), self.device)
-                hidden = torch.cat([outputs[position] for position in chunk])
-                logits = run(batch, hidden).logits
-                probs = torch.softmax(logits.float() / self.params.temperature, -1)
-                targets.extend(probs.to("cpu", torch.float16 if probs.ndim > 2 else torch.float32).split(1))
-        return targets
 
-    def fisher_row(self, targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One refresh: mean |∂KL/∂z| and mean |ẑ - z| over the calibration samples, with the
-        block as it is now run on the full-precision inputs."""
-        samples = self.context.data("calibration")
-        with torch.no_grad():
-            quantized = torch.cat([self.forward(self.fp_inputs[part]) for part in self.parts()])
-        temperature_ = self.params.temperature
+        def batch(part: slice) -> Any:
+            return move(collate(samples[part], 0), self.device)
 
-        def kl(output: Any, _batch: Any, chunk: range) -> torch.Tensor:
-            log_probs = torch.log_softmax(output.logits.float() / temperature_, -1)
-            target = torch.cat([targets[position] for position in chunk]).to(log_probs.device, torch.float32)
-            return (target * (target.clamp(min=1e-30).log() - log_probs)).sum()
-
-        gradients = gradients_after_block(
-            self.context.model,
-            self.work.index,
-            list(quantized.split(1)),
-            samples,
-            kl,
-            self.device,
-            self.returns_tuple,
-            self.params.fisher_batch_size,
+        if self.leading:
+            after = partial(after_module, self.context.model, self.work.block, self.device)
+        else:
+            after = partial(after_block, self.context.model, self.work.index, self.device, self.returns_tuple)
+        params = self.params
+        return fisher_rows(
+            after, self.forward, self.fp_inputs, self.fp_outputs, batch, params.temperature, params.fisher_batch_size
         )
-        gradient_row = torch.cat(gradients).to(self.device).abs().reshape(self.samples, -1).mean(0)
-        difference_row = (quantized - self.fp_outputs).abs().reshape(self.samples, -1).float().mean(0)
-        return gradient_row, difference_row
+
+    def loss_kind(self) -> str:
+        """The reconstruction loss: the recipe's, also before the blocks (the code's patch
+        embedding); after them, KL to the full-precision softmax for a Linear (the code's head),
+        else the output MSE."""
+        if not self.outside or self.leading:
+            return self.params.loss
+        return "kl" if isinstance(self.work.block, nn.Linear) else "mse"
 
     def round_to_nearest(self) -> dict[str, Any]:
         """Without reconstruction: each weight rounded to the nearest point of its grid."""
@@ -383,10 +380,7 @@ class Block:
             if scale_optimizer
             else None
         )
-        if self.outside:  # the classifier fits the FP softmax (the code's head); the patch embedding its output
-            loss_fn = ReconstructionLoss("kl" if isinstance(self.work.block, nn.Linear) else "mse")
-        else:
-            loss_fn = ReconstructionLoss(params.loss)
+        loss_fn = ReconstructionLoss(self.loss_kind())
         factors = FisherFactors()
         every = max(params.iterations // params.rank, 1)
         first = last = None

@@ -8,10 +8,7 @@ when the reconstruction ends each weight rounds up where ``α >= 0``. The codes 
 toolkit's signed codes, ``clamp(floor(w / s) + h + zp, qmin, qmax)``, on the layer's
 :class:`QuantGrid`, so the writers store the result as any other grid.
 
-The grid: FIMA-Q searches each row's scale and zero point (16 zero points x 8 scales, on
-the weight error, then on the output error over three rounds). Here each row's range is
-shrunk by the ratio, of ``search_steps`` between 0.5 and 1, with the smallest weight error
-(our choice; the output-error rounds are not reproduced).
+The grid is FIMA-Q's searched one (``grids.py``).
 """
 
 from __future__ import annotations
@@ -20,33 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.api import QuantGrid, QuantScheme, weight_matrix
+from compress.api import QuantGrid, weight_matrix
 
 GAMMA, ZETA = -0.1, 1.1
-
-
-def searched_grid(weight: torch.Tensor, scheme: QuantScheme, steps: int) -> QuantGrid:
-    """A per-row grid for the 2-D ``weight`` whose clipping ratio minimizes each row's squared error."""
-    w = weight.detach().float()
-    low, high = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
-    levels = torch.tensor(float(scheme.qmax - scheme.qmin), device=w.device)
-    best_error = torch.full_like(low, float("inf"))
-    best_scale, best_zero = torch.ones_like(low), torch.zeros_like(low)
-    for ratio in torch.linspace(0.5, 1.0, steps).tolist():
-        if scheme.symmetric:
-            scale = (torch.maximum(-low, high) * ratio / (levels / 2)).clamp(min=1e-10)
-            zero = torch.zeros_like(scale)
-        else:
-            scale = ((high - low) * ratio / levels).clamp(min=1e-10)
-            zero = (scheme.qmin - low * ratio / scale).round().clamp(scheme.qmin, scheme.qmax)
-        values = ((w / scale + zero).round().clamp(scheme.qmin, scheme.qmax) - zero) * scale
-        error = (values - w).pow(2).sum(1, keepdim=True)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    zero_point = None if scheme.symmetric else best_zero.to(torch.int8)
-    return QuantGrid(scheme, best_scale, zero_point)
 
 
 class AdaRound(nn.Module):

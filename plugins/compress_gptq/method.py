@@ -344,17 +344,18 @@ class _Layer:
 
     def baselines(self, H: torch.Tensor, rtn: bool = True) -> tuple[float, float | None, float]:
         """``tr(W H Wᵀ)`` and (with ``rtn``, else None) round-to-nearest's ``tr(ΔW H ΔWᵀ)`` (same
-        grid source), and the seconds both took (the report's cost, not GPTQ's)."""
+        grid source), and the seconds both took (the report's cost, not GPTQ's). Report-only
+        figures: on CUDA their products run in TF32 (``h_norms``), about 1e-4 relative."""
         started = time.perf_counter()
         target = self.target().float()
         if not rtn:
-            (reference,) = h_norms(H, target)
+            (reference,) = h_norms(H, target, tf32=True)
             return reference, None, time.perf_counter() - started
         grid = self.grid if self.grid is not None else compute_grid(target, self.scheme, self.name)
         rtn = grid.fake_quantize(target)
         if self.frozen is not None:
             rtn = torch.where(self.frozen, self.current.float(), rtn)
-        reference, rtn_error = h_norms(H, target, target - rtn)  # synchronises
+        reference, rtn_error = h_norms(H, target, target - rtn, tf32=True)  # synchronises
         return reference, rtn_error, time.perf_counter() - started
 
 

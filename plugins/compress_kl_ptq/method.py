@@ -30,7 +30,7 @@ from compress.api import (
     weight_cost,
 )
 from compress_kl_ptq.criterion import check_estimator, weight_kl
-from compress_kl_ptq.storage import SCALE_BITS, ZERO_POINT_BITS, least_bits_per_weight, storage_parts
+from compress_kl_ptq.storage import SCALE_BITS, ZERO_POINT_BITS, storage_parts, storage_range
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 """Default shrink factors of the inlier grid's range (1 = round-to-nearest's max-abs range)."""
@@ -183,19 +183,33 @@ class KLPTQParams(QuantParams):
         scales = 0.0 if self.group_size is None else per_group / self.group_size
         return self.bits + scales + fraction * self.outlier_bits <= self.bits_per_weight
 
-    def least_bits(self, shape: tuple[int, int]) -> tuple[float, float]:
-        """The fewest bits per weight any candidate fraction can take in a layer of ``shape``, and
-        that fraction (see ``least_bits_per_weight``)."""
+    def storage_range(self, shape: tuple[int, int], fraction: float) -> tuple[int, int]:
+        """The fewest and the most bits a layer of ``shape`` can take with ``fraction`` of its weights
+        as outliers (:func:`compress_kl_ptq.storage.storage_range`)."""
         width = self.group_width(shape[1])
-        return min(
-            (
-                least_bits_per_weight(
-                    shape, width, self.bits, self.symmetric, f, self.outlier_bits, self.outlier_index
-                ),
-                f,
-            )
-            for f in self.fractions()
-        )
+        return storage_range(shape, width, self.bits, self.symmetric, fraction, self.outlier_bits, self.outlier_index)
+
+    def least_bits(self, shape: tuple[int, int]) -> tuple[float, float]:
+        """The fewest bits per weight any candidate fraction can take in a layer of ``shape``: exact
+        for no outliers, otherwise with the outliers packed into as few groups as they fill (the
+        weights decide how many they actually touch); and that fraction."""
+        return min((self.storage_range(shape, f)[0] / (shape[0] * shape[1]), f) for f in self.fractions())
+
+
+def candidate_cost_range(module: nn.Module, setting: dict[str, Any], unit: str) -> tuple[float, float]:
+    """Bounds on the cost of a kl_ptq candidate of a Linear ``module`` from its shape alone.
+
+    In weights kept it is exact (every weight is kept). In storage bits only bounds are possible:
+    the outliers' count is exact (a fraction gives ``round(fraction × weights)`` of them) and so
+    are the codes, scales and CSR positions, but the groups they touch, each storing a scale of the
+    outlier grid, depend on where the large weights are: from as few groups as the outliers fill to
+    one outlier per group (:func:`compress_kl_ptq.storage.storage_range`). Without outliers both
+    bounds are the exact cost."""
+    shape = (module.out_features, module.in_features)
+    if unit == "params":
+        return float(shape[0] * shape[1]), float(shape[0] * shape[1])
+    low, high = KLPTQParams(**setting).storage_range(shape, setting["outlier_fraction"])
+    return float(low), float(high)
 
 
 class KLPTQ(LayerMethod):
@@ -272,9 +286,13 @@ class KLPTQ(LayerMethod):
 
     name = "kl_ptq"
     Params = KLPTQParams
-    # the cost depends on the outliers found, so no price from shapes; no BitOps either, as the
-    # outliers sit on a grid of their own
-    offers = CandidateOffer({"group_size": [128], "outlier_fraction": [0.01]}, costs=frozenset({"bits", "params"}))
+    # the storage depends on the groups the outliers touch, so only bounds from shapes; no BitOps, as
+    # the outliers sit on a grid of their own
+    offers = CandidateOffer(
+        {"group_size": [128], "outlier_fraction": [0.01]},
+        costs=frozenset({"bits", "params"}),
+        price_range=candidate_cost_range,
+    )
 
     def produces(self) -> Produces:
         # a budget that leaves no room for any outlier makes a plain grid, which every integer

@@ -49,7 +49,7 @@ def storage_parts(
     }
 
 
-def least_bits_per_weight(
+def storage_range(
     shape: tuple[int, int],
     width: int,
     bits: int,
@@ -57,13 +57,16 @@ def least_bits_per_weight(
     fraction: float,
     outlier_bits: int,
     outlier_index: Literal["csr", "bitmap"],
-) -> float:
-    """The fewest bits per weight a layer of ``shape`` can take with ``round(fraction × weights)``
-    outliers: exact for no outliers, otherwise with the outliers packed into as few groups as
-    they fill (the weights decide how many groups they actually touch)."""
+) -> tuple[int, int]:
+    """The fewest and the most bits a layer of ``shape`` can take with ``round(fraction × weights)``
+    outliers (the count a fraction gives exactly): the outliers packed into as few groups as they
+    fill, or spread one to a group over as many as there are. Only the groups the outliers touch,
+    which the weights decide, are unknown from the shape; without outliers both ends are exact."""
     weights = shape[0] * shape[1]
     outliers = round(fraction * weights)
-    parts = storage_parts(
-        shape, width, bits, symmetric, outliers, math.ceil(outliers / width), outlier_bits, outlier_index
+    fewest, most = math.ceil(outliers / width), min(outliers, weights // width)
+    low, high = (
+        sum(storage_parts(shape, width, bits, symmetric, outliers, groups, outlier_bits, outlier_index).values())
+        for groups in (fewest, most)
     )
-    return sum(parts.values()) / weights
+    return low, high

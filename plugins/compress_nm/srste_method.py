@@ -71,6 +71,10 @@ class SRSTE(TrainingMethod):
     Params = SRSTEParams
     params: SRSTEParams
     straight_through = False
+    fsdp_refusal = (
+        "it attaches its N:M mask parametrization to whole weights in prepare, which FSDP has sharded by then, "
+        "and keeps whole masks in the run's state"
+    )
 
     def __init__(self, params: SRSTEParams) -> None:
         super().__init__(params)

@@ -28,6 +28,10 @@ Differences from the official code, by choice: the candidate weights are stored 
 model's dtype (the code stores bf16 deltas to the highest bit width), so a one-hot
 configuration gives exactly the candidate's weights; costs are each candidate's own (with
 scales), not nominal bit widths; layers are not grouped (one choice per targeted layer).
+Candidates that also quantize the layer's input (``Candidate.inputs``: eqnet's input bits,
+which the code's weight-only candidates lack) get their inputs mixed the same way,
+``Σ_k p_k Q_k(x)`` (:class:`InputMixture`), so a one-hot sample computes exactly its
+configuration and the gradient reaches every candidate's logit.
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.api import Context, ReferenceKL, SearchMethod, SearchParams, SearchSpace, StageRun, reference_kl
+from compress.api import (
+    Candidate,
+    Context,
+    ReferenceKL,
+    SearchMethod,
+    SearchParams,
+    SearchSpace,
+    StageRun,
+    reference_kl,
+)
 from compress_rco.knapsack import budget_choice
 from compress_rco.manifold import budget_normal, probabilities, project, retract, transport
 
@@ -83,6 +96,25 @@ class Mixture(nn.Module):
     def forward(self, _weight: torch.Tensor) -> torch.Tensor:
         p = self.shared["probs"][self.row, : self.stack.shape[0]].to(self.stack.dtype)
         return (p @ self.stack.flatten(1)).view(self.stack.shape[1:])
+
+
+class InputMixture:
+    """A forward pre-hook giving a layer the input ``Σ_k p_k Q_k(x)`` over its candidates, where
+    ``Q_k`` is candidate k's input quantization (``Candidate.inputs``; none is the identity) and p
+    is read from ``shared["probs"][row]``: with p one-hot in value, exactly the chosen candidate's
+    input, with p's straight-through gradient. Candidates sharing a quantization share its term."""
+
+    def __init__(self, candidates: list[Candidate], shared: dict[str, torch.Tensor], row: int) -> None:
+        self.shared, self.row = shared, row
+        terms: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor] | None, list[int]]] = {}
+        for k, candidate in enumerate(candidates):
+            terms.setdefault(id(candidate.inputs), (candidate.inputs, []))[1].append(k)
+        self.terms = list(terms.values())
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        x, p = args[0], self.shared["probs"][self.row]
+        mixed = sum(p[ks].sum().to(x.dtype) * (x if quantize is None else quantize(x)) for quantize, ks in self.terms)
+        return (mixed, *args[1:])
 
 
 class RCO(SearchMethod):
@@ -201,18 +233,24 @@ def optimize(
 @contextmanager
 def mixtures(model: nn.Module, space: SearchSpace, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Inside, every layer of ``space`` computes its weight as a :class:`Mixture` of its candidates
-    (stacked on ``device``) and the model's parameters are frozen. Yields the shared dict whose
+    (stacked on ``device``) and, when some candidate quantizes it, its input as an
+    :class:`InputMixture`; the model's parameters are frozen. Yields the shared dict whose
     ``"probs"`` the caller sets before each forward pass; on exit the original weights are back."""
     trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     model.requires_grad_(False)
     shared: dict[str, torch.Tensor] = {}
     space.current = [None] * len(space.layers)
+    handles = []
     try:
         for row, layer in enumerate(space.layers):
             stack = torch.stack([candidate.weight for candidate in layer.candidates]).to(device)
             parametrize.register_parametrization(layer.module, "weight", Mixture(stack, shared, row), unsafe=True)
+            if layer.quantizes_inputs:
+                handles.append(layer.module.register_forward_pre_hook(InputMixture(layer.candidates, shared, row)))
         yield shared
     finally:
+        for handle in handles:
+            handle.remove()
         for layer in space.layers:
             if parametrize.is_parametrized(layer.module, "weight"):
                 parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)

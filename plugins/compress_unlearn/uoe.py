@@ -178,6 +178,10 @@ class UOE(TrainingMethod):
     params: UOEParams
     datasets: ClassVar[tuple[str, ...]] = ("forget", "retain")
     default_targets: ClassVar[list[str]] = [r"re:.*\.mlp$"]
+    fsdp_refusal: ClassVar[str] = (
+        "it trains slices of fused expert parameters through a parametrization over the whole parameter, "
+        "which FSDP holds as shards"
+    )
     supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Module,)
 
     def __init__(self, params: UOEParams) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.faults.harness import APPLY, CHECK, Fault
+from tests.faults.harness import CHECK, Fault
 
 
 def eqnet_setup(stages: list[dict[str, Any]], argv: list[str] = CHECK) -> Callable[[Path], list[str]]:
@@ -42,20 +42,40 @@ CASES = [
         id="eqnet/rco-bits-outside-space",
         description="rco asking for 3-bit candidates of a supernet trained at 2, 4 and 8 bits",
         setup=eqnet_setup(
-            [{**TRAIN, "w_bits": [2, 4, 8]}, {**RCO, "settings": {"bits": [2, 3]}, "budget": {"bits_per_weight": 4}}],
-            APPLY,
+            [{**TRAIN, "w_bits": [2, 4, 8]}, {**RCO, "settings": {"bits": [2, 3]}, "budget": {"bits_per_weight": 4}}]
         ),
         message="settings: bits: 3 is outside the eqnet supernet's space ([2, 4, 8])",
+        place="recipe.yaml:17:3",
         must_not_exist=("out",),
     ),
     Fault(
-        id="eqnet/rco-several-input-bits",
-        description="rco over the eqnet supernet with two input_bits (the candidates quantize weights only)",
+        id="eqnet/rco-input-bits-outside-space",
+        description="rco asking for candidates on 2-bit inputs of a supernet whose inputs were trained at 4 and 8 bits",
         setup=eqnet_setup(
-            [TRAIN, {**RCO, "settings": {"bits": [2, 4], "input_bits": [4, 8]}, "budget": {"bitops_per_weight": 3000}}],
-            APPLY,
+            [
+                {**TRAIN, "a_bits": [4, 8]},
+                {**RCO, "settings": {"bits": [2, 4], "input_bits": [2, 4]}, "budget": {"bitops_per_weight": 3000}},
+            ]
         ),
-        message="settings: input_bits: give one value, not [4, 8]",
+        message="settings: input_bits: 2 is outside the eqnet supernet's space ([4, 8])",
+        place="recipe.yaml:16:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/rco-budget-unreachable",
+        description="rco over the eqnet supernet at 1.5 bits per weight, below every sub-network (2 bits at least)",
+        setup=eqnet_setup([TRAIN, {**RCO, "settings": {"bits": [2, 4]}, "budget": {"bits_per_weight": 1.5}}]),
+        message="budget bits_per_weight: 1.5 is below the cheapest configuration (bits_per_weight: at least 2,",
+        place="recipe.yaml:13:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/rco-without-supernet",
+        description="rco over eqnet's candidates with no eqnet stage (the supernet) before it",
+        setup=eqnet_setup([{**RCO, "settings": {"bits": [2, 4]}, "budget": {"bits_per_weight": 4}}]),
+        message="provider 'eqnet' has no candidates here: eqnet offers the sub-networks of the supernet an eqnet "
+        "stage trains, and no earlier stage is one",
+        place="recipe.yaml:10:3",
         must_not_exist=("out",),
     ),
     Fault(

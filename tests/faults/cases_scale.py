@@ -1,5 +1,5 @@
 """Scale: ``run: {mode: lazy}`` plans it cannot run, shards missing or truncated under it,
-and FSDP asked for a training stage the loop cannot shard. All one line, nothing written."""
+and FSDP asked for a plan a sharded training stage cannot run. All one line, nothing written."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def sharded(damage: Callable[[Path], None]) -> Callable[[Path], Path]:
 
 def truncate(shard: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
+
+
+DISTILL = {"method": "distill", "steps": 2, "batch_size": 2}
+
+
+def fsdp_fault(slug: str, plan: str, stages: list[dict], message: str, evaluate: list | None = None) -> Fault:
+    """``recipe check`` of ``stages`` under ``ACCELERATE_USE_FSDP=true`` (accelerate launch --use_fsdp)."""
+    names = ("train", "evaluation") if evaluate else ("train",)
+    return Fault(
+        id=f"scale/fsdp-{slug}",
+        description=f"`ACCELERATE_USE_FSDP=true` (accelerate launch --use_fsdp) with {plan}",
+        setup=recipe_setup(
+            evaluate=evaluate or [], data=lambda _work: {name: data_entry() for name in names}, stages=stages
+        ),
+        env={"ACCELERATE_USE_FSDP": "true"},
+        message=message,
+        place="recipe.yaml:",
+        must_not_exist=("out",),
+    )
 
 
 CASES = [
@@ -81,17 +100,38 @@ CASES = [
         place="recipe.yaml:",
         must_not_exist=("out",),
     ),
-    Fault(
-        id="scale/fsdp-training-stage",
-        description="`ACCELERATE_USE_FSDP=true` (accelerate launch --use_fsdp) with a distill stage",
-        setup=recipe_setup(
-            evaluate=[],
-            data=lambda _work: {"train": data_entry()},
-            stages=[{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "distill", "steps": 2, "batch_size": 2}],
-        ),
-        env={"ACCELERATE_USE_FSDP": "true"},
-        message="stage 2 (distill) cannot shard",
-        place="recipe.yaml:",
-        must_not_exist=("out",),
+    fsdp_fault(
+        "training-stage",
+        "a distill stage training the layers an rtn stage quantized (straight-through needs whole weights)",
+        [{"method": "rtn", "bits": 4, "group_size": 32}, DISTILL],
+        "distill cannot train sharded through the grids or masks that stage 1 (rtn) leaves in",
+    ),
+    fsdp_fault(
+        "stage-before-training",
+        "an rtn stage on the attention before a distill stage on the MLPs (the weights stay in their shards)",
+        [
+            {"method": "rtn", "bits": 4, "group_size": 32, "targets": [r"re:.*self_attn\..*_proj$"]},
+            {**DISTILL, "targets": [r"re:.*mlp\..*_proj$"]},
+        ],
+        "leaves the weights in their memory-mapped shards until the training stage shards them, so stage 1 (rtn)",
+    ),
+    fsdp_fault(
+        "srste",
+        "an srste stage (its N:M mask parametrization needs whole weights)",
+        [{"method": "srste", "steps": 2, "batch_size": 2}],
+        "srste cannot train sharded: it attaches its N:M mask parametrization to whole weights",
+    ),
+    fsdp_fault(
+        "stage-after-training",
+        "an rtn stage after a distill stage (the model stays sharded)",
+        [DISTILL, {"method": "rtn", "bits": 4, "group_size": 32}],
+        "so no stage may follow it",
+    ),
+    fsdp_fault(
+        "with-evaluate",
+        "a distill stage and `evaluate: [perplexity]`",
+        [DISTILL],
+        "FSDP (ACCELERATE_USE_FSDP) never gathers the whole model on one process, so it cannot evaluate",
+        evaluate=["perplexity"],
     ),
 ]

@@ -36,6 +36,17 @@ CASES = [
         must_not_exist=("out",),
     ),
     Fault(
+        id="search/kl-ptq-budget-below-bounds",
+        description="an rco budget of 3 bits per weight over kl_ptq candidates (3 and 4 bits, 1% outliers), whose "
+        "storage is at least 3.75 bits whatever the weights (only bounds are known before the outliers are found)",
+        setup=search(
+            providers=["kl_ptq"], settings={"bits": [3, 4], "group_size": [32]}, budget={"bits_per_weight": 3}
+        ),
+        message="budget bits_per_weight: 3 is below the cheapest configuration (bits_per_weight: at least 3.74745,",
+        place="recipe.yaml:12:3",
+        must_not_exist=("out",),
+    ),
+    Fault(
         id="search/budget-above-dearest",
         description="an rco budget of 6 bits per weight with candidates of at most 4 bits (4.5 with the scales)",
         setup=search(budget={"bits_per_weight": 6}),

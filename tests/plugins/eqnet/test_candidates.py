@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ import torch
 import yaml
 from compress_eqnet.efficiency import Efficiency
 from compress_eqnet.method import STATE_KEY
+from compress_eqnet.quantizers import ActivationQuantizer
 from compress_eqnet.search import space_of
 from compress_eqnet.supernet import Subnet, Supernet
 
-from compress.api import CandidateRequest, ClassifierKL, UserError, collect_candidates
+from compress.api import Budget, CandidateRequest, ClassifierKL, SearchSpace, UserError, collect_candidates
+from compress.search_method import LayerChoices
 from compress.validate import check_recipe
 from tests.plugins.eqnet.conftest import eqnet_recipe, run
 
@@ -98,12 +101,84 @@ def test_a_one_hot_configuration_is_the_supernet_subnet(trained, granularity):
         assert candidate.state.quant is None  # asymmetric: no integer grid holds the offset
 
 
-def test_values_outside_the_space_are_refused(trained):
+def test_values_outside_the_space_are_refused_when_asked_directly(trained):
     _, context = trained
-    with pytest.raises(UserError, match="input_bits: give one value"):
-        candidates_of(context, [2, 4], "bits", input_bits=[4, 8])
+    with pytest.raises(UserError, match=r"settings: input_bits: 9 is outside the eqnet supernet's space \(\[2, 3,"):
+        candidates_of(context, [2, 4], "bits", input_bits=[4, 9])
     with pytest.raises(UserError, match="bits: 9 is outside the eqnet supernet's space"):
         candidates_of(context, [2, 9], "bits")
+
+
+def test_input_bits_are_a_search_dimension_priced_in_bitops(trained):
+    _, context = trained
+    state = context.state[STATE_KEY]
+    for unit in ("bits", "bitops"):
+        first, *middle, last = candidates_of(context, [2, 4], unit, input_bits=[2, 8]).values()
+        assert (
+            [(c.setting["bits"], c.setting["input_bits"]) for c in first]
+            == [(8, 8)]
+            == [(c.setting["bits"], c.setting["input_bits"]) for c in last]
+        )
+        for name, layer in zip(state["layers"][1:-1], middle):
+            assert [(c.setting["bits"], c.setting["input_bits"]) for c in layer] == [(2, 2), (2, 8), (4, 2), (4, 8)]
+            costs = state["costs"][name]
+            expected = [
+                costs["params"] * w if unit == "bits" else costs["macs"] * w * a for w in (2, 4) for a in (2, 8)
+            ]
+            assert [c.cost for c in layer] == pytest.approx(expected)
+            assert layer[0].inputs is not layer[1].inputs and layer[0].inputs is layer[2].inputs  # one per input form
+
+
+def test_an_input_bits_candidate_quantizes_the_layers_input_at_its_bits(trained):
+    """Put in the model, 4-bit-weight candidates on 2-bit inputs are the supernet's sub-network W4A2:
+    each layer's input quantized by its learned 2-bit input quantizer, the logits the sub-network's."""
+    _, context = trained
+    state, model = context.state[STATE_KEY], context.model
+    n = len(state["layers"])
+    modules = dict(model.named_modules())
+    pixels = torch.stack([sample["pixel_values"] for sample in context.data("calibration")])
+    saved, training = {k: v.clone() for k, v in model.state_dict().items()}, model.training
+    model.eval()
+    try:
+        supernet = Supernet({name: modules[name] for name in state["layers"]}, space_of(state))
+        supernet.load_state_dict(state["quantizers"])
+        supernet.install()
+        try:
+            supernet.set(Subnet((4,) * n, (2,) * n, (False,) * n, (True,) * n, (False,) * n))
+            with torch.no_grad():
+                subnet_logits = model(pixel_values=pixels).logits
+        finally:
+            supernet.remove()
+
+        offered = candidates_of(context, [2, 4], "bitops", input_bits=[2, 8])
+        layers = [LayerChoices(name, modules[name], candidates) for name, candidates in offered.items()]
+        space = SearchSpace(layers, Budget.model_validate({"bitops": 1e12}))
+        choice = [
+            next(k for k, c in enumerate(layer.candidates) if (c.setting["bits"], c.setting["input_bits"]) == (4, 2))
+            if 0 < i < n - 1
+            else 0
+            for i, layer in enumerate(layers)
+        ]
+        probed = state["layers"][2]
+        raw, seen = [], []
+        first = modules[probed].register_forward_pre_hook(lambda _m, args: raw.append(args[0].detach()))
+        with torch.no_grad(), space.quantized_inputs():
+            space.put(choice)
+            second = modules[probed].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+            logits = model(pixel_values=pixels).logits
+            second.remove()
+        model(pixel_values=pixels)  # outside the search the layer reads its inputs unquantized again
+        first.remove()
+    finally:
+        model.load_state_dict(saved)
+        model.train(training)
+    quantizer = ActivationQuantizer()
+    quantizer.load_state_dict(state["quantizers"]["inputs"][probed])
+    quantizer.bits, quantizer.symmetric = 2, False
+    torch.testing.assert_close(seen[0], quantizer(raw[0]))
+    assert seen[0].unique().numel() <= 4 < raw[0].unique().numel()
+    assert raw[1].unique().numel() > 4
+    torch.testing.assert_close(logits, subnet_logits)
 
 
 def test_classifier_kl_is_zero_for_the_original_and_positive_otherwise(trained):
@@ -116,15 +191,21 @@ def test_classifier_kl_is_zero_for_the_original_and_positive_otherwise(trained):
 
 
 @pytest.mark.parametrize(
-    ("method", "budget", "extra"),
-    [("rco", {"bits": EXACT_BITS}, SEARCH), ("evopress", {"bitops_per_weight": 3500.0}, {"generations": 2})],
+    ("method", "budget", "extra", "input_bits"),
+    [
+        ("rco", {"bits": EXACT_BITS}, SEARCH, None),
+        ("rco", {"bitops_per_weight": 3500.0}, SEARCH, [2, 8]),
+        ("evopress", {"bitops_per_weight": 3500.0}, {"generations": 2}, [2, 8]),
+    ],
 )
-def test_a_search_after_eqnet_meets_the_budget_on_the_supernet(host, eqnet_assets, tmp_path, method, budget, extra):
+def test_a_search_after_eqnet_meets_the_budget_on_the_supernet(
+    host, eqnet_assets, tmp_path, method, budget, extra, input_bits
+):
     model, images = eqnet_assets
     extra = extra if method == "rco" else {**extra, "offspring": 4, "survivors": [1], "tokens": [6], "initial": 4}
     raw = rco_recipe(model, images, tmp_path / "out", budget, method, **extra)
-    if method == "evopress":
-        raw["stages"][-1]["settings"]["input_bits"] = [4]
+    if input_bits is not None:
+        raw["stages"][-1]["settings"]["input_bits"] = input_bits
     context = run(host, tmp_path, raw)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     details = report["stages"][1]["details"]
@@ -136,7 +217,13 @@ def test_a_search_after_eqnet_meets_the_budget_on_the_supernet(host, eqnet_asset
     space = space_of(state)
     layers = report["stages"][1]["layers"]
     w_bits = tuple(layers[name]["setting"]["bits"] for name in state["layers"])
+    a_bits = tuple(layers[name]["setting"]["input_bits"] for name in state["layers"])
     assert w_bits[0] == w_bits[-1] == 8 and set(w_bits[1:-1]) <= {2, 3, 4}
+    assert a_bits[0] == a_bits[-1] == 8 and set(a_bits[1:-1]) <= set(input_bits or [8])
+    if key == "bitops_per_weight":  # the achieved BitOps count each layer's input bits
+        efficiency = Efficiency([state["costs"][name] for name in state["layers"]], space.fixed_bits)
+        weights = sum(state["costs"][name]["params"] for name in state["layers"])
+        assert details["achieved"][key] * weights == pytest.approx(efficiency.bitops(w_bits, a_bits))
     # the written weights are the sub-network's: quantizing them again at their settings changes nothing
     modules = dict(context.model.named_modules())
     supernet = Supernet({name: modules[name] for name in state["layers"]}, space)
@@ -147,6 +234,68 @@ def test_a_search_after_eqnet_meets_the_budget_on_the_supernet(host, eqnet_asset
         weight = modules[name].weight.detach()
         torch.testing.assert_close(quantizer(weight), weight)
         assert context.layers[name].quant.scheme.bits == bits
+
+
+@pytest.mark.parametrize(
+    ("space", "search", "message"),
+    [
+        ({"w_bits": [2, 4, 8]}, {}, "settings: bits: 3 is outside the eqnet supernet's space ([2, 4, 8])"),
+        (
+            {"a_bits": [4, 8]},
+            {"settings": {"bits": [2, 4], "input_bits": [2, 4]}, "budget": {"bitops_per_weight": 3000}},
+            "settings: input_bits: 2 is outside the eqnet supernet's space ([4, 8])",
+        ),
+        (
+            {"a_bits": [2, 4]},
+            {},
+            "settings: input_bits: 8 (the default) is outside the eqnet supernet's space ([2, 4])",
+        ),
+        (
+            {"w_symmetric": [False]},
+            {"settings": {"bits": [2, 4], "symmetric": [False, True]}},
+            "settings: symmetric: True is outside the eqnet supernet's space ([False])",
+        ),
+    ],
+)
+def test_recipe_check_refuses_requests_outside_the_trained_space(host, eqnet_assets, tmp_path, space, search, message):
+    """The supernet's space is the recipe's eqnet stage's: a search asking for more is refused before
+    any training, not when the candidates are collected."""
+    model, images = eqnet_assets
+    raw = rco_recipe(model, images, tmp_path / "out", {"bits_per_weight": 4.0}, **SEARCH)
+    raw["stages"][0].update(space)
+    raw["stages"][1].update(search)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_recipe(host, path, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (1.5, "budget bits_per_weight: 1.5 is below the cheapest configuration (bits_per_weight: at least 2,"),
+        (8.5, "budget bits_per_weight: 8.5 is above the dearest configuration (bits_per_weight: at most 8,"),
+    ],
+)
+def test_recipe_check_refuses_a_bits_budget_no_subnet_meets(host, eqnet_assets, tmp_path, budget, message):
+    """In bits eqnet's candidates cost parameters x weight bits, the first and last layers at fixed bits
+    (2..8): recipe check bounds every configuration between 2 and 8 bits per weight."""
+    model, images = eqnet_assets
+    raw = rco_recipe(model, images, tmp_path / "out", {"bits_per_weight": budget}, **SEARCH)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_recipe(host, path, overwrite=True)
+
+
+def test_recipe_check_refuses_eqnet_candidates_without_an_eqnet_stage(host, eqnet_assets, tmp_path):
+    model, images = eqnet_assets
+    raw = rco_recipe(model, images, tmp_path / "out", {"bits_per_weight": 4.0}, **SEARCH)
+    raw["stages"] = raw["stages"][1:]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="provider 'eqnet' has no candidates here: eqnet offers the sub-networks"):
+        check_recipe(host, path, overwrite=True)
 
 
 def test_bits_budgets_pass_check_with_the_dense_format(host, eqnet_assets, tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from compress_fimaq.grids import searched_grid
 from compress_fimaq.losses import FisherFactors, ReconstructionLoss, temperature
 from compress_fimaq.method import Fimaq, FimaqParams
-from compress_fimaq.rounding import attach, searched_grid, settle_rounding
+from compress_fimaq.rounding import attach, settle_rounding
 from torch import nn
 
 from compress.activation_points import quantized_points
@@ -65,7 +66,7 @@ def test_adaround_starts_at_the_fraction_and_untrained_settles_to_nearest():
     torch.manual_seed(0)
     layer = nn.Linear(16, 4)
     weight = layer.weight.detach().clone()
-    grid = searched_grid(weight, QuantScheme(bits=3, symmetric=False, granularity="channel"), steps=5)
+    grid = searched_grid(layer, weight, QuantScheme(bits=3, symmetric=False, granularity="channel"), 16, 0)
     rounding = attach(layer, grid)
     scaled = weight / grid.scale
     torch.testing.assert_close(rounding.rounding(), scaled - scaled.floor(), atol=1e-5, rtol=0)
@@ -124,6 +125,9 @@ def test_every_block_and_the_outside_targets_are_reconstructed(vit_run):
     assert {details["loss"] for name, details in layers.items() if name.startswith("vit.layers.")} == {"dplr"}
     assert {details["fisher_rank"] for name, details in layers.items() if name.startswith("vit.layers.")} == {2}
     assert layers["classifier"]["loss"] == "kl"
+    projection = "vit.embeddings.patch_embeddings.projection"
+    assert next(iter(layers)) == projection  # before the blocks, with the Fisher loss, as FIMA-Q's code
+    assert layers[projection]["loss"] == "dplr" and layers[projection]["fisher_rank"] == 2
     for name, state in context.layers.items():
         weight = context.model.get_submodule(name).weight.detach().flatten(1)
         assert torch.equal(state.quant.fake_quantize(weight), weight)  # hard-rounded onto the recorded grid

@@ -511,3 +511,37 @@ def test_per_group_clip_is_the_least_criterion_over_ratio_combinations(real_laye
     assert 0.7 <= report["clip_ratio"] <= 1.0
     with pytest.raises(ValueError, match="clip_scope: group needs kl_estimator: pointwise"):
         KLPTQParams(bits=3, clip_scope="group", kl_estimator="gaussian")
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_candidate_cost_bounds_are_reached_by_packed_and_spread_outliers(group_size):
+    """The bounds recipe check prices kl_ptq candidates with: exact without outliers; with them, the
+    low end is reached by outliers packed into as few groups as they fill, the high end by one
+    outlier per group, and any weights lie between."""
+    from compress.search import CandidateRequest
+    from compress_kl_ptq.method import candidate_cost_range, kl_ptq_candidates
+
+    layer = nn.Linear(128, 8, bias=False)
+    request = CandidateRequest({"bits": [3], "group_size": [group_size], "outlier_fraction": [0.0, 1 / 32]})
+    width = group_size or 128
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 128, generator=generator) * 0.01
+    packed, spread = base.clone(), base.clone()
+    packed.view(-1)[:32] = 1.0  # the 32 outliers fill the fewest groups
+    spread.view(8, -1, width)[..., 0] = 1.0  # one outlier at the start of each group, or each row's 4
+    if group_size is None:
+        spread = base.clone()
+        spread[:, :4] = 1.0
+    costs = {}
+    for name, weight in (("packed", packed), ("spread", spread), ("random", base)):
+        layer.weight.data = weight
+        costs[name] = {c.setting["outlier_fraction"]: c.cost for c in kl_ptq_candidates("x", layer, request)}
+    no_outliers = candidate_cost_range(layer, {"bits": 3, "group_size": group_size, "outlier_fraction": 0.0}, "bits")
+    assert no_outliers == (costs["random"][0.0],) * 2
+    low, high = candidate_cost_range(layer, {"bits": 3, "group_size": group_size, "outlier_fraction": 1 / 32}, "bits")
+    assert (costs["packed"][1 / 32], costs["spread"][1 / 32]) == (low, high)
+    assert low <= costs["random"][1 / 32] <= high and low < high
+    assert candidate_cost_range(layer, {"bits": 3, "group_size": group_size, "outlier_fraction": 0.01}, "params") == (
+        1024.0,
+        1024.0,
+    )
