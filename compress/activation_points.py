@@ -25,6 +25,8 @@ Grids (FIMA-Q's ``quantizers/uniform.py`` and ``quantizers/logarithm.py``):
 * ``uniform``, asymmetric: ``q = clamp(round(x / s) + round(z), 0, 2**bits - 1)``,
   ``x̂ = (q - round(z)) s``; rounding passes gradients straight through, so ``s`` (and
   ``z``) are learnable step sizes;
+* ``affine``: as ``uniform`` with the zero point not rounded, ``q = clamp(round(x / s + z), 0,
+  2**bits - 1)``, ``x̂ = (q - z) s`` (LSQ+'s real-valued offset ``β = -(z + code_min) s``, EQ-Net);
 * ``log2`` (for the non-negative softmax output): ``q = clamp(round(-log2(x / s)), 0,
   2**bits - 1)``, ``x̂ = 2**-q s``, and values below the smallest level become 0.
 """
@@ -61,8 +63,10 @@ class PointScheme(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bits: int = Field(ge=2, le=8, description="Bits per activation (2-8).")
-    grid: Literal["uniform", "log2"] = Field(
-        "uniform", description="Asymmetric uniform grid, or powers of two (non-negative values such as probabilities)."
+    grid: Literal["uniform", "affine", "log2"] = Field(
+        "uniform",
+        description="Asymmetric uniform grid; the same with a real-valued zero point (affine: LSQ+'s learned "
+        "offset, levels not through 0); or powers of two (non-negative values such as probabilities).",
     )
     granularity: Literal["tensor", "channel", "head", "token"] = Field(
         "tensor",
@@ -105,6 +109,9 @@ class ActivationPoint(nn.Module):
         if self.scheme.grid == "log2":
             codes = _round_ste(-(values / scale).clamp(1e-15, 1.0).log2())
             quantized = torch.exp2(-codes.clamp(0, self.levels)) * scale * (codes <= self.levels)
+        elif self.scheme.grid == "affine":
+            zero = self.zero_point.to(x.device)
+            quantized = (_round_ste(values / scale + zero).clamp(0, self.levels) - zero) * scale
         else:
             zero = _round_ste(self.zero_point.to(x.device))
             codes = (_round_ste(values / scale) + zero).clamp(0, self.levels)

@@ -154,6 +154,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--static-only", action="store_true", help="only the FP model and the static QAT runs (no supernet part)"
     )
+    parser.add_argument(
+        "--fp-only", action="store_true", help="only the FP model and the split zips (what compare_eqnet_rco needs)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -197,6 +200,8 @@ def main() -> None:
         "params": sum(p.numel() for p in model.parameters()),
     }
     write()
+    if args.fp_only:
+        return
 
     data = data_entries(args, train_zip, holdout_zip, train_images)
     if not args.static_only:

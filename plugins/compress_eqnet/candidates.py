@@ -5,7 +5,8 @@ requested weight bit widths, weight granularities and symmetries, input bit widt
 symmetries (:data:`compress_eqnet.offer.DEFAULTS` fill the settings a request omits): its latent
 weights fake-quantized with the supernet's learned LSQ+ step (and offset) for that setting,
 exactly the weights of the sub-network that sets it, and its input quantized by the supernet's
-learned input quantizer at the setting's input bits (``Candidate.inputs``), so the search scores
+learned input quantizer at the setting's input bits (``Candidate.inputs``: the activation point
+:func:`compress_eqnet.points.input_point`, the one ``eqnet_search`` writes), so the search scores
 each configuration as the sub-network computes. The first and the last layer are offered
 ``fixed_bits`` weights and inputs only, as the supernet holds them.
 
@@ -17,23 +18,24 @@ counts them, so a BitOps search trades input bits against weight bits.
 
 Our choices: a request's values must lie in the supernet's space (``compress recipe check``
 refuses others from the recipe's ``eqnet`` stage); batch-norm statistics are the trained
-supernet's, not re-estimated per configuration as ``eqnet_search`` does; the written checkpoint
-holds the chosen weights, and the inputs' bits only report.json (per layer, in the setting), as
-for ``eqnet_search``: no output format stores LSQ+ input grids.
+supernet's, not re-estimated per configuration as ``eqnet_search`` does; the search's written
+checkpoint holds the chosen weights, and the inputs' bits only report.json (per layer, in the
+setting): an ``eqnet_search`` stage with ``configuration:`` the search's label measures the
+chosen configuration as eqnet_search measures its own and writes its input points.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.api import Candidate, CandidateRequest, Context, LayerState
+from compress.api import ActivationPoint, Candidate, CandidateRequest, Context, LayerState
 from compress_eqnet.method import STATE_KEY, EQNet
 from compress_eqnet.offer import OFFER, check_request
-from compress_eqnet.quantizers import ActivationQuantizer, WeightQuantizer
+from compress_eqnet.points import input_point
+from compress_eqnet.quantizers import WeightQuantizer
 from compress_eqnet.search import space_of
 
 METHOD = EQNet.name
@@ -58,7 +60,7 @@ def supernet_candidates(
     quantizer = WeightQuantizer(weight.shape[0])
     quantizer.load_state_dict(state["quantizers"]["weights"][name])
     quantizer.to(weight.device)
-    inputs: dict[tuple[int, bool], Callable[[torch.Tensor], torch.Tensor]] = {}
+    inputs: dict[tuple[int, bool], ActivationPoint] = {}
     lowest = (min(s["bits"] for s in settings), min(s["input_bits"] for s in settings))
     costs = state["costs"][name]
     candidates = []
@@ -74,7 +76,7 @@ def supernet_candidates(
         error = (variant - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)
         form = (setting["input_bits"], setting["input_symmetric"])
         if form not in inputs:
-            inputs[form] = input_quantization(state["quantizers"]["inputs"][name], *form)
+            inputs[form] = input_point(state["quantizers"]["inputs"][name], *form)
         candidates.append(
             Candidate(
                 METHOD,
@@ -87,25 +89,6 @@ def supernet_candidates(
             )
         )
     return candidates
-
-
-def input_quantization(
-    learned: dict[str, torch.Tensor], bits: int, symmetric: bool
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The supernet's input quantizer of a layer (its ``learned`` state) fixed at ``bits`` and
-    ``symmetric``, frozen: the function ``Candidate.inputs`` applies to the layer's input, moving
-    the quantizer to the input's device on first use there."""
-    quantizer = ActivationQuantizer()
-    quantizer.load_state_dict(learned)
-    quantizer.requires_grad_(False)
-    quantizer.bits, quantizer.symmetric = bits, symmetric
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        if quantizer.scale_sym.device != x.device:
-            quantizer.to(x.device)
-        return quantizer(x)
-
-    return quantize
 
 
 def latent(state: dict[str, Any], name: str, module: nn.Module) -> torch.Tensor:

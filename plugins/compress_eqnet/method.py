@@ -187,6 +187,8 @@ class EQNet(TrainingMethod):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         context.files[SUPERNET_FILE] = buffer.getvalue()
+        # the trained model, for later search stages (rco, evopress, eqnet_search) after one replaced weights
+        state["latent"] = {key: value.detach().cpu().clone() for key, value in context.model.state_dict().items()}
         run.record.details["elastic_layers"] = len(state["layers"]) - 2
 
 

@@ -23,10 +23,13 @@ from compress.api import (
     StageRun,
     UserError,
     onloaded,
+    point_name,
 )
+from compress_eqnet.configuration import configured_subnet, from_stages
 from compress_eqnet.efficiency import Efficiency
 from compress_eqnet.evolution import Evolution, Genes, sample_bits
 from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits
+from compress_eqnet.points import input_point
 from compress_eqnet.predictor import AccuracyPredictor, Encoder, fit_predictor
 from compress_eqnet.quantizers import BITS
 from compress_eqnet.subnets import Measurer
@@ -46,6 +49,18 @@ class EQNetSearchParams(MethodParams):
         None, gt=0, description="budget: at most this many bit operations per image (Σ MACs · w_bits · a_bits)"
     )
     bits: int | None = Field(None, description="no search: export the uniform sub-network W{bits}A{bits}")
+    configuration: str | None = Field(
+        None,
+        description="no search: evaluate and export the per-layer configuration an earlier stage of this recipe "
+        "recorded (its label: rco or evopress over eqnet's candidates, another eqnet_search), or the last one "
+        "a report.json at this path records",
+    )
+    record_inputs: bool = Field(
+        True,
+        description="list each layer's input quantization (the sub-network's input bits and learned steps) as "
+        "activation points of the output (format dense), so that compress eval quantizes inputs as measured here; "
+        "false: the checkpoint holds the weights only (inputs in report.json)",
+    )
     granularity: Literal["channel", "tensor"] = Field("tensor", description="weight granularity of the sub-network")
     w_symmetric: bool = Field(True, description="symmetric weight grids (the code's search condition)")
     a_symmetric: bool = Field(False, description="symmetric input grids (the code's search condition)")
@@ -71,14 +86,22 @@ class EQNetSearchParams(MethodParams):
 
     @model_validator(mode="after")
     def _one_target(self) -> Self:
-        given = [key for key in ("average_bits", "bitops", "bits") if getattr(self, key) is not None]
+        given = [key for key in ("average_bits", "bitops", "bits", "configuration") if getattr(self, key) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of average_bits, bitops (a budget) or bits (a uniform sub-network)")
+            raise ValueError(
+                "give exactly one of average_bits, bitops (a budget), bits (a uniform sub-network) or "
+                "configuration (a given one)"
+            )
         if self.bits is not None:
             check_bits([self.bits], "bits")
         for bits in self.evaluate_uniform:
             check_bits([bits], "evaluate_uniform")
         return self
+
+    @property
+    def searches(self) -> bool:
+        """Whether the stage searches (a budget), rather than taking a given sub-network."""
+        return self.average_bits is not None or self.bitops is not None
 
 
 class EQNetSearch(Method):
@@ -90,12 +113,16 @@ class EQNetSearch(Method):
     trains the conditional accuracy predictor on them (Kendall τ on a held-out fifth; later
     search stages of the run reuse it), and runs the genetic search for the best predicted
     sub-network under the budget at the given condition (granularity, symmetries). With
-    ``bits`` the uniform sub-network is taken instead. The chosen sub-network is measured,
-    its weights are replaced by their quantized values (symmetric grids are recorded as the
-    layer's grid, so formats that store them can), and report.json gets its configuration,
-    average bits, BitOps, predicted and measured accuracy. The checkpoint holds the weights;
-    the input quantization (bits and learned step sizes) is in report.json only, as no
-    output format stores LSQ+ activation grids: the measured accuracies quantize inputs too.
+    ``bits`` the uniform sub-network is taken instead, with ``configuration`` a given one
+    (:mod:`compress_eqnet.configuration`: what rco/evopress chose among eqnet's candidates,
+    measured exactly as the search measures its sub-networks). The chosen sub-network is
+    measured (inputs quantized, batch norms re-estimated; the statistics stay in the
+    output), its weights are replaced by their quantized values (symmetric grids are
+    recorded as the layer's grid, so formats that store them can), and report.json gets its
+    configuration, average bits, BitOps, predicted and measured accuracy. Each layer's
+    input quantizer at the chosen bits becomes the activation point ``<layer>:input``
+    (:mod:`compress_eqnet.points`; ``record_inputs``), which the dense writer lists for a
+    runtime and ``compress eval`` and the recipe's ``evaluate`` apply.
     """
 
     name = "eqnet_search"
@@ -109,7 +136,7 @@ class EQNetSearch(Method):
     def data_entries(self) -> list[str]:
         """The ``data:`` entries the stage reads."""
         params = self.params
-        names = [params.calibration] if params.bits is not None else [params.holdout, params.calibration]
+        names = [params.holdout, params.calibration] if params.searches else [params.calibration]
         return names + ([params.test_data] if params.test_data else [])
 
     def check_data(self, data: dict[str, DataSpec]) -> None:
@@ -136,11 +163,16 @@ class EQNetSearch(Method):
     def check_space(self, space: Space) -> None:
         """Refuse a condition, a uniform width or an average-bits budget the supernet's space cannot meet."""
         params = self.params
-        for key, value, allowed in (
-            ("granularity", params.granularity == "channel", space.channel),
-            ("w_symmetric", params.w_symmetric, space.w_symmetric),
-            ("a_symmetric", params.a_symmetric, space.a_symmetric),
-        ):
+        conditions = (
+            ()
+            if params.configuration is not None
+            else (  # a given configuration names its own
+                ("granularity", params.granularity == "channel", space.channel),
+                ("w_symmetric", params.w_symmetric, space.w_symmetric),
+                ("a_symmetric", params.a_symmetric, space.a_symmetric),
+            )
+        )
+        for key, value, allowed in conditions:
             if value not in allowed:
                 shown = params.granularity if key == "granularity" else value
                 raise UserError(f"{key}: {shown} is not in the supernet's elastic space")
@@ -174,7 +206,10 @@ class EQNetSearch(Method):
     def produces(self) -> Produces:
         granularity = self.params.granularity
         symmetric = self.params.w_symmetric
-        return Produces(mixed=tuple(QuantScheme(bits=b, granularity=granularity, symmetric=symmetric) for b in BITS))
+        return Produces(
+            mixed=tuple(QuantScheme(bits=b, granularity=granularity, symmetric=symmetric) for b in BITS),
+            activation_points=("input",) if self.params.record_inputs else (),
+        )
 
     # --- the run ---------------------------------------------------------------------
 
@@ -207,9 +242,12 @@ class EQNetSearch(Method):
                     f"W{b}A{b}": measurer.report(Subnet.uniform(len(layers), b, b, *condition))
                     for b in params.evaluate_uniform
                 }
+                predicted = None
                 if params.bits is not None:
                     chosen = Subnet.uniform(len(layers), params.bits, params.bits, *condition)
-                    predicted = None
+                elif params.configuration is not None:
+                    entries = from_stages(params.configuration, context.report.stages)
+                    chosen = configured_subnet(entries, list(layers), space)
                 else:
                     chosen, predicted = self.search(context, state, space, efficiency, measurer, condition, details)
                 details["measured"] = measurer.report(chosen)  # leaves its batch-norm statistics in the model
@@ -217,12 +255,22 @@ class EQNetSearch(Method):
                 quantized = {name: supernet.weights[name](latent_weight(m)).detach() for name, m in layers.items()}
                 grids = {name: supernet.weights[name].grid() for name in layers}
                 inputs = {name: supernet.inputs[name].grid() for name in layers}
+                points = {
+                    point_name(name, "input"): input_point(
+                        state["quantizers"]["inputs"][name], supernet.inputs[name].bits, supernet.inputs[name].symmetric
+                    )
+                    for name in layers
+                }
             finally:
                 supernet.remove()
             with torch.no_grad():
                 for name, module in layers.items():
                     module.weight.copy_(quantized[name])
         self.commit(context, run, layers, chosen, grids, inputs, space)
+        for name in points:  # an earlier eqnet_search stage's points give way to this sub-network's
+            context.points.pop(name, None)
+        if params.record_inputs:
+            context.points.update(points)
         w_avg, a_avg = efficiency.average_bits(chosen.w_bits, chosen.a_bits)
         details.update(
             subnet=chosen.to_json(),
@@ -366,6 +414,7 @@ class EQNetSearch(Method):
                 "w_symmetric": symmetric,
                 "a_symmetric": chosen.a_symmetric[index],
                 "input_grid": inputs[name],
+                "input_point": point_name(name, "input") if self.params.record_inputs else None,
             }
 
 

@@ -27,7 +27,7 @@ class Measurer:
         self.supernet = supernet
         self.batch_size = params.batch_size
         self.calibration = self._batches(context.data(params.calibration))[: params.bn_batches]
-        self.holdout_data = self._batches(context.data(params.holdout)) if params.bits is None else []
+        self.holdout_data = self._batches(context.data(params.holdout)) if params.searches else []
         self.test_data = self._batches(context.data(params.test_data)) if params.test_data else []
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

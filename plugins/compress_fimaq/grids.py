@@ -20,10 +20,10 @@ From FIMA-Q's code (``quant_layers/linear.py``, ``AsymmetricallyBatchingQuantLin
 
 The output error of a row is ``Σ (x̂ ŵ - x w)²`` over the calibration tokens, computed from
 the Gram matrices ``x̂ᵀx̂`` and ``x̂ᵀx`` (float64), the same quantity the code evaluates by
-running every candidate. Where this differs: the code alternates each weight round with an
-output-error search of the input quantizer's range; here the input points keep the ranges
-``points.py`` searched, so the output rounds of a Linear (all candidates, same inputs) would
-repeat the first and one is run. A symmetric grid (not in FIMA-Q) takes zero point 0 and the
+running every candidate. A Linear whose input is quantized per tensor is searched in turn
+with its input range (``inputs.py``, the code's alternation); elsewhere (a per-channel input,
+no input point) the input stays fixed, so the output rounds would repeat the first and one
+is run. A symmetric grid (not in FIMA-Q) takes zero point 0 and the
 ``eq_n`` spreads between the 0.9 and 1.0 percentiles of ``|w|``, times two. Zero points are
 kept within int8 (the toolkit's storage), which only binds for rows with no negative weight.
 """
@@ -47,26 +47,36 @@ def quantiles(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def spread_candidates(
+    upper: torch.Tensor, lower: torch.Tensor, bits: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code's percentile candidates (its ``calculate_percentile_weight_candidates`` and
+    ``calculate_percentile_activation_candidates``, ``l=0.9, r=1.0``): from ``upper`` and
+    ``lower``, each ``(2, groups)`` at the 0.9 and 1.0 (0.1 and 0.0) percentiles, ``count /
+    n_zp`` spreads evenly from the narrow to the wide one, each paired with each of ``n_zp =
+    min(16, 2**bits)`` zero points centred on the middle code. Returns the unclamped scales and
+    the zero points as offsets from the middle code, each ``(candidates, groups)``."""
+    zero_points = min(16, 2**bits)
+    per_zero = max(count // zero_points, 1)
+    narrow, wide = upper[0] - lower[0], upper[1] - lower[1]
+    steps = torch.linspace(0, 1, per_zero, device=upper.device)[:, None]
+    scales = ((narrow + steps * (wide - narrow)) / (2**bits - 1)).repeat(zero_points, 1)
+    codes = torch.arange(-(zero_points // 2), zero_points - zero_points // 2, device=upper.device, dtype=torch.float32)
+    return scales, codes.repeat_interleave(per_zero)[:, None].expand_as(scales)
+
+
 def linear_candidates(weight: torch.Tensor, scheme: QuantScheme, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The code's Linear candidates: scales and zero points, each ``(candidates, rows)``, the
     zero points in this toolkit's signed codes (the code's unsigned ones shifted by ``qmin``)."""
     w = weight.float()
-    levels = scheme.qmax - scheme.qmin
     pct = torch.tensor([0.9, 1.0], device=w.device)
     if scheme.symmetric:
         spread = 2 * quantiles(w.abs(), pct)
         steps = torch.linspace(0, 1, count, device=w.device)[:, None]
-        scales = (spread[0] + steps * (spread[1] - spread[0])) / levels
+        scales = (spread[0] + steps * (spread[1] - spread[0])) / (scheme.qmax - scheme.qmin)
         return scales.clamp(min=1e-10), torch.zeros_like(scales)
-    zero_points = min(16, 2**scheme.bits)
-    per_zero = max(count // zero_points, 1)
-    upper, lower = quantiles(w, pct), quantiles(w, 1 - pct)
-    narrow, wide = upper[0] - lower[0], upper[1] - lower[1]
-    steps = torch.linspace(0, 1, per_zero, device=w.device)[:, None]
-    scales = ((narrow + steps * (wide - narrow)) / levels).repeat(zero_points, 1).clamp(min=1e-10)
-    codes = torch.arange(-(zero_points // 2), zero_points - zero_points // 2, device=w.device, dtype=torch.float32)
-    zeros = codes.repeat_interleave(per_zero)[:, None].expand_as(scales)
-    return scales, zeros
+    scales, zeros = spread_candidates(quantiles(w, pct), quantiles(w, 1 - pct), scheme.bits, count)
+    return scales.clamp(min=1e-10), zeros
 
 
 def conv_bounds(weight: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,5 +178,10 @@ def searched_grid(
     else:
         scales, zeros = linear_candidates(weight, scheme, count)
         scale, zero = pick(errors(scales, zeros, output), scales, zeros)
+    return row_grid(scheme, scale, zero)
+
+
+def row_grid(scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> QuantGrid:
+    """The grid of one scale and zero point (signed code) per row."""
     zero_point = None if scheme.symmetric else zero.round().to(torch.int8)[:, None]
     return QuantGrid(scheme, scale.float()[:, None], zero_point)

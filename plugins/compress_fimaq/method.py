@@ -1,7 +1,8 @@
 """FIMA-Q (Wang et al., CVPR 2025, "FIMA-Q: Post-Training Quantization for Vision Transformers
 by Fisher Information Matrix Approximation"; code: github.com/ShiheWang/FIMA-Q) as a
 sequential calibration method: parameters and the block-by-block driver. The losses are in
-``losses.py``, the Fisher refresh in ``fisher.py``, the weight grids' search in ``grids.py``,
+``losses.py``, the Fisher refresh in ``fisher.py``, the weight grids' search in ``grids.py``, the
+Linear inputs' ranges (searched in turn with the weight grids) in ``inputs.py``,
 the weight rounding in ``rounding.py``, the activation points in ``points.py``, RepQ-ViT's
 folding of per-channel post-LayerNorm ranges into the LayerNorm in ``reparam.py`` (done at
 the start of each block, before its weight grids are searched, as the code does).
@@ -63,6 +64,7 @@ from compress.api import (
 )
 from compress_fimaq.fisher import fisher_rows
 from compress_fimaq.grids import searched_grid
+from compress_fimaq.inputs import channel_point, search_linear, self_search
 from compress_fimaq.losses import FisherFactors, ReconstructionLoss, rounding_penalty, temperature
 from compress_fimaq.points import block_point_names, grouped, initial_point, observe, per_token, search_range
 from compress_fimaq.reparam import fold, foldable
@@ -132,12 +134,20 @@ class FimaqParams(QuantParams):
     warmup: float = Field(0.2, ge=0, lt=1, description="Fraction of iterations without the rounding term.")
     drop_prob: float = Field(0.5, ge=0, le=1, description="QDrop: probability an element is quantized.")
     temperature: float = Field(20.0, gt=0, description="Softmax temperature of the Fisher's KL.")
-    search_steps: int = Field(128, ge=1, description="Candidates between the percentiles (FIMA-Q's eq_n = 128).")
+    search_steps: int = Field(
+        128,
+        ge=1,
+        description="Range candidates of an activation point (FIMA-Q's eq_n = 128): between the 0.99 and 0.99999 "
+        "percentiles (attention, convolution input), spreads times zero points (Linear inputs; inputs.py).",
+    )
     weight_candidates: int = Field(
         128, ge=1, description="Scale and zero-point candidates per weight row (FIMA-Q's eq_n = 128; grids.py)."
     )
     search_rounds: int = Field(
-        3, ge=0, description="Rounds of the weight search on the layer's output error (FIMA-Q's search_round = 3)."
+        3,
+        ge=0,
+        description="Rounds of the weight search, then the Linear input's, on the layer's output error "
+        "(FIMA-Q's search_round = 3).",
     )
     search_samples: int = Field(128, ge=1, description="Calibration samples observed for the range search.")
     seed: int = Field(3407, description="Seed of the batch draws and QDrop masks (FIMA-Q's seed).")
@@ -276,8 +286,7 @@ class Block:
         for name in names:
             x = values[name]
             module_name, _, site = name.rpartition(":")
-            bits = params.activation_bits
-            granularity = "head"
+            bits, granularity, convolution = params.activation_bits, "head", False
             if site == "input":
                 convolution = isinstance(modules[module_name], nn.Conv2d)
                 bits = params.embedding_activation_bits if convolution else bits
@@ -285,10 +294,15 @@ class Block:
                 granularity = "channel" if channel else "tensor"
             grid = params.probs_grid if site == "probs" else "uniform"
             scheme = PointScheme(bits=bits, grid=grid, granularity=granularity)
-            point = initial_point(x, scheme, params.search_steps if params.range_search else None, self.generator)
+            if site == "input" and params.range_search and not convolution:
+                point = self.linear_input(modules[module_name], module_name, x, scheme)
+            else:
+                point = initial_point(x, scheme, params.search_steps if params.range_search else None, self.generator)
             token_wise = params.token_scales and granularity in ("tensor", "head") and x.ndim in (3, 4)
             points[name] = per_token(point, x) if token_wise and not self.outside else point
         for name, module in work.targets.items():
+            if name in self.grids:  # searched with its input above
+                continue
             weight = weight_matrix(module.weight)
             if not params.range_search:
                 self.grids[name] = compute_grid(weight, params.scheme(), name)
@@ -303,6 +317,26 @@ class Block:
                 module, weight, params.scheme(), params.weight_candidates, rounds, x, x_hat
             )
         return points
+
+    def linear_input(self, module: nn.Module, name: str, x: torch.Tensor, scheme: PointScheme) -> ActivationPoint:
+        """The input point of the Linear ``module`` (``inputs.py``): per tensor, searched in turn with
+        its weight grid (kept in ``self.grids``); per channel, on the input's own error."""
+        params = self.params
+        if scheme.granularity == "channel":
+            return channel_point(x, scheme, params.search_steps)
+        weight = weight_matrix(module.weight)
+        search = search_linear(
+            module,
+            weight,
+            params.scheme(),
+            params.weight_candidates,
+            x,
+            scheme,
+            params.search_steps,
+            params.search_rounds,
+        )
+        self.grids[name] = search.grid
+        return search.point
 
     def fold_norms(
         self, values: dict[str, torch.Tensor], after_norm: dict[str, str], consumers: dict[str, set[str]]
@@ -321,8 +355,11 @@ class Block:
             if consumers.get(norm, set()) != set(layers) or not foldable(modules[norm], [modules[n] for n in layers]):
                 continue
             scheme = PointScheme(bits=params.activation_bits, granularity="channel")
-            steps = params.search_steps if params.range_search else None
-            scale, zero = search_range(grouped(values[points[0]], "channel"), scheme, steps, self.generator)
+            channels = grouped(values[points[0]], "channel")
+            if params.range_search:
+                scale, zero = self_search(channels, scheme, params.search_steps)
+            else:
+                scale, zero = search_range(channels, scheme, None, self.generator)
             folded = fold(modules[norm], [modules[n] for n in layers], scale, zero)
             for point, layer in zip(points, layers, strict=True):
                 values[point] = folded.apply(values[point])

@@ -33,11 +33,43 @@ def eqnet_setup(stages: list[dict[str, Any]], argv: list[str] = CHECK) -> Callab
     return setup
 
 
+def in_format(setup: Callable[[Path], list[str]], output_format: str) -> Callable[[Path], list[str]]:
+    """``setup`` with the recipe's output format changed to ``output_format``."""
+
+    def changed(work: Path) -> list[str]:
+        argv = setup(work)
+        path = work / "recipe.yaml"
+        recipe = yaml.safe_load(path.read_text())
+        recipe["output"]["format"] = output_format
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return argv
+
+    return changed
+
+
 TRAIN = {"method": "eqnet", "steps": 2, "batch_size": 6}
 
 RCO = {"method": "rco", "targets": ["Conv2d", "Linear"], "providers": ["eqnet"], "steps": 1, "batch_size": 3}
 
 CASES = [
+    Fault(
+        id="eqnet/input-points-in-compressed-tensors",
+        description="eqnet_search writing its sub-network's LSQ+ input quantization to compressed-tensors, "
+        "which cannot hold it",
+        setup=in_format(eqnet_setup([TRAIN, {"method": "eqnet_search", "bits": 4}]), "compressed-tensors"),
+        message="output format 'compressed-tensors' cannot store activation quantization at input (output format "
+        "dense keeps it, listing the points a runtime must quantize), but stage 2 (eqnet_search) produces it",
+        place="recipe.yaml:17:11",
+        must_not_exist=("out",),
+    ),
+    Fault(
+        id="eqnet/configuration-and-budget",
+        description="eqnet_search given both a configuration to evaluate and a budget to search under",
+        setup=eqnet_setup([TRAIN, {"method": "eqnet_search", "bits": 4, "configuration": "rco"}]),
+        message="give exactly one of average_bits, bitops (a budget), bits (a uniform sub-network) or configuration",
+        place="recipe.yaml:13:3",
+        must_not_exist=("out",),
+    ),
     Fault(
         id="eqnet/rco-bits-outside-space",
         description="rco asking for 3-bit candidates of a supernet trained at 2, 4 and 8 bits",
