@@ -157,6 +157,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fp-only", action="store_true", help="only the FP model and the split zips (what compare_eqnet_rco needs)"
     )
+    parser.add_argument(
+        "--static-bits",
+        type=lambda text: [int(bits) for bits in text.split(",")],
+        default=STATIC_ORDER,
+        help="the static counterparts' uniform widths, in order (default 4,8,2,3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -210,7 +216,7 @@ def main() -> None:
 
     # 3. the static counterparts: the same epochs at one setting
     result["static"] = {}
-    for bits in STATIC_ORDER:
+    for bits in args.static_bits:
         space = {"w_bits": [bits], "a_bits": [bits], "granularity": [CONDITION["granularity"]], "subnets": 1}
         space |= {"w_symmetric": [CONDITION["w_symmetric"]], "a_symmetric": [CONDITION["a_symmetric"]]}
         report = run_recipe(

@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -160,11 +161,14 @@ def load_dense(directory: Path):
     )
 
 
-def bench_split(args: argparse.Namespace, host, percent: int) -> dict:
+def bench_split(args: argparse.Namespace, host, percent: int, rows: dict, saved: Callable[[], None]) -> None:
+    """Fill ``rows`` with the target, the retain model and each method at each lr, calling ``saved``
+    after each row, so a run cut short keeps what it measured."""
     target, tokenizer = load_dense(args.models / "target")
     retain, _ = load_dense(args.models / f"retain{100 - percent:02d}")
     evaluator = Evaluator(args, percent, tokenizer, target)
-    rows = {"target": evaluator.row(target), "retain": evaluator.row(retain)}
+    rows |= {"target": evaluator.row(target), "retain": evaluator.row(retain)}
+    saved()
     print(f"forget{percent:02d} target: {rows['target']}\nforget{percent:02d} retain: {rows['retain']}", flush=True)
     for method, lr in itertools.product(args.methods, args.unlearn_lrs):
         name = method if len(args.unlearn_lrs) == 1 else f"{method}@{lr:g}"
@@ -172,8 +176,8 @@ def bench_split(args: argparse.Namespace, host, percent: int) -> dict:
         recipe = unlearn_recipe(args, method, percent, [], lr)
         context = run_recipe(host, recipe, args.out / f"{name}-{percent:02d}.yaml")
         rows[name] = {**evaluator.row(context.model), "seconds": stage_seconds(context), "lr": lr}
+        saved()
         print(f"forget{percent:02d} {name}: {rows[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return rows
 
 
 def bench_quantized(args: argparse.Namespace, host) -> dict:
@@ -235,6 +239,7 @@ def main() -> None:
     parser.add_argument("--eval-retain", type=int, default=100, help="retain items in model utility")
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--quant-method", default="npo")
+    parser.add_argument("--skip-quantized", action="store_true", help="no W4 rows (before/after quantization)")
     parser.add_argument("--skip-finetune", action="store_true", help="reuse --out/models")
     add_arguments(parser)
     args = parser.parse_args()
@@ -258,14 +263,15 @@ def main() -> None:
         "environment": environment(args.device_resolved),
         "table": {},
     }
-    for percent in args.splits:  # written after each split, so a run cut short keeps what it measured
-        results["table"][f"forget{percent:02d}"] = bench_split(args, host, percent)
-        save(args, results)
-    results["quantization"] = bench_quantized(args, host)
+    for percent in args.splits:
+        results["table"][f"forget{percent:02d}"] = {}
+        bench_split(args, host, percent, results["table"][f"forget{percent:02d}"], lambda: save(args, results))
+    if not args.skip_quantized:
+        results["quantization"] = bench_quantized(args, host)
     results["total_seconds"] = time.perf_counter() - start
     save(args, results)
     print(markdown(results))
-    print(json.dumps(results["quantization"], indent=2))
+    print(json.dumps(results.get("quantization"), indent=2))
     print(f"total {results['total_seconds']:.0f} s")
 
 
