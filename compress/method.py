@@ -106,6 +106,9 @@ class Method:
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
+        self.label: str = self.name
+        """The stage's label in the recipe (its ``name:``, else the method's name); the host sets it
+        when it builds the stage, so a later stage's check can find an earlier one by label."""
 
     def check_layer(self, name: str, module: nn.Module) -> None:
         """Raise :class:`compress.errors.UserError` if ``module`` cannot be compressed.
@@ -139,6 +142,21 @@ class Method:
 
         Called at ``compress recipe check`` after the per-layer and format checks (a search
         checks its candidate providers and its budget here). The default does nothing.
+        """
+
+    def check_forward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor] | None, earlier: list[tuple[Method, list[str]]]
+    ) -> None:
+        """Raise :class:`compress.errors.UserError` if the stage cannot run as planned, from the
+        shapes the model's forward pass gives (a cost per input, a budget): the weightless (meta)
+        ``model``, one input on the meta device shaped as the data will be (one image as the
+        model's image processor makes it; two tokens for a language model) and ``earlier``, the
+        stages before this one with the module names each targets, in model order.
+
+        Called at ``compress recipe check`` after :meth:`check_stage`, only for methods that
+        override it. ``inputs`` is None when the check cannot know the shape without reading data
+        (an image processor whose output size follows the image's) or the model's forward cannot
+        run on the meta device. The default does nothing.
         """
 
     def produces(self) -> Produces:

@@ -25,6 +25,38 @@ def meta_inputs(task: str, config: Any) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device="meta")}
 
 
+PROBE_SIZES = ((48, 48), (64, 40))
+"""Blank images of two sizes and shapes: an image processor that makes the same pixels of both fixes its output size."""
+
+
+def forward_inputs(model: nn.Module, task: str, config: Any, processor: Any) -> dict[str, torch.Tensor] | None:
+    """One input of the meta ``model`` shaped as its data will be: for an image classifier, one
+    image as ``processor`` (the model's image processor) makes it, None when its output size
+    follows the image's (then only the data tells); two tokens for a language model. None too when
+    the model's forward pass cannot run on the meta device."""
+    if task == "image-classification":
+        if processor is None:
+            return None
+        from PIL import Image
+
+        shapes = {
+            tuple(processor(images=Image.new("RGB", size), return_tensors="pt")["pixel_values"].shape[1:])
+            for size in PROBE_SIZES
+        }
+        if len(shapes) != 1:
+            return None
+        inputs = {"pixel_values": torch.empty(1, *shapes.pop(), device="meta")}
+    else:
+        inputs = meta_inputs(task, config)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    # any failure of the model's own code on meta tensors, as in unreached
+    except Exception:
+        return None
+    return inputs
+
+
 def unreached(model: nn.Module, names: list[str], task: str, config: Any) -> list[str] | None:
     """The modules of ``names`` (of the meta ``model``) that its forward pass does not call, in
     the order given; None when the architecture's forward cannot run on the meta device (its own

@@ -29,7 +29,7 @@ from compress.lazy import lazy_refusal
 from compress.method import BlockMethod, Method, Produces
 from compress.presets import expand_scheme
 from compress.quant.grid import check_group_width
-from compress.reach import unreached
+from compress.reach import forward_inputs, unreached
 from compress.recipe import (
     DataSpec,
     LocatedRecipe,
@@ -95,6 +95,7 @@ def build_method(host: PluginHost, recipe: Recipe, located: LocatedRecipe, index
         keys = [*method_class.Params.model_fields, *Stage.model_fields]
         raise pydantic_error(error, located, ("stages", index), keys) from None
     method = method_class(params)
+    method.label = stage.label
     try:
         method.check_data(recipe.data)
     except UserError as error:
@@ -222,6 +223,38 @@ def check_whole_stages(
             raise located.error(message, ("stages", index)) from None
 
 
+def stage_key(recipe: Recipe, index: int, where: object) -> tuple:
+    """Where a stage's check error goes: at the parameter ``where`` names when the stage gives it,
+    else at the stage's method."""
+    given = isinstance(where, str) and where in recipe.stages[index].params
+    return ("stages", index, where) if given else ("stages", index, "method")
+
+
+def check_forward_shapes(
+    loader: Loader,
+    recipe: Recipe,
+    located: LocatedRecipe,
+    stages: list[PlannedStage],
+    model: nn.Module,
+    task: str,
+    config: Any,
+) -> None:
+    """Each overriding method's :meth:`~compress.method.Method.check_forward`, with one meta input
+    shaped as the data (the image processor is read only when some stage asks)."""
+    asking = [i for i, stage in enumerate(stages) if type(stage.method).check_forward is not Method.check_forward]
+    if not asking:
+        return
+    load_tokenizer = getattr(loader, "load_tokenizer", None)  # optional for a loader
+    processor = load_tokenizer(recipe.model, config, task) if load_tokenizer is not None else None
+    inputs = forward_inputs(model, task, config, processor)
+    planned = [(stage.method, stage.target_names) for stage in stages]
+    for index in asking:
+        try:
+            stages[index].method.check_forward(model, inputs, planned[:index])
+        except UserError as error:
+            raise located.error(error.message, stage_key(recipe, index, error.where)) from None
+
+
 def data_error(located: LocatedRecipe, name: str, error: UserError) -> UserError:
     """A data source's refusal of entry ``name``, placed as ``DataSource.check`` says: at the entry,
     at the key of it that ``where`` names, or (a Location) at the line of the data file."""
@@ -312,7 +345,7 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
         try:
             method.check_previous_stages(methods[:index])
         except UserError as error:
-            raise located.error(error.message, ("stages", index, "method")) from None
+            raise located.error(error.message, stage_key(recipe, index, error.where)) from None
 
     sources = host.data_sources()
     for name, spec in recipe.data.items():
@@ -428,5 +461,6 @@ def check_recipe(host: PluginHost, source: Path | LocatedRecipe, overwrite: bool
         except UserError as error:
             raise located.error(f"output directory {error.where}: {error.message}", ("output", "dir")) from None
     check_whole_stages(host, stages, skeleton, writer, located)
+    check_forward_shapes(loader, recipe, located, stages, skeleton, task, config)
     samples = check_data_tokens(loader, recipe, located, sources, config, task)  # the slowest check comes last
     return CheckedRecipe(Path(path), recipe, located, loader, task, stages, writer, writer_options, samples)

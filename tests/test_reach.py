@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from compress.checkpoint.loaders import meta_model
-from compress.reach import unreached
+from compress.reach import forward_inputs, unreached
 from tests.models import tiny_vit_config
 
 
@@ -39,3 +39,15 @@ def test_a_forward_that_needs_values_leaves_the_question_to_the_run():
     model = ReadsValues().to("meta")
     assert unreached(model, ["head"], "causal-lm", None) is None
     assert not model.head._forward_pre_hooks
+
+
+def test_forward_inputs_are_shaped_as_the_image_processor_makes_them():
+    from transformers import ViTImageProcessor
+
+    config = tiny_vit_config(image_size=32)
+    model = meta_model(config, "image-classification")
+    fixed = ViTImageProcessor(size={"height": 32, "width": 32})
+    assert forward_inputs(model, "image-classification", config, fixed)["pixel_values"].shape == (1, 3, 32, 32)
+    following = ViTImageProcessor(do_resize=False)  # its output is the image's size: only the data tells
+    assert forward_inputs(model, "image-classification", config, following) is None
+    assert forward_inputs(model, "image-classification", config, None) is None

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.api import StageRecord, UserError
+from compress.api import Method, StageRecord, UserError
 from compress_eqnet.offer import DEFAULTS
 from compress_eqnet.supernet import Space, Subnet
 
@@ -22,6 +22,34 @@ from compress_eqnet.supernet import Space, Subnet
 def recorded(entry: dict[str, Any]) -> bool:
     """Whether a stage's per-layer entry holds an eqnet setting."""
     return "w_bits" in entry or "bits" in entry.get("setting", {})
+
+
+RECORDERS = ("rco", "evopress", "eqnet_search")
+"""The methods whose stages record per-layer eqnet settings (rco and evopress over eqnet's candidates)."""
+
+
+def check_source(source: str, earlier: list[Method]) -> None:
+    """At ``compress recipe check``: refuse a ``source`` that is neither the label of an earlier stage
+    that records eqnet settings (the first so labelled, as :func:`from_stages` takes it; rco and
+    evopress asking eqnet's candidates) nor a report.json that records some."""
+    named = [method for method in earlier if method.label == source]
+    if named:
+        method = named[0]
+        if method.name not in RECORDERS:
+            raise UserError(
+                f"stage {source!r} ({method.name}) records no per-layer eqnet settings (configuration: takes an "
+                "earlier rco, evopress or eqnet_search stage, or a report.json)",
+                "configuration",
+            )
+        providers = getattr(method.params, "providers", None)  # rco and evopress: None asks every provider
+        if method.name != "eqnet_search" and providers is not None and "eqnet" not in providers:
+            raise UserError(
+                f"stage {source!r} ({method.name}) does not ask eqnet's candidates (providers {providers}), "
+                "so it records no eqnet settings",
+                "configuration",
+            )
+        return
+    from_report(source, [method.label for method in earlier])
 
 
 def from_stages(source: str, stages: list[StageRecord]) -> dict[str, dict[str, Any]]:
@@ -32,21 +60,27 @@ def from_stages(source: str, stages: list[StageRecord]) -> dict[str, dict[str, A
             if not any(recorded(entry) for entry in stage.layers.values()):
                 raise UserError(f"stage {source!r} recorded no per-layer eqnet settings", "configuration")
             return stage.layers
+    return from_report(source, [stage.name for stage in stages])
+
+
+def from_report(source: str, labels: list[str]) -> dict[str, dict[str, Any]]:
+    """The per-layer entries of the last stage that recorded eqnet settings in the report.json at
+    path ``source``; refuses a path that is no file, naming the earlier stages' ``labels``."""
     path = Path(source)
     if not path.is_file():
-        labels = ", ".join(stage.name for stage in stages) or "none"
         raise UserError(
-            f"{source!r} is neither an earlier stage of this recipe (stages run: {labels}) nor a report.json",
+            f"{source!r} is neither the label of an earlier stage of this recipe (earlier stages: "
+            f"{', '.join(labels) or 'none'}) nor a report.json",
             "configuration",
         )
     try:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise UserError(f"not JSON: {error}", str(path)) from None
+        raise UserError(f"{source} is not JSON: {error}", "configuration") from None
     for stage in reversed(report.get("stages", [])):
         if any(recorded(entry) for entry in stage.get("layers", {}).values()):
             return stage["layers"]
-    raise UserError("no stage of this report recorded per-layer eqnet settings", str(path))
+    raise UserError(f"no stage of the report {source} recorded per-layer eqnet settings", "configuration")
 
 
 def setting(entry: dict[str, Any]) -> tuple[int, int, bool, bool, bool]:

@@ -25,10 +25,10 @@ from compress.api import (
     onloaded,
     point_name,
 )
-from compress_eqnet.configuration import configured_subnet, from_stages
-from compress_eqnet.efficiency import Efficiency
+from compress_eqnet.configuration import check_source, configured_subnet, from_stages
+from compress_eqnet.efficiency import Efficiency, layer_costs
 from compress_eqnet.evolution import Evolution, Genes, sample_bits
-from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits
+from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits, ordered_layers
 from compress_eqnet.points import input_point
 from compress_eqnet.predictor import AccuracyPredictor, Encoder, fit_predictor
 from compress_eqnet.quantizers import BITS
@@ -155,10 +155,35 @@ class EQNetSearch(Method):
                 "eqnet_search needs an eqnet stage before it (the supernet), or supernet: the "
                 f"{SUPERNET_FILE} an earlier eqnet run wrote"
             )
+        if self.params.configuration is not None:
+            check_source(self.params.configuration, previous)
         if trained:
             self.check_space(trained[-1].params.space())
         elif self.params.supernet is not None:
-            self.check_space(space_of(load_supernet(self.params.supernet)))
+            state = load_supernet(self.params.supernet)
+            space = space_of(state)
+            self.check_space(space)
+            self.check_reachable(
+                Efficiency([state["costs"][name] for name in state["layers"]], space.fixed_bits), space
+            )
+
+    def check_forward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor] | None, earlier: list[tuple[Method, list[str]]]
+    ) -> None:
+        """Refuse a BitOps budget below every sub-network of the recipe's ``eqnet`` stage: its layers'
+        MACs per image come from the meta model's forward pass on one image shaped as the data, as
+        ``eqnet`` measures them on one training image when it runs."""
+        trained = [(method, names) for method, names in earlier if method.name == "eqnet"]
+        if self.params.bitops is None or inputs is None or not trained:
+            return
+        method, names = trained[-1]
+        layers = ordered_layers(model, {name: model.get_submodule(name) for name in names})
+        costs = layer_costs(model, layers, inputs["pixel_values"])
+        uncalled = [name for name in layers if name not in costs]
+        if uncalled:
+            raise UserError(f"the model's forward pass never calls {uncalled[0]}, a layer of the eqnet stage")
+        space = method.params.space()
+        self.check_reachable(Efficiency([costs[name] for name in layers], space.fixed_bits), space)
 
     def check_space(self, space: Space) -> None:
         """Refuse a condition, a uniform width or an average-bits budget the supernet's space cannot meet."""
@@ -225,7 +250,7 @@ class EQNetSearch(Method):
             raise UserError("the supernet's layer is not in the model (a supernet of another model?)", missing[0])
         layers = {name: modules[name] for name in state["layers"]}
         efficiency = Efficiency([state["costs"][name] for name in layers], space.fixed_bits)
-        self.check_reachable(efficiency, space, len(layers))
+        self.check_reachable(efficiency, space)
         if "latent" in state:  # an earlier search stage replaced the weights: start from the supernet's again
             model.load_state_dict(state["latent"])
         else:
@@ -284,13 +309,19 @@ class EQNetSearch(Method):
             return load_supernet(self.params.supernet)
         return context.state[STATE_KEY]
 
-    def check_reachable(self, efficiency: Efficiency, space: Space, layers: int) -> None:
+    def check_reachable(self, efficiency: Efficiency, space: Space) -> None:
+        """Refuse a BitOps budget below the smallest sub-network's (a budget above the largest's is a
+        ceiling every sub-network meets)."""
         if self.params.bitops is None:
             return
-        cheapest = efficiency.bitops((min(space.w_bits),) * layers, (min(space.a_bits),) * layers)
-        if self.params.bitops < cheapest:
+        layers = len(efficiency.macs)
+        smallest, largest = (
+            efficiency.bitops((pick(space.w_bits),) * layers, (pick(space.a_bits),) * layers) for pick in (min, max)
+        )
+        if self.params.bitops < smallest:
             raise UserError(
-                f"bitops: {self.params.bitops:.6g} is below every sub-network (smallest reachable bitops: {cheapest:.6g})"
+                f"bitops: {self.params.bitops:.6g} is below every sub-network (smallest reachable bitops: "
+                f"{smallest:.6g}, largest {largest:.6g}, per image)"
             )
 
     def search(
@@ -421,7 +452,7 @@ class EQNetSearch(Method):
 def load_supernet(path: Path) -> dict[str, Any]:
     """The supernet state an eqnet run wrote to ``path`` (``eqnet-supernet.pt``)."""
     if not path.is_file():
-        raise UserError("supernet file not found", str(path))
+        raise UserError(f"the file {path} does not exist", "supernet")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,23 @@ def eqnet_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(tiny ResNet directory, image folder of 3 classes x 6 images)."""
     root = tmp_path_factory.mktemp("eqnet")
     return tiny_resnet(root / "model"), write_images(root / "images", ["cat", "dog", "frog"], 6)
+
+
+@pytest.fixture(scope="package")
+def run_once(eqnet_assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """``run_once(label, recipe)``: applies ``recipe(model, images, out)`` (a recipe for the tiny ResNet
+    and its images, writing to ``out``) in a fresh directory named ``label`` on a host of its own;
+    ``(context, out)``. What a module's tests share (a trained supernet, a search after it)."""
+    from compress.host import PluginHost
+
+    def apply(label: str, recipe: Callable[[Path, Path, Path], dict]):
+        host = PluginHost()
+        host.load_plugins()
+        model, images = eqnet_assets
+        directory = tmp_path_factory.mktemp(label)
+        return run(host, directory, recipe(model, images, directory / "out")), directory / "out"
+
+    return apply
 
 
 @pytest.fixture(scope="package", autouse=True)

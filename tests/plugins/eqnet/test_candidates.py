@@ -39,15 +39,10 @@ def rco_recipe(model: Path, images: Path, out: Path, budget: dict, method: str =
 
 
 @pytest.fixture(scope="module")
-def trained(eqnet_assets, tmp_path_factory):
+def trained(run_once):
     """The context after an eqnet stage alone: the supernet in context.state."""
-    from compress.host import PluginHost
-
-    host = PluginHost()
-    host.load_plugins()
-    model, images = eqnet_assets
-    tmp = tmp_path_factory.mktemp("supernet")
-    return host, run(host, tmp, eqnet_recipe(model, images, tmp / "out"))
+    context, _ = run_once("supernet", eqnet_recipe)
+    return context
 
 
 def candidates_of(context, bits: list[int], cost: str, **settings) -> dict[str, list]:
@@ -59,7 +54,7 @@ def candidates_of(context, bits: list[int], cost: str, **settings) -> dict[str, 
 
 
 def test_costs_are_eqnet_search_prices(trained):
-    _, context = trained
+    context = trained
     state = context.state[STATE_KEY]
     space = space_of(state)
     efficiency = Efficiency([state["costs"][name] for name in state["layers"]], space.fixed_bits)
@@ -80,7 +75,7 @@ def test_costs_are_eqnet_search_prices(trained):
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_a_one_hot_configuration_is_the_supernet_subnet(trained, granularity):
-    _, context = trained
+    context = trained
     state = context.state[STATE_KEY]
     offered = candidates_of(context, [2, 3, 4, 8], "bits", granularity=[granularity], symmetric=[False])
     n = len(state["layers"])
@@ -102,7 +97,7 @@ def test_a_one_hot_configuration_is_the_supernet_subnet(trained, granularity):
 
 
 def test_values_outside_the_space_are_refused_when_asked_directly(trained):
-    _, context = trained
+    context = trained
     with pytest.raises(UserError, match=r"settings: input_bits: 9 is outside the eqnet supernet's space \(\[2, 3,"):
         candidates_of(context, [2, 4], "bits", input_bits=[4, 9])
     with pytest.raises(UserError, match="bits: 9 is outside the eqnet supernet's space"):
@@ -110,7 +105,7 @@ def test_values_outside_the_space_are_refused_when_asked_directly(trained):
 
 
 def test_input_bits_are_a_search_dimension_priced_in_bitops(trained):
-    _, context = trained
+    context = trained
     state = context.state[STATE_KEY]
     for unit in ("bits", "bitops"):
         first, *middle, last = candidates_of(context, [2, 4], unit, input_bits=[2, 8]).values()
@@ -132,7 +127,7 @@ def test_input_bits_are_a_search_dimension_priced_in_bitops(trained):
 def test_an_input_bits_candidate_quantizes_the_layers_input_at_its_bits(trained):
     """Put in the model, 4-bit-weight candidates on 2-bit inputs are the supernet's sub-network W4A2:
     each layer's input quantized by its learned 2-bit input quantizer, the logits the sub-network's."""
-    _, context = trained
+    context = trained
     state, model = context.state[STATE_KEY], context.model
     n = len(state["layers"])
     modules = dict(model.named_modules())
@@ -182,7 +177,7 @@ def test_an_input_bits_candidate_quantizes_the_layers_input_at_its_bits(trained)
 
 
 def test_classifier_kl_is_zero_for_the_original_and_positive_otherwise(trained):
-    _, context = trained
+    context = trained
     objective = ClassifierKL(context, "calibration")
     pieces = [(i, None) for i in range(len(objective.samples))]
     reference = context.reference_model()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from compress_eqnet.method import STATE_KEY
 from compress_eqnet.points import input_point
 from compress_eqnet.quantizers import ActivationQuantizer
@@ -16,6 +18,7 @@ from torch import nn
 
 from compress.activation_points import checkpoint_points, quantized_points
 from compress.api import UserError
+from compress.validate import check_recipe
 from tests.plugins.eqnet.conftest import eqnet_recipe, run
 from tests.plugins.eqnet.test_candidates import SEARCH, rco_recipe
 
@@ -23,18 +26,16 @@ EVALUATE = {"method": "eqnet_search", "configuration": "rco", "bn_batches": 1, "
 
 
 @pytest.fixture(scope="module")
-def evaluated(eqnet_assets, tmp_path_factory):
+def evaluated(run_once):
     """eqnet, rco over its candidates (weight and input bits, BitOps), then eqnet_search of rco's choice."""
-    from compress.host import PluginHost
 
-    host = PluginHost()
-    host.load_plugins()
-    model, images = eqnet_assets
-    tmp = tmp_path_factory.mktemp("configured")
-    raw = rco_recipe(model, images, tmp / "out", {"bitops_per_weight": 3500.0}, **SEARCH)
-    raw["stages"][-1]["settings"]["input_bits"] = [2, 8]
-    raw["stages"].append(EVALUATE)
-    return host, run(host, tmp, raw), tmp / "out"
+    def recipe(model: Path, images: Path, out: Path) -> dict:
+        raw = rco_recipe(model, images, out, {"bitops_per_weight": 3500.0}, **SEARCH)
+        raw["stages"][-1]["settings"]["input_bits"] = [2, 8]
+        raw["stages"].append(EVALUATE)
+        return raw
+
+    return run_once("configured", recipe)
 
 
 def holdout_pixels(context) -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_an_input_point_is_the_learned_input_quantizer(unsigned):
 
 
 def test_the_configuration_is_the_search_stages_choice(evaluated):
-    _, context, _ = evaluated
+    context, _ = evaluated
     rco, chosen = context.report.stages[1].layers, context.report.stages[2].layers
     assert list(chosen) == list(rco)
     for name, entry in rco.items():
@@ -71,7 +72,7 @@ def test_the_configuration_is_the_search_stages_choice(evaluated):
 
 
 def test_the_export_computes_the_supernet_subnet(evaluated):
-    _, context, _ = evaluated
+    context, _ = evaluated
     state, model = context.state[STATE_KEY], context.model.eval()
     details = context.report.stages[2].details
     settings = [context.report.stages[1].layers[name]["setting"] for name in state["layers"]]  # rco's choice
@@ -105,7 +106,7 @@ def test_the_export_computes_the_supernet_subnet(evaluated):
 
 
 def test_the_checkpoint_lists_the_input_points_of_the_configuration(evaluated):
-    _, context, out = evaluated
+    context, out = evaluated
     records = context.report.stages[2].layers
     listing = json.loads((out / "activation_points.json").read_text())["points"]
     assert list(listing) == [f"{name}:input" for name in records]
@@ -128,7 +129,7 @@ def test_the_checkpoint_lists_the_input_points_of_the_configuration(evaluated):
 def test_a_configuration_from_a_report_file_is_measured_as_its_search_measured_it(
     host, evaluated, eqnet_assets, tmp_path
 ):
-    _, context, out = evaluated
+    context, out = evaluated
     _, images = eqnet_assets
     raw = eqnet_recipe(out, images, tmp_path / "again")
     raw["stages"] = [
@@ -138,18 +139,33 @@ def test_a_configuration_from_a_report_file_is_measured_as_its_search_measured_i
     assert again.report.stages[0].layers == context.report.stages[2].layers
 
 
-def test_an_unknown_configuration_source_is_refused(host, eqnet_assets, tmp_path):
+@pytest.mark.parametrize(
+    ("source", "refusal"),
+    [
+        ("nowhere", "'nowhere' is neither the label of an earlier stage of this recipe (earlier stages: eqnet)"),
+        ("eqnet", "stage 'eqnet' (eqnet) records no per-layer eqnet settings"),
+        ("empty.json", "empty.json recorded per-layer eqnet settings"),
+        ("broken.json", "broken.json is not JSON"),
+    ],
+)
+def test_a_configuration_source_without_settings_is_refused_at_check(host, eqnet_assets, tmp_path, source, refusal):
+    (tmp_path / "empty.json").write_text(json.dumps({"stages": [{"name": "rtn", "layers": {"x": {"bits": 4}}}]}))
+    (tmp_path / "broken.json").write_text("{")
     model, images = eqnet_assets
-    raw = eqnet_recipe(model, images, tmp_path / "out", search={"configuration": "nowhere"})
-    with pytest.raises(UserError, match="'nowhere' is neither an earlier stage of this recipe"):
-        run(host, tmp_path, raw)
-    assert not (tmp_path / "out").exists()
+    given = source if source in ("nowhere", "eqnet") else str(tmp_path / source)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(eqnet_recipe(model, images, tmp_path / "out", search={"configuration": given})))
+    with pytest.raises(UserError) as raised:
+        check_recipe(host, path)
+    assert refusal in raised.value.message
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "configuration:" in text)
+    assert str(raised.value.where).startswith(f"{path}:{line}:")
 
 
 def test_a_layer_missing_from_the_configuration_is_named(evaluated):
     from compress_eqnet.configuration import configured_subnet
 
-    _, context, _ = evaluated
+    context, _ = evaluated
     state = context.state[STATE_KEY]
     entries = dict(context.report.stages[1].layers)
     dropped = state["layers"][2]

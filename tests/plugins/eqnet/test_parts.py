@@ -174,3 +174,36 @@ def test_evolution_meets_the_constraint_and_climbs():
     score, genes, history = evolution.run()
     assert feasible(genes) and history == sorted(history)
     assert score >= max(predict([evolution.random_valid() for _ in range(50)]))
+
+
+class ThreeConvs(nn.Module):
+    """Three convolutions on ``pixel_values`` and a Linear the forward pass never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 2, 1))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.convs(pixel_values)
+
+
+def test_the_bitops_check_counts_macs_on_the_meta_model_as_the_run_counts_them():
+    from compress_eqnet.efficiency import layer_costs
+    from compress_eqnet.method import EQNet, EQNetParams
+    from compress_eqnet.search import EQNetSearch, EQNetSearchParams
+
+    from compress.api import UserError
+
+    model = ThreeConvs()
+    names = ["convs.0", "convs.1", "convs.2"]
+    costs = layer_costs(model, {name: model.get_submodule(name) for name in names}, torch.randn(1, 3, 9, 9))
+    smallest = Efficiency([costs[name] for name in names], 8).bitops((2, 2, 2), (2, 2, 2))
+    eqnet = EQNet(EQNetParams(steps=1))
+    meta = ThreeConvs().to("meta")
+    inputs = {"pixel_values": torch.empty(1, 3, 9, 9, device="meta")}
+    EQNetSearch(EQNetSearchParams(bitops=smallest)).check_forward(meta, inputs, [(eqnet, names)])
+    with pytest.raises(UserError, match=f"smallest reachable bitops: {smallest:.6g}, "):
+        EQNetSearch(EQNetSearchParams(bitops=smallest - 1)).check_forward(meta, inputs, [(eqnet, names)])
+    with pytest.raises(UserError, match="never calls unused, a layer of the eqnet stage"):
+        EQNetSearch(EQNetSearchParams(bitops=smallest)).check_forward(meta, inputs, [(eqnet, [*names, "unused"])])

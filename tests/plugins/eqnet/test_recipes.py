@@ -6,22 +6,22 @@ import json
 
 import pytest
 import torch
+import yaml
+from compress_eqnet.efficiency import Efficiency
+from compress_eqnet.method import STATE_KEY
+from compress_eqnet.quantizers import BITS
+from compress_eqnet.search import space_of
 
 from compress.errors import UserError
+from compress.validate import check_recipe
 from tests.plugins.eqnet.conftest import eqnet_recipe, run
 
 
 @pytest.fixture(scope="module")
-def searched(eqnet_assets, tmp_path_factory):
-    from compress.host import PluginHost
-
-    host = PluginHost()
-    host.load_plugins()
-    model, images = eqnet_assets
-    tmp = tmp_path_factory.mktemp("searched")
+def searched(run_once):
+    """eqnet, then eqnet_search at 4 average bits (per-channel weights), W2A2 and W8A8 measured too."""
     search = {"average_bits": 4, "evaluate_uniform": [2, 8], "test_data": "holdout", "granularity": "channel"}
-    context = run(host, tmp, eqnet_recipe(model, images, tmp / "out", search=search))
-    return context, tmp / "out"
+    return run_once("searched", lambda model, images, out: eqnet_recipe(model, images, out, search=search))
 
 
 def test_the_search_exports_a_subnet_under_the_budget(searched):
@@ -67,8 +67,11 @@ def test_resume_restores_the_supernet(host, eqnet_assets, tmp_path):
     model, images = eqnet_assets
     export = {"bits": 3, "bn_batches": 1}
     reference = run(host, tmp_path / "a", eqnet_recipe(model, images, tmp_path / "a" / "out", search=export))
-    failing = eqnet_recipe(model, images, tmp_path / "b" / "out", search={"bitops": 1.0}, checkpoint_every=1)
-    with pytest.raises(UserError, match="smallest reachable bitops"):
+    elsewhere = tmp_path / "elsewhere.json"  # a configuration of other layers: the search stage fails when it runs
+    elsewhere.write_text(json.dumps({"stages": [{"layers": {"other.layer": {"setting": {"bits": 4}}}}]}))
+    failing_search = {"configuration": str(elsewhere), "bn_batches": 1}
+    failing = eqnet_recipe(model, images, tmp_path / "b" / "out", search=failing_search, checkpoint_every=1)
+    with pytest.raises(UserError, match="the configuration has no eqnet setting for this layer"):
         run(host, tmp_path / "b", failing)
     assert not (tmp_path / "b" / "out").exists()
     resumed_raw = eqnet_recipe(model, images, tmp_path / "b" / "out", search=export, checkpoint_every=1)
@@ -99,3 +102,46 @@ def test_a_vit_subnet_is_written_as_compressed_tensors_config_groups(host, eqnet
     pixels = torch.stack([sample["pixel_values"] for sample in context.data("holdout")])
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(reloaded(pixel_values=pixels).logits, context.model.eval()(pixel_values=pixels).logits)
+
+
+def reachable_bitops(context) -> tuple[float, float]:
+    """The smallest and largest sub-network's BitOps, from the layer costs the run measured."""
+    state = context.state[STATE_KEY]
+    space = space_of(state)
+    efficiency = Efficiency([state["costs"][name] for name in state["layers"]], space.fixed_bits)
+    layers = len(state["layers"])
+    return tuple(efficiency.bitops((b,) * layers, (b,) * layers) for b in (BITS[0], BITS[-1]))
+
+
+def test_a_bitops_budget_below_every_subnet_is_refused_at_check_with_the_runs_figures(
+    host, searched, eqnet_assets, tmp_path
+):
+    context, _ = searched
+    smallest, largest = reachable_bitops(context)
+    model, images = eqnet_assets
+    path = tmp_path / "recipe.yaml"
+    for bitops in (smallest * (1 - 1e-6), smallest):
+        path.write_text(yaml.safe_dump(eqnet_recipe(model, images, tmp_path / "out", search={"bitops": bitops})))
+        if bitops < smallest:
+            with pytest.raises(UserError) as raised:
+                check_recipe(host, path)
+            assert (
+                f"smallest reachable bitops: {smallest:.6g}, largest {largest:.6g}, per image" in raised.value.message
+            )
+            assert str(raised.value.where).startswith(f"{path}:")
+        else:
+            check_recipe(host, path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bitops_budget_is_checked_against_a_supernet_file(host, searched, eqnet_assets, tmp_path):
+    context, out = searched
+    smallest, _ = reachable_bitops(context)
+    _, images = eqnet_assets
+    raw = eqnet_recipe(out, images, tmp_path / "out")
+    raw["stages"] = [{"method": "eqnet_search", "bitops": smallest / 2, "supernet": str(out / "eqnet-supernet.pt")}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError) as raised:
+        check_recipe(host, path)
+    assert f"smallest reachable bitops: {smallest:.6g}" in raised.value.message
