@@ -226,6 +226,7 @@ def main() -> None:
             "seconds": report["stages"][0]["seconds"],
             "measured": percent(report["stages"][1]["details"]["measured"]),
         }
+        print(f"static W{bits}A{bits}: {result['static'][f'W{bits}A{bits}']}", flush=True)
         write()
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     write()
