@@ -347,10 +347,14 @@ def run_child(fault: Fault, work: Path, argv: list[str]) -> Observed:
     """Run ``python -m compress`` in a child process (its own process group), killed at the timeout."""
     limit = fault.memory_limit_mb
 
-    def limit_memory() -> None:
-        import resource
+    def prepare_child() -> None:
+        # a shell that started this run in the background leaves SIGINT ignored, and Python
+        # then never installs its handler: the child gets SIGINT as a terminal would send it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if limit:
+            import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (limit * 2**20, limit * 2**20))
+            resource.setrlimit(resource.RLIMIT_AS, (limit * 2**20, limit * 2**20))
 
     start = time.perf_counter()
     process = child_process.Popen(
@@ -361,7 +365,7 @@ def run_child(fault: Fault, work: Path, argv: list[str]) -> Observed:
         stderr=child_process.PIPE,
         text=True,
         start_new_session=True,
-        preexec_fn=limit_memory if limit else None,
+        preexec_fn=prepare_child,
     )
     try:
         stdout, stderr = process.communicate(timeout=fault.timeout)
