@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -129,3 +130,162 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
                 host.copy_(parameter.data)
                 parameter.data = host
         module.to(home)  # buffers, and parameters a method reshaped
+
+
+Slot = tuple[nn.Module, str, bool]
+"""Where a module's tensor is held: the submodule owning it, its key, and whether it is a parameter."""
+
+
+def _slots(module: nn.Module) -> list[tuple[Slot, torch.Tensor]]:
+    """Every parameter and buffer of ``module`` (shared ones once), with where it is held."""
+    found, seen = [], set()
+    for owner in module.modules():
+        for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
+            for key, tensor in table.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    found.append(((owner, key, is_parameter), tensor))
+    return found
+
+
+def _hold(slot: Slot, tensor: torch.Tensor) -> None:
+    owner, key, is_parameter = slot
+    if is_parameter:
+        owner._parameters[key].data = tensor
+    else:
+        owner._buffers[key] = tensor
+
+
+class _Prefetch:
+    """A module's tensors as :meth:`BlockMover.prefetch` found them, and their copies under way."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.slots = _slots(module)
+        self.marks = [(tensor.data_ptr(), tensor._version) for _, tensor in self.slots]
+        self.copies: Future[tuple[list[torch.Tensor], torch.cuda.Event]] | None = None
+
+    def still_valid(self, module: nn.Module) -> bool:
+        """Whether ``module`` holds the very tensors copied, on the same storage, not changed in
+        place since (their version counters; a change made in place through ``.data`` does not
+        count there, so methods that edit blocks other than the current one keep prefetching off)."""
+        now = _slots(module)
+        return len(now) == len(self.slots) and all(
+            slot == old_slot and tensor is old and (tensor.data_ptr(), tensor._version) == mark
+            for (slot, tensor), (old_slot, old), mark in zip(now, self.slots, self.marks)
+        )
+
+
+class BlockMover:
+    """Blocks onloaded to the device ahead of use and written back behind it, overlapped with
+    the device's compute: what :func:`onloaded` does one block at a time, off the host's clock.
+
+    :meth:`prefetch` starts copying a module's parameters and buffers to the device;
+    :meth:`onloaded` then installs those copies (the compute stream waits on the copies'
+    event: no host synchronisation) and, on exit, queues the write-back: once the compute
+    stream's work queued so far is done, each parameter that kept its shape and dtype is
+    copied back into the host tensor it came from and held there again; buffers and anything
+    else left on the device move back at once, as :func:`onloaded` moves them. Copies run on a
+    worker thread (copies from and to pageable host memory block the thread that issues them;
+    torch releases the GIL while they run) and on a side stream of their own
+    (:func:`weights_stream`), so the activation copies of :func:`on_device` do not queue behind
+    them. Until its write-back has run, a block's parameters stay on the device, with their
+    final values; :meth:`settle_back` (and leaving the ``with``) waits for every write-back.
+
+    A prefetch whose module changed since (a tensor added, replaced or changed in place) is
+    dropped, and :meth:`onloaded` moves the module as :func:`onloaded` does. Without
+    ``enabled``, or when the device is not CUDA, both do exactly what :func:`onloaded` does:
+    the mover changes when copies happen, never what is computed.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device = indexed(device)
+        self.enabled = enabled and self.device.type == "cuda"
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress-mover") if self.enabled else None
+        self._pending: dict[int, _Prefetch] = {}
+        self._writes: list[Future[None]] = []
+
+    def __enter__(self) -> BlockMover:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            self.settle_back()
+        finally:
+            self._pending.clear()
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+
+    def prefetch(self, module: nn.Module) -> None:
+        """Start copying ``module``'s tensors to the device (nothing when the mover is off, or
+        when ``module`` is there already)."""
+        if not self.enabled or model_device(module) == self.device:
+            return
+        job = _Prefetch(module)
+        job.copies = self._worker.submit(self._copy_in, [tensor.data for _, tensor in job.slots])
+        self._pending[id(module)] = job
+
+    def _copy_in(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        stream = weights_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            copies = [tensor.to(self.device, non_blocking=True) for tensor in tensors]
+            return copies, stream.record_event()
+
+    @contextmanager
+    def onloaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        """:func:`onloaded`, with the copies :meth:`prefetch` started and a queued write-back."""
+        job = self._pending.pop(id(module), None)
+        home = model_device(module)
+        if job is None or home == self.device or not job.still_valid(module):
+            with onloaded(module, self.device):
+                yield module
+            return
+        copies, copied = job.copies.result()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        hosts = []
+        for (slot, held), copy in zip(job.slots, copies):
+            copy.record_stream(compute)  # allocated on the weights stream, used here
+            hosts.append((slot, held.data))
+            _hold(slot, copy)
+        del copies, job
+        try:
+            yield module
+        finally:
+            self._write_back(module, hosts, home, compute.record_event())
+
+    def _write_back(
+        self, module: nn.Module, hosts: list[tuple[Slot, torch.Tensor]], home: torch.device, done: torch.cuda.Event
+    ) -> None:
+        later, queued = [], set()
+        for slot, host in hosts:
+            owner, key, is_parameter = slot
+            current = owner._parameters.get(key) if is_parameter else None
+            if current is not None and current.shape == host.shape and current.dtype == host.dtype:
+                later.append((slot, host, current.data))
+                queued.add(id(current))
+        for slot, tensor in _slots(module):
+            if id(tensor) not in queued and tensor.device != home:
+                _hold(slot, tensor.data.to(home))
+        if later:
+            self._writes.append(self._worker.submit(self._copy_out, later, done))
+
+    def _copy_out(self, tensors: list[tuple[Slot, torch.Tensor, torch.Tensor]], done: torch.cuda.Event) -> None:
+        stream = weights_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            stream.wait_event(done)
+            for slot, host, current in tensors:
+                host.copy_(current)  # a blocking copy: the host tensor is complete when held again
+                _hold(slot, host)
+
+    def settle_back(self) -> None:
+        """Wait until every queued write-back has run: every parameter is on the host again."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
+
+@functools.cache
+def weights_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of ``device`` that :class:`BlockMover` copies weights on (one for the
+    process, as :func:`copy_stream`, for the same reason)."""
+    return torch.cuda.Stream(device)

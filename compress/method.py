@@ -240,6 +240,14 @@ class BlockMethod(Method):
     gradient pass over the calibration data before the first block (see
     ``compress.api.block_output_gradients``)."""
 
+    def prefetches_blocks(self) -> bool:
+        """Whether the sequential engine, on CUDA, copies the next block to the device while this
+        method compresses the current one and writes each block back to the host while the next
+        runs (``compress.devices.BlockMover``): the same results, one or two blocks more on the
+        device. Off by default: a method that changes another block's host weights while it
+        works must keep it off."""
+        return False
+
     def compress_block(self, context: Context, work: BlockWork) -> dict[str, dict[str, Any]]:
         """Compress the targeted layers of ``work.block`` in place; return per-layer reports."""
         raise NotImplementedError

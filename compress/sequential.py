@@ -26,7 +26,7 @@ from compress.blocks import (
     within,
 )
 from compress.context import Context, StageRun
-from compress.devices import onloaded
+from compress.devices import BlockMover, onloaded
 from compress.errors import UserError
 from compress.gradients import block_output_gradients
 from compress.method import BlockWork
@@ -88,6 +88,12 @@ def compress_blocks(
     stage started produces (``BlockWork.original_inputs``), its ``needs_output_gradients``
     the gradients of its ``output_loss`` (``BlockWork.output_gradients``, from
     :func:`block_output_gradients` before any block changes).
+
+    With the method's ``prefetches_blocks`` (sequential mode, CUDA) the next block's weights
+    travel to the device while a block is compressed, and a block's weights travel back while
+    the next one runs (:class:`BlockMover`): when ``compress_block_done`` fires, the block's
+    parameters may still be on the device, with their final values; all are on the host
+    before the targets outside the blocks are calibrated.
     """
     model = context.model
     method = run.method
@@ -108,23 +114,26 @@ def compress_blocks(
     if method.needs_original_inputs and original is None:
         original = inputs
     returns_tuple = False
-    for index, block in enumerate(blocks):
-        block_name = f"{blocks_name}.{index}"
-        in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
-        with onloaded(block, device) if context.sequential else _nothing():
-            # the original stream's next step runs before the block changes, into new buffers
-            original_next = None if original is None else run_block(block, original, device, consume=False)[0]
-            block_gradients = None if gradients is None else gradients[index]
-            work = BlockWork(block_name, index, block, in_block, inputs, device, original, block_gradients)
-            for name, details in compress_block(context, work).items():
-                _report_layer(context, run, name, details)
-            inputs, returns_tuple = run_block(block, inputs, device)
-        original = original_next
-        if gradients is not None:
-            gradients[index] = []
-        context.host.hook.compress_block_done(
-            context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
-        )
+    with BlockMover(device, enabled=context.sequential and method.prefetches_blocks()) as mover:
+        for index, block in enumerate(blocks):
+            block_name = f"{blocks_name}.{index}"
+            in_block = {n: m for n, m in run.targets.items() if within(n, block_name)}
+            if index + 1 < len(blocks):
+                mover.prefetch(blocks[index + 1])
+            with mover.onloaded(block) if context.sequential else _nothing():
+                # the original stream's next step runs before the block changes, into new buffers
+                original_next = None if original is None else run_block(block, original, device, consume=False)[0]
+                block_gradients = None if gradients is None else gradients[index]
+                work = BlockWork(block_name, index, block, in_block, inputs, device, original, block_gradients)
+                for name, details in compress_block(context, work).items():
+                    _report_layer(context, run, name, details)
+                inputs, returns_tuple = run_block(block, inputs, device)
+            original = original_next
+            if gradients is not None:
+                gradients[index] = []
+            context.host.hook.compress_block_done(
+                context=context, stage=run.stage, block_name=block_name, block_index=index, num_blocks=len(blocks)
+            )
     compress_after_blocks(context, run, compress_block, inputs, original, returns_tuple, done=leading)
 
 

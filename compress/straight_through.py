@@ -11,7 +11,7 @@ the layer holds exactly representable weights and its ``LayerState`` stays true.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -23,21 +23,35 @@ from torch.nn.utils import parametrize
 from compress.context import LayerState
 
 
-def project_weight(weight: torch.Tensor, state: LayerState, keep: torch.Tensor | None) -> torch.Tensor:
-    """``weight`` moved onto what ``state`` says the layer holds: its grid(s) and its zeros.
+class StraightThrough(nn.Module):
+    """The parametrization: the weight moved onto what ``state`` says the layer holds (its
+    grid(s) and its zeros) forward, the identity backward.
 
     :param keep: bool mask of the weights allowed to be nonzero (a pruned layer's
         pattern), or None.
     """
-    projected = weight
-    if state.quant is not None:
-        projected = state.quant.fake_quantize(weight)
-    if state.outliers is not None:
+
+    def __init__(self, state: LayerState, keep: torch.Tensor | None) -> None:
+        super().__init__()
+        self.state = state
+        self.keep = keep
+        # laid out once: the projection runs for every layer at every step (and is launch-bound there)
+        self._quantize = None if state.quant is None else state.quant.fake_quantizer()
         outliers = state.outliers
-        projected = torch.where(outliers.mask, outliers.grid.fake_quantize(weight), projected)
-    if keep is not None:
-        projected = projected * keep
-    return projected
+        self._outliers = None if outliers is None else (outliers.mask, outliers.grid.fake_quantizer())
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` on the layer's grid(s), with its pruned weights zero (no gradient)."""
+        projected = weight if self._quantize is None else self._quantize(weight)
+        if self._outliers is not None:
+            mask, quantize = self._outliers
+            projected = torch.where(mask, quantize(weight), projected)
+        if self.keep is not None:
+            projected = projected * self.keep
+        return projected
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _Projected.apply(weight, self.project)
 
 
 class _Projected(torch.autograd.Function):
@@ -45,28 +59,16 @@ class _Projected(torch.autograd.Function):
     the incoming gradient unchanged backward."""
 
     @staticmethod
-    def forward(weight: torch.Tensor, state: LayerState, keep: torch.Tensor | None) -> torch.Tensor:
-        return project_weight(weight, state, keep)
+    def forward(weight: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return project(weight)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         pass
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
-
-
-class StraightThrough(nn.Module):
-    """The parametrization: projected forward, identity backward."""
-
-    def __init__(self, state: LayerState, keep: torch.Tensor | None) -> None:
-        super().__init__()
-        self.state = state
-        self.keep = keep
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _Projected.apply(weight, self.state, self.keep)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def _on_device(state: LayerState, device: torch.device) -> LayerState:

@@ -15,6 +15,11 @@ The written recipes are also what the multi-GPU comparison runs::
     python -m compress apply OUT/recipes/forward_kl-1gpu.yaml
     python -m scripts.bench_distill --compare OUT/runs/forward_kl-1gpu OUT/runs/forward_kl-2gpu
 
+``forward_kl-1gpu-compile`` and ``forward_kl-2gpu-compile`` are the same runs with
+``compile: true``. At batch 16 x 512 a step is bound by the host (kernel launches and
+Python, repeated by every process), so two GPUs barely help; ``--batch-size 64
+--micro-batch-size 16`` makes each device's work large enough to scale.
+
 ``--plot OUT/bench_distill.json curves.png`` draws the loss curves (needs matplotlib).
 ``--compare`` prints both loss curves, their largest gap relative to the step-to-step
 noise of the one-GPU curve, and the speed-up. The two recipes are the same run
@@ -40,7 +45,9 @@ LOSSES = {
 }
 
 
-def recipe(args: argparse.Namespace, name: str, loss: dict | None, batch_size: int, out: Path) -> dict:
+def recipe(
+    args: argparse.Namespace, name: str, loss: dict | None, batch_size: int, out: Path, compiled: bool = False
+) -> dict:
     wikitext = Path(args.data)
     stages = [{"method": "rtn", "targets": TARGETS, "bits": 3, "group_size": 64}]
     data = {"evaluation": {"path": str(wikitext / "test.txt"), "samples": args.eval_samples, "seq_len": 512}}
@@ -60,6 +67,10 @@ def recipe(args: argparse.Namespace, name: str, loss: dict | None, batch_size: i
                 "log_every": 5,
             }
         )
+        if args.micro_batch_size:
+            stages[-1]["micro_batch_size"] = args.micro_batch_size
+        if compiled:
+            stages[-1]["compile"] = True
     return {
         "model": {"name": args.model, "dtype": "bfloat16"},
         "data": data,
@@ -77,6 +88,9 @@ def write_recipes(args: argparse.Namespace, out: Path) -> dict[str, Path]:
         recipes[name] = recipe(args, name, loss, batch, out)
     recipes["forward_kl-1gpu"] = recipe(args, "forward_kl-1gpu", LOSSES["forward_kl"], batch, out)
     recipes["forward_kl-2gpu"] = recipe(args, "forward_kl-2gpu", LOSSES["forward_kl"], batch, out)
+    for gpus in ("1gpu", "2gpu"):
+        name = f"forward_kl-{gpus}-compile"
+        recipes[name] = recipe(args, name, LOSSES["forward_kl"], batch, out, compiled=True)
     paths = {}
     for name, content in recipes.items():
         paths[name] = out / "recipes" / f"{name}.yaml"
@@ -181,7 +195,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (one GPU)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (the global batch)")
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=None, help="sequences per device and forward pass (accumulating)"
+    )
     parser.add_argument("--train-samples", type=int, default=448)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--recipes-only", action="store_true", help="write the recipes and stop")

@@ -45,14 +45,18 @@ Usage (GPU, after ``pip install --no-index --no-deps --target /tmp/site .whl/*.w
 ``--fp32-products`` (Hessian products through float32 copies and TF32) and ``--old-paths``
 (session 6's Cholesky-inverse-Cholesky factor and full Hessian products instead of the
 reversed-Cholesky factor and upper-triangle products) select the slower paths of ours, for
-comparison. ``--compare`` runs ours as the flags say, then without the RTN reference and
-with expandable segments on the old paths and on the current ones, then LLM Compressor, in
-one invocation; ``--profile`` adds a run of ours with ``torch.profiler`` over layer 2 (its
-top operations printed and saved). The checks also time both factor routes on random
+comparison; ``--no-overlap`` runs ours with ``overlap: false`` (the solves of a block one after
+another, each block moved to the GPU when it starts and back when it ends, as before session 8).
+``--compare`` runs ours as the flags say, then without the RTN reference and with expandable
+segments on the old paths without overlap, on the current paths without overlap and with it,
+then LLM Compressor, in one invocation, and says whether the runs without and with overlap
+quantized to bit-identical weights (a SHA-256 of every quantized weight, ``weights_sha256``).
+``--profile`` adds a run of ours with ``torch.profiler`` over layer 2 (its top operations
+printed and saved). The checks also time both factor routes on random
 Hessians 4096 and 14336 wide (``factor_seconds``) and compare them and the triangle
 Hessian products with the reference paths. The command for one H100::
 
-    PYTHONPATH=/tmp/site:.:plugins python -m scripts.bench_gptq_gpu --layers 4 --compare --profile \
+    PYTHONPATH=/tmp/site:.:plugins python -m scripts.bench_gptq_gpu --layers 4 --compare \
         --json $OUT/bench_gptq_gpu_compare.json
 
 ``--layers N`` builds a model with N decoder layers (default 4): every layer has the same
@@ -328,6 +332,7 @@ def run_ours(args) -> dict:
         "fused_column_loop": not args.unfused,
         "low_precision_products": not args.fp32_products,
         "rtn_reference": not args.no_rtn_reference,
+        "overlap": not args.no_overlap,
     }
     context, checked = build_context(host, model, config, "sequential", device, stage)
     samples = calibration(args, config)
@@ -394,6 +399,7 @@ def run_ours(args) -> dict:
         ok = ok and check["finite"] and check["changed"] and check["off_grid"] == 0
     checks["ok"] = bool(ok)
 
+    checks["weights_sha256"] = weights_digest(model, names)
     objective = [v["objective"] for v in layers.values()]
     rtn_objective = [v["rtn_objective"] for v in layers.values() if v["rtn_objective"] is not None]
     result = {
@@ -407,6 +413,7 @@ def run_ours(args) -> dict:
                 (args.no_rtn_reference, "no RTN reference"),
                 (args.expandable_segments, "expandable segments"),
                 (args.old_paths, "session-6 factor and Hessian products"),
+                (args.no_overlap, "no overlap"),
                 (args.profile, "profiled layer 2"),
             )
             if flag
@@ -435,6 +442,18 @@ def run_ours(args) -> dict:
         result["profile"] = profiler.rows
     print(json.dumps(result), flush=True)
     return result
+
+
+def weights_digest(model: torch.nn.Module, names: list[str]) -> str:
+    """SHA-256 of the quantized layers' weights, in target order: equal digests, bit-identical results."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    modules = dict(model.named_modules())
+    for name in names:
+        weight = modules[name].weight.detach().cpu().contiguous()
+        digest.update(weight.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def datasets_stand_in() -> None:
@@ -607,6 +626,7 @@ def child(args, which: str) -> dict | None:
                 ("--no-rtn-reference", args.no_rtn_reference),
                 ("--expandable-segments", args.expandable_segments),
                 ("--old-paths", args.old_paths),
+                ("--no-overlap", args.no_overlap),
                 ("--profile", args.profile),
             )
             if on
@@ -659,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the reversed-Cholesky factor and upper-triangle products",
     )
     parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="ours with overlap: false (the solves one after another, each block moved on use), "
+        "instead of the solves on two streams and blocks prefetched and written back behind",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="one more run of ours (after the others) with torch.profiler over layer 2; its top operations "
@@ -667,9 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="ours three times in one invocation: as the other flags say, then with --no-rtn-reference and "
-        "--expandable-segments, on session 6's paths (before, --old-paths) and on the current ones (after); "
-        "then LLM Compressor",
+        help="ours four times in one invocation: as the other flags say, then with --no-rtn-reference and "
+        "--expandable-segments on session 6's paths without overlap (--old-paths --no-overlap), on the "
+        "current paths without overlap (--no-overlap) and with it; then LLM Compressor",
     )
     parser.add_argument("--no-llmcompressor", action="store_true", help="skip LLM Compressor's run")
     parser.add_argument("--json", type=Path, default=None, help="results file (default $OUT/bench_gptq_gpu.json)")
@@ -689,9 +715,14 @@ def main(argv: list[str] | None = None) -> int:
     plain = argparse.Namespace(**{**vars(args), "profile": False})
     after = argparse.Namespace(**{**vars(plain), "no_rtn_reference": True, "expandable_segments": True})
     results = [r for r in [child(plain, "ours")] if r is not None]
+    pair = []  # ours without and with overlap, on the current paths
     if args.compare:
-        before = argparse.Namespace(**{**vars(after), "old_paths": True})
-        results += [r for r in [child(before, "ours"), child(after, "ours")] if r is not None]
+        serial = argparse.Namespace(**{**vars(after), "no_overlap": True})
+        before = argparse.Namespace(**{**vars(serial), "old_paths": True})
+        overlapped = argparse.Namespace(**{**vars(after), "no_overlap": False})
+        results += [r for r in [child(before, "ours")] if r is not None]
+        pair = [r for r in [child(serial, "ours"), child(overlapped, "ours")] if r is not None]
+        results += pair
     if args.no_llmcompressor:
         pass
     elif importlib.util.find_spec("llmcompressor") is None:
@@ -736,6 +767,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"floor ~1 s per layer: median {ours['median_seconds']['seconds']:.2f} s"
             )
 
+    if len(pair) == 2:
+        serial, overlapped = pair
+        same = serial["checks"]["weights_sha256"] == overlapped["checks"]["weights_sha256"]
+        drift = abs(overlapped["mean_objective"] - serial["mean_objective"]) / serial["mean_objective"]
+        print(
+            f"overlap: per layer {serial['median_seconds']['seconds']:.3f} s -> "
+            f"{overlapped['median_seconds']['seconds']:.3f} s; quantized weights "
+            + ("bit-identical" if same else f"differ (mean objective relative difference {drift:.2e})")
+        )
     if profiled is not None:
         print(f"\n{profiled['run']}: top operations by {'device' if args.device.startswith('cuda') else 'host'} time")
         for row in profiled["profile"]:

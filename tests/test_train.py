@@ -130,6 +130,16 @@ def test_nan_loss_stops_naming_the_step_and_writes_nothing(train_host, write_rec
     assert not (tmp_path / "out").exists()
 
 
+def test_nan_loss_between_log_points_is_caught_at_the_next_checkpoint_naming_its_step(
+    train_host, write_recipe, tmp_path
+):
+    NextToken.diverge_at = 2
+    recipe = training_recipe(write_recipe, tmp_path, steps=8, log_every=4, checkpoint_every=3)
+    with pytest.raises(UserError, match="loss is nan at step 2"):
+        apply_recipe(train_host, check_recipe(train_host, recipe))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
 def test_interrupted_training_resumes_to_the_same_weights(train_host, write_recipe, tmp_path, capsys):
     recipe = training_recipe(write_recipe, tmp_path, checkpoint_every=2)
     straight = apply_recipe(train_host, check_recipe(train_host, recipe))
@@ -260,11 +270,28 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(write_recipe, tmp_path
     assert tokens[2] == tokens[1] == 4 * 4 * 32  # the global batches' tokens, counted once however many processes
 
 
+def trained(train_host, write_recipe, tmp_path, **stage):
+    """The context after the training recipe with ``stage``'s settings, and its loss curve."""
+    recipe = training_recipe(write_recipe, tmp_path, **stage)
+    context = apply_recipe(train_host, check_recipe(train_host, recipe, overwrite=True), overwrite=True)
+    return context, [loss for _, loss in context.report.stages[1].details["loss_curve"]]
+
+
 def test_gradient_checkpointing_gives_the_same_training(train_host, write_recipe, tmp_path):
     curves = []
     for checkpointing in (False, True):
-        recipe = training_recipe(write_recipe, tmp_path, steps=2, gradient_checkpointing=checkpointing)
-        context = apply_recipe(train_host, check_recipe(train_host, recipe, overwrite=True), overwrite=True)
-        curves.append([loss for _, loss in context.report.stages[1].details["loss_curve"]])
+        context, curve = trained(train_host, write_recipe, tmp_path, steps=2, gradient_checkpointing=checkpointing)
+        curves.append(curve)
         assert not context.model.is_gradient_checkpointing
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_compiled_training_gives_the_eager_loss_curve(train_host, write_recipe, tmp_path):
+    curves = []
+    for compiled in (False, True):
+        context, curve = trained(train_host, write_recipe, tmp_path, steps=3, compile=compiled)
+        curves.append(curve)
+        modules = dict(context.model.named_modules())
+        for name, state in context.layers.items():
+            assert torch.equal(state.quant.fake_quantize(modules[name].weight.detach()), modules[name].weight), name
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)

@@ -21,6 +21,7 @@ Scales are computed in float32 whatever the weight dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -122,8 +123,25 @@ class QuantGrid:
         return self._ungroup(values).to(dtype)
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """``dequantize(quantize(weight))`` in ``weight.dtype``."""
-        return self.dequantize(self.quantize(weight), weight.dtype)
+        """``dequantize(quantize(weight))`` in ``weight.dtype`` (detached)."""
+        return self.fake_quantizer()(weight)
+
+    def fake_quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`fake_quantize` with the scale and zero point laid out once, for a weight
+        projected at every training step (:mod:`compress.straight_through`)."""
+        scale, zero_point = self._grouped_params()
+        qmin, qmax = self.scheme.qmin, self.scheme.qmax
+        groups = self.scale.shape[-1] if self.scheme.granularity == "group" else None
+
+        def fake_quantize(weight: torch.Tensor) -> torch.Tensor:
+            x = weight.detach()
+            if groups is None:
+                return grid_values(x, scale, zero_point, qmin, qmax).to(weight.dtype)
+            return (
+                grid_values(x.unflatten(-1, (groups, -1)), scale, zero_point, qmin, qmax).flatten(-2).to(weight.dtype)
+            )
+
+        return fake_quantize
 
     def quantize_columns(self, columns: torch.Tensor, start: int) -> torch.Tensor:
         """Int8 codes of ``columns``, the input columns ``[start, start + k)`` of the weight.
@@ -183,6 +201,23 @@ class QuantGrid:
         groups = groups // self.scheme.group_size
         zero_point = None if self.zero_point is None else self.zero_point[:, groups]
         return self.scale[:, groups], zero_point
+
+
+def grid_values(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``(clamp(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale`` in float32.
+
+    The arithmetic of :meth:`QuantGrid.quantize` then :meth:`QuantGrid.dequantize`, so the
+    same values bit for bit (their int8 codes hold these integers exactly), in four
+    element-wise passes over one new tensor (six with a zero point) instead of a round trip
+    through int8 codes: the fake quantization a training step repeats for every layer.
+    ``scale`` (float32) and ``zero_point`` (int8) broadcast against ``x``.
+    """
+    values = torch.div(x, scale)  # float32: the scale is, and lower-precision x is promoted exactly
+    if zero_point is None:
+        return values.round_().clamp_(qmin, qmax).mul_(scale)
+    return values.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:

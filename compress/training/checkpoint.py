@@ -70,10 +70,18 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
-RESUMABLE_PARAMETERS = ("log_every", "eval_every", "checkpoint_every", "steps", "report_to", "logging_dir")
+RESUMABLE_PARAMETERS = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "steps",
+    "report_to",
+    "logging_dir",
+    "compile",
+)
 """Parameters of the resumed stage that ``--resume`` accepts changed: how often it logs,
 evaluates and checkpoints, how many steps it runs (extending a run; the schedule then
-spans the new total), and where it reports."""
+spans the new total), where it reports, and whether it compiles."""
 
 
 def resumable_keys(stage_index: int) -> set[str]:

@@ -19,6 +19,7 @@ trained; the rest of the model is frozen.
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import sys
@@ -100,6 +101,7 @@ class DatasetStream:
     processes: int
     pad_id: int
     _last: tuple[int, list[int]] = field(default=(-1, []), repr=False)
+    _tokens: list[int] = field(default_factory=list, repr=False)  # of each sample, counted once
 
     def global_batch(self, step: int) -> list[int]:
         """The sample indices of optimizer step ``step`` (0-based), over all processes."""
@@ -118,7 +120,9 @@ class DatasetStream:
 
     def tokens(self, step: int) -> int:
         """Real tokens in the global batch of ``step`` (0 for data without ``input_ids``)."""
-        return sum(sample_tokens(self.samples[i]) for i in self.global_batch(step))
+        if not self._tokens:
+            self._tokens = [sample_tokens(sample) for sample in self.samples]
+        return sum(self._tokens[i] for i in self.global_batch(step))
 
 
 def sample_tokens(sample: Sample) -> int:
@@ -330,6 +334,8 @@ class _Loop:
             self.model, self.optimizer = context.model, optimizer
         else:
             self.model, self.optimizer = accelerator.prepare(context.model, optimizer)
+        # what the method's loss runs; checkpoints, no_sync and train/eval use the uncompiled self.model
+        self.forward = torch.compile(self.model) if self.params.compile else self.model
         self.directory = checkpoint_directory(context, run)
         accelerator.register_for_checkpointing(self.scheduler)
         accelerator.register_for_checkpointing(_Carried(self.extra, context, optimizer if self.sharded else None))
@@ -352,6 +358,7 @@ class _Loop:
         params, record = self.params, self.run_.record
         started, start_step, start_tokens = self._clock(), self.state.step, self.state.tokens
         self.logged = (started, start_tokens)
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back
         warm = None  # clock and tokens after the first step: the rate without one-time costs
         self.model.train()
         if self.directory is None:
@@ -366,6 +373,7 @@ class _Loop:
                     warm = (self._clock(), self.state.tokens)
                 self._after_step(loss, logs)
                 if interrupted[0]:
+                    self._check_finite()
                     self._save_checkpoint()
                     if self.directory is None:
                         raise KeyboardInterrupt
@@ -400,9 +408,10 @@ class _Loop:
         self.accelerator.wait_for_everyone()
         return time.perf_counter()
 
-    def _step(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def _step(self) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """One optimizer step over this process's micro-batches of every dataset; returns the
-        mean loss and logged values of its micro-steps."""
+        mean loss and logged values of its micro-steps, left on the device: a step reads
+        nothing back from it (see :meth:`_check_finite`)."""
         step = self.state.step
         micro_batches = {name: stream.batches(step) for name, stream in self.streams.items()}
         total, logs = torch.zeros((), device=self.context.device), {}
@@ -412,17 +421,11 @@ class _Loop:
             # FSDP reduce-scatters every micro-step: holding whole unsharded gradients would cost what sharding saves
             with nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model):
                 with self.autocast:
-                    loss, values = self.method.loss(self.model, batches)
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {step + 1}; nothing was written "
-                        "(try a lower lr or max_grad_norm)",
-                        self.where,
-                    )
+                    loss, values = self.method.loss(self.forward, batches)
                 self.accelerator.backward(loss / self.accumulation)
             total += loss.detach().float() / self.accumulation
-            for key, value in values.items():
-                logs[key] = logs.get(key, 0.0) + float(value) / self.accumulation
+            for key, value in values.items():  # floats or tensors: read on the host only when shown
+                logs[key] = logs.get(key, 0.0) + value / self.accumulation
         if self.accelerator.num_processes > 1:
             # DDP averages the model's gradients; parameters outside it are averaged here
             for parameter in self.extra:
@@ -444,9 +447,38 @@ class _Loop:
     def _on_device(self, batch: Batch) -> Batch:
         return {key: value.to(self.context.device) for key, value in batch.items()}
 
-    def _after_step(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
+    def _check_finite(self) -> None:
+        """Stop on the first NaN or inf loss since the last check, naming its step.
+
+        Each step's loss stays on the device and is checked here, at log points, evaluations,
+        checkpoints and the end, in one read: a read after every step would make the host
+        wait for the device's queue each step. The steps after a bad one (up to ``log_every``)
+        still run; nothing of theirs is written. Every process reads every process's losses,
+        so all of them stop together."""
+        if not self.unchecked:
+            return
+        steps, losses = zip(*self.unchecked)
+        self.unchecked = []
+        rows = self.accelerator.gather(torch.stack(losses)).reshape(-1, len(steps)).tolist()
+        for step, values in zip(steps, zip(*rows)):
+            value = next((value for value in values if not math.isfinite(value)), None)
+            if value is not None:
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step}; nothing was written (try a lower lr or max_grad_norm)",
+                    self.where,
+                )
+
+    def _after_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> None:
         step, params = self.state.step, self.params
-        if step % params.log_every == 0 or step == params.steps:
+        self.unchecked.append((step, loss))
+        logging = step % params.log_every == 0 or step == params.steps
+        evaluating = bool(params.eval_every and self.evaluation) and (
+            step % params.eval_every == 0 or step == params.steps
+        )
+        saving = bool(params.checkpoint_every) and step % params.checkpoint_every == 0 and step < params.steps
+        if logging or evaluating or saving:
+            self._check_finite()
+        if logging:
             value = self.accelerator.gather(loss.reshape(1)).mean().item()
             self.state.loss_curve.append((step, value))
             shown = {"loss": round(value, 4), "lr": float(f"{self.scheduler.get_last_lr()[0]:.3g}")}
@@ -458,12 +490,12 @@ class _Loop:
             self.logged = (now, tokens)
             lr = self.scheduler.get_last_lr()[0]
             self.trackers.log(step, {**shown, "loss": value, "lr": lr, "tokens_per_second": rate})
-        if params.eval_every and self.evaluation and (step % params.eval_every == 0 or step == params.steps):
+        if evaluating:
             value = self._evaluate()
             self.state.eval_curve.append((step, value))
             self.trackers.log(step, {"eval_loss": value})
             self._progress(step, {"eval_loss": value})
-        if params.checkpoint_every and step % params.checkpoint_every == 0 and step < params.steps:
+        if saving:
             self._save_checkpoint()
 
     def _progress(self, step: int, logs: dict[str, Any]) -> None:
@@ -480,7 +512,7 @@ class _Loop:
         for chunks in zip(*self.evaluation.values()):
             batches = {name: self._on_device(batch) for name, batch in zip(self.evaluation, chunks)}
             with self.autocast:
-                loss, _ = self.method.loss(self.model, batches)
+                loss, _ = self.method.loss(self.forward, batches)
             total, count = total + loss.float().item(), count + 1
         self.model.train()
         return total / max(count, 1)

@@ -92,6 +92,12 @@ class TrainParams(MethodParams):
         "for round-to-nearest grids, and the detail below the grid step is kept)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    compile: bool = Field(
+        False,
+        description="torch.compile the trained model's forward (and backward): far fewer kernel launches and "
+        "Python per step where small batches leave the GPU waiting on the host, which every data-parallel "
+        "process repeats; costs a compilation (minutes) at the first step and at the first evaluation",
+    )
     log_every: int = Field(10, gt=0, description="steps between loss-curve points")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations of eval_data")
     checkpoint_every: int | None = Field(
@@ -256,11 +262,13 @@ class TrainingMethod(Method):
 
     def configure_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The optimizer over ``groups`` (:meth:`parameter_groups`). The default: AdamW at the
-        stage's ``lr`` and ``weight_decay``."""
-        return torch.optim.AdamW(groups, lr=self.params.lr, weight_decay=self.params.weight_decay)
+        stage's ``lr`` and ``weight_decay``, fused (:func:`fused_optimizer_ok`) where it can be."""
+        fused = fused_optimizer_ok([p for group in groups for p in group["params"]])
+        return torch.optim.AdamW(groups, lr=self.params.lr, weight_decay=self.params.weight_decay, fused=fused or None)
 
-    def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one micro-step and the values to log with it.
+    def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The loss of one micro-step and the values to log with it (floats, or 0-d tensors
+        left on the device: the loop reads them back only at log points).
 
         ``batches`` holds one batch (:data:`compress.data.Batch`, on the device) of each of
         :attr:`datasets`, e.g. ``batches["train"]``: ``input_ids``, ``attention_mask`` and
@@ -279,3 +287,13 @@ class TrainingMethod(Method):
 
     def finish(self, context: Context, run: StageRun) -> None:
         """Called once after the last step (also after a failure): release what prepare took."""
+
+
+def fused_optimizer_ok(parameters: list[nn.Parameter]) -> bool:
+    """Whether torch's fused optimizer kernels take ``parameters``: all floating point, plain
+    (not sharded DTensor) and on CUDA. One fused AdamW step is a few kernel launches where the
+    per-tensor loop is several per parameter: the training step is launch-bound at small
+    batches, and every data-parallel process repeats those launches."""
+    return bool(parameters) and all(
+        p.device.type == "cuda" and p.dtype.is_floating_point and type(p.data) is torch.Tensor for p in parameters
+    )

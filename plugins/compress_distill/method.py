@@ -103,7 +103,8 @@ class Distill(TrainingMethod):
         teacher = context.reference_model() if self.params.teacher is None else context.load_model(self.params.teacher)
         if not all(self._is_hidden(term) for term in self.params.losses):
             check_same_vocabulary(context.model, teacher)
-        self.teacher = self._onloads.enter_context(frozen_placed(teacher, device))
+        placed = self._onloads.enter_context(frozen_placed(teacher, device))
+        self.teacher = torch.compile(placed) if self.params.compile else placed
         for term in self.params.losses:
             if self._is_hidden(term):
                 for student_layer in self._layer_map(term, context.model, teacher):
@@ -131,7 +132,7 @@ class Distill(TrainingMethod):
             return term.layers
         return layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
 
-    def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batches: dict[str, Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = batches["train"]
         hidden = any(self._is_hidden(term) for term in self.params.losses)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -166,7 +167,7 @@ class Distill(TrainingMethod):
                     value = spec.function(student_logits, teacher_logits, mask=mask, **options)
             total = total + term.weight * value
             logs[term.loss] = value.detach()
-        return total, {name: value.item() for name, value in logs.items()} if len(logs) > 1 else {}
+        return total, logs if len(logs) > 1 else {}
 
     def _hidden_loss(
         self, term: LossTerm, spec: LossSpec, student: tuple, teacher: tuple, mask: torch.Tensor, model: nn.Module

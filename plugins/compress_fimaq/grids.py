@@ -94,6 +94,21 @@ def bounds_grid(upper: torch.Tensor, lower: torch.Tensor, scheme: QuantScheme) -
     return scales, zeros
 
 
+def bounds_round(
+    errors: RowErrors,
+    uppers: torch.Tensor,
+    lowers: torch.Tensor,
+    scheme: QuantScheme,
+    upper: torch.Tensor,
+    lower: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of the code's conv bound search on the output error: per row, the best lower
+    bound given ``upper``, then the best upper bound given that lower one."""
+    (lower,) = pick(errors(*bounds_grid(upper[None].expand_as(lowers), lowers, scheme), True), lowers)
+    (upper,) = pick(errors(*bounds_grid(uppers, lower[None].expand_as(uppers), scheme), True), uppers)
+    return upper, lower
+
+
 class RowErrors:
     """Per row, the squared error of candidate grids: of the weight, or of the layer's output on
     inputs ``x`` (rows of features, as the layer's weight matrix reads them) quantized to ``x̂``."""
@@ -169,10 +184,7 @@ def searched_grid(
         scale, zero = bounds_grid(uppers, lowers, scheme)
         upper, lower = pick(errors(scale, zero, output), uppers, lowers)
         for _ in range(rounds if output else 0):
-            upper_fixed = upper[None].expand_as(lowers)
-            (lower,) = pick(errors(*bounds_grid(upper_fixed, lowers, scheme), output), lowers)
-            lower_fixed = lower[None].expand_as(uppers)
-            (upper,) = pick(errors(*bounds_grid(uppers, lower_fixed, scheme), output), uppers)
+            upper, lower = bounds_round(errors, uppers, lowers, scheme, upper, lower)
         scale, zero = bounds_grid(upper[None], lower[None], scheme)
         scale, zero = scale[0], zero[0]
     else:

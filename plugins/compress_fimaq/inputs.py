@@ -27,8 +27,8 @@ Our choices: the code drops the extra copy of the last candidate it appends (it 
 the minimum). The output error is
 computed on the same observed inputs that the weight search reads (``method.py``), in float32
 row chunks. Attention operands and post-softmax points keep ``points.py``'s search (the code's
-``quant_layers/matmul.py`` percentiles 0.99-0.99999), and the Conv2d patch embedding's input
-keeps it too (the code's conv input search is not ported).
+``quant_layers/matmul.py`` percentiles 0.99-0.99999); the Conv2d patch embedding's input
+follows the code's conv search (``patch.py``).
 """
 
 from __future__ import annotations

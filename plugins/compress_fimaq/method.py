@@ -2,7 +2,8 @@
 by Fisher Information Matrix Approximation"; code: github.com/ShiheWang/FIMA-Q) as a
 sequential calibration method: parameters and the block-by-block driver. The losses are in
 ``losses.py``, the Fisher refresh in ``fisher.py``, the weight grids' search in ``grids.py``, the
-Linear inputs' ranges (searched in turn with the weight grids) in ``inputs.py``,
+Linear inputs' ranges (searched in turn with the weight grids) in ``inputs.py``, the patch
+embedding's in ``patch.py``,
 the weight rounding in ``rounding.py``, the activation points in ``points.py``, RepQ-ViT's
 folding of per-channel post-LayerNorm ranges into the LayerNorm in ``reparam.py`` (done at
 the start of each block, before its weight grids are searched, as the code does).
@@ -19,7 +20,9 @@ full-precision inputs, the rest of the model (full precision after it) gives the
 ``KL(softmax(f(x)/20) || softmax(f̂(x)/20))`` at the block output (``compress.api.after_block``;
 ``after_module`` at the patch embedding's output), and one row of ``G`` (mean |gradient|) and
 of ``D`` (mean |ẑ - z|) is added. The patch embedding takes the recipe's loss, as in the code
-(only its ``head`` differs); the classifier fits the full-precision softmax (KL), the code's head.
+(only its ``head`` differs), on the images themselves (the code's ``quanted_input = raw_input``
+for ``patch_embed``), its input unquantized at 8 bits (``patch.py``); the classifier fits the
+full-precision softmax (KL), the code's head.
 
 Where this differs: the paper runs 20,000 iterations per block; the default here is 2,000
 (``iterations``) to keep a run in minutes. The Fisher refresh streams over the calibration
@@ -66,6 +69,7 @@ from compress_fimaq.fisher import fisher_rows
 from compress_fimaq.grids import searched_grid
 from compress_fimaq.inputs import channel_point, search_linear, self_search
 from compress_fimaq.losses import FisherFactors, ReconstructionLoss, rounding_penalty, temperature
+from compress_fimaq.patch import search_conv
 from compress_fimaq.points import block_point_names, grouped, initial_point, observe, per_token, search_range
 from compress_fimaq.reparam import fold, foldable
 from compress_fimaq.rounding import attach, settle_rounding
@@ -85,7 +89,11 @@ class FimaqParams(QuantParams):
     group_size: None = Field(None, description="Not used: weights have one scale per output row.")
     activation_bits: int = Field(4, ge=2, le=8, description="Bits of every activation point (2-8).")
     embedding_activation_bits: int = Field(
-        8, ge=2, le=8, description="Bits of the input of convolutions (the patch embedding); FIMA-Q keeps 8."
+        8,
+        ge=2,
+        le=8,
+        description="Bits of the input of convolutions (the patch embedding). At 8 (FIMA-Q's qconv_a_bit) the "
+        "image is not quantized, as in FIMA-Q's code; below, a symmetric per-tensor scale searched with the weight.",
     )
     points: list[Site] = Field(
         ["input", "query", "key", "value", "probs"],
@@ -138,7 +146,8 @@ class FimaqParams(QuantParams):
         128,
         ge=1,
         description="Range candidates of an activation point (FIMA-Q's eq_n = 128): between the 0.99 and 0.99999 "
-        "percentiles (attention, convolution input), spreads times zero points (Linear inputs; inputs.py).",
+        "percentiles (attention), spreads times zero points (Linear inputs; inputs.py), 0.01-1.2 times the "
+        "max-based scale (convolution input below 8 bits; patch.py).",
     )
     weight_candidates: int = Field(
         128, ge=1, description="Scale and zero-point candidates per weight row (FIMA-Q's eq_n = 128; grids.py)."
@@ -210,6 +219,8 @@ class Fimaq(BlockMethod):
         start = time.perf_counter()
         block = Block(context, work, self.params)
         points = block.initial_points()
+        if not points and not work.targets:  # a block the recipe's targets skip: nothing to calibrate
+            return {}
         self._quantization.add(points)
         fisher = None
         if self.params.reconstruct and block.loss_kind() not in ("mse", "kl"):
@@ -290,12 +301,14 @@ class Block:
             if site == "input":
                 convolution = isinstance(modules[module_name], nn.Conv2d)
                 bits = params.embedding_activation_bits if convolution else bits
+                if convolution and bits >= 8:  # FIMA-Q's conv quant_input passes 8-bit inputs unchanged (patch.py)
+                    continue
                 channel = params.channel_inputs and name in after_norm and module_name not in self.folded
                 granularity = "channel" if channel else "tensor"
             grid = params.probs_grid if site == "probs" else "uniform"
             scheme = PointScheme(bits=bits, grid=grid, granularity=granularity)
-            if site == "input" and params.range_search and not convolution:
-                point = self.linear_input(modules[module_name], module_name, x, scheme)
+            if site == "input" and params.range_search:
+                point = self.searched_input(modules[module_name], module_name, x, scheme)
             else:
                 point = initial_point(x, scheme, params.search_steps if params.range_search else None, self.generator)
             token_wise = params.token_scales and granularity in ("tensor", "head") and x.ndim in (3, 4)
@@ -318,14 +331,16 @@ class Block:
             )
         return points
 
-    def linear_input(self, module: nn.Module, name: str, x: torch.Tensor, scheme: PointScheme) -> ActivationPoint:
-        """The input point of the Linear ``module`` (``inputs.py``): per tensor, searched in turn with
-        its weight grid (kept in ``self.grids``); per channel, on the input's own error."""
+    def searched_input(self, module: nn.Module, name: str, x: torch.Tensor, scheme: PointScheme) -> ActivationPoint:
+        """The input point of ``module`` searched in turn with its weight grid (kept in
+        ``self.grids``): a convolution's below 8 bits (``patch.py``), a Linear's per tensor
+        (``inputs.py``); a Linear's per channel on the input's own error."""
         params = self.params
         if scheme.granularity == "channel":
             return channel_point(x, scheme, params.search_steps)
+        search = search_conv if isinstance(module, nn.Conv2d) else search_linear
         weight = weight_matrix(module.weight)
-        search = search_linear(
+        result = search(
             module,
             weight,
             params.scheme(),
@@ -335,8 +350,8 @@ class Block:
             params.search_steps,
             params.search_rounds,
         )
-        self.grids[name] = search.grid
-        return search.point
+        self.grids[name] = result.grid
+        return result.point
 
     def fold_norms(
         self, values: dict[str, torch.Tensor], after_norm: dict[str, str], consumers: dict[str, set[str]]

@@ -6,7 +6,8 @@ is searched on a line from the 0.99 to the 0.99999 percentile and the lower boun
 line from the 0.01 to the 0.00001 percentile, ``eq_n`` steps, both moving together; the
 grid is asymmetric uniform, ``scale = (upper - lower) / (2**bits - 1)``. Then scales are
 expanded to one per token position (and head) and learned during the reconstruction.
-This search serves the attention points and the convolution's input; the inputs of Linear
+This search serves the attention points; the patch embedding's input takes the
+code's conv search (``patch.py``), the inputs of Linear
 layers take the code's own search (0.9-1.0 percentiles, zero-point grid, output error,
 ``inputs.py``), and the min-max ranges of ``range_search: false``.
 

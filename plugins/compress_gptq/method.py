@@ -4,8 +4,10 @@ block-by-block driver and the per-layer report. The Hessians come from the host
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -19,6 +21,7 @@ from compress.api import (
     CandidateOffer,
     Context,
     Hessian,
+    InverseFactor,
     Method,
     OutlierSplit,
     Produces,
@@ -34,7 +37,7 @@ from compress.api import (
     quantizer_price,
     weight_matrix,
 )
-from compress_gptq.solve import KernelCache, output_error, quantize_in_place
+from compress_gptq.solve import GPTQResult, KernelCache, output_error, quantize_in_place
 
 
 class GPTQParams(QuantParams):
@@ -105,6 +108,15 @@ class GPTQParams(QuantParams):
         "(rtn_objective), for comparison: one more quantization and H-product per layer. false: "
         "skip it (rtn_objective null), as speed benchmarks do; the result is the same.",
     )
+    overlap: bool = Field(
+        False,
+        description="Off until measured on a GPU. On CUDA, overlap work the data allow to run side by "
+        "side (same results on the CPU tests): the "
+        "solves of one Hessian pass run on two streams at once, and in sequential mode the next "
+        "block's weights are copied to the GPU while a block is quantized and each block is written "
+        "back while the next runs (one to two blocks more GPU memory). On CPU the same solves run "
+        "one after another. false: everything in turn, as before.",
+    )
     low_precision_products: bool = Field(
         True,
         description="On CUDA with bf16/fp16 activations, multiply them directly into the float32 "
@@ -137,7 +149,11 @@ class GPTQ(BlockMethod):
     exactly its own solve's result with one column loop instead of one per layer. On CUDA the
     column loop of a block runs as one fused Triton kernel (``fused_column_loop``), else is
     replayed from a CUDA graph (``cuda_graphs``); bf16/fp16 activations are multiplied into
-    the float32 Hessians without float32 copies (``low_precision_products``).
+    the float32 Hessians without float32 copies (``low_precision_products``). The solves of
+    one Hessian pass are independent, and with ``overlap`` run on two CUDA streams at once
+    (:meth:`quantize_groups`), while the engine copies the next block in and the last one out
+    (``prefetches_blocks``). The chain itself is sequential: every solve needs the Hessian of
+    all calibration samples, and the next block's inputs need every solve of this one.
     """
 
     name = "gptq"
@@ -186,6 +202,8 @@ class GPTQ(BlockMethod):
     def __init__(self, params: GPTQParams) -> None:
         super().__init__(params)
         self._kernels = KernelCache(cuda_graphs=params.cuda_graphs, fused=params.fused_column_loop)
+        side_lane = KernelCache(cuda_graphs=params.cuda_graphs, fused=params.fused_column_loop)
+        self._lane_kernels = (side_lane, self._kernels)  # a lane's buffers are its own
 
     @contextmanager
     def around_stage(self, context: Context, run: StageRun) -> Iterator[None]:
@@ -195,7 +213,12 @@ class GPTQ(BlockMethod):
         try:
             yield
         finally:
-            self._kernels.clear()
+            for kernels in self._lane_kernels:
+                kernels.clear()
+
+    def prefetches_blocks(self) -> bool:
+        """``overlap``: GPTQ changes only the current block's weights."""
+        return self.params.overlap
 
     def compress_block(self, context: Context, work: BlockWork) -> dict[str, dict[str, Any]]:
         params = self.params
@@ -221,13 +244,45 @@ class GPTQ(BlockMethod):
                             "the block's forward pass never reached this layer; it cannot be calibrated", name
                         )
             solves = [order.pop(0)] if params.true_sequential else [order.pop(0) for _ in range(len(order))]
+            groups = []
             for names in solves:
                 hessian = hessians[names[0]]
                 for name in names:  # the solve frees the matrix once nothing else holds it
                     del hessians[name]
-                modules = {name: pending.pop(name) for name in names}
-                for name, details in self.quantize_group(context, modules, hessian).items():
-                    reports[name] = {**details, "hessian_seconds": round(collect_seconds, 4)}
+                groups.append(({name: pending.pop(name) for name in names}, hessian))
+            for name, details in self.quantize_groups(context, groups).items():
+                reports[name] = {**details, "hessian_seconds": round(collect_seconds, 4)}
+        return reports
+
+    def quantize_groups(
+        self, context: Context, groups: list[tuple[dict[str, nn.Module], Hessian]]
+    ) -> dict[str, dict[str, Any]]:
+        """:meth:`quantize_group` for each group of layers sharing an input; with ``overlap``, the
+        groups' solves run side by side (:func:`_solve_lanes`).
+
+        The solves of one Hessian pass are independent of each other, so they may run in any
+        order: with ``overlap`` the largest (by input width, the factor's n³) runs on one lane
+        while the others follow each other on the second, each lane a host thread with a CUDA
+        stream (a side stream, and the compute stream), so one solve's host synchronisations
+        (the factor's checks, the dampening read back) do not stall the other's launches. The
+        report-only baselines run first, one after another, and the reports after, in order.
+        ``seconds`` of a layer is then its share (by rows) of the lanes' wall time.
+        """
+        if not self.params.overlap or len(groups) < 2:
+            reports = {}
+            for modules, hessian in groups:
+                reports.update(self.quantize_group(context, modules, hessian))
+            return reports
+        prepared = [self._prepare(context, modules, hessian) for modules, hessian in groups]
+        device = prepared[0].layers[0].device
+        started = time.perf_counter()
+        results = _solve_lanes(prepared, device, self._lane_kernels)
+        _wait(device)
+        seconds = time.perf_counter() - started
+        rows = sum(group.rows for group in prepared)
+        reports = {}
+        for group, (factor, result) in zip(prepared, results):
+            reports.update(self._report(context, group, factor, result, seconds * group.rows / rows))
         return reports
 
     def quantize_group(
@@ -239,40 +294,35 @@ class GPTQ(BlockMethod):
         by row), so the result is each layer's own solve; only the launches are shared.
         ``seconds`` of a layer is its share (by rows) of the joint solve.
         """
+        group = self._prepare(context, modules, hessian)
+        started = time.perf_counter()
+        factor, result = group.solve(self._kernels)
+        _wait(result.weight.device)
+        return self._report(context, group, factor, result, time.perf_counter() - started)
+
+    def _prepare(self, context: Context, modules: dict[str, nn.Module], hessian: Hessian) -> _Group:
+        """The layers of one joint solve and their report-only baselines (before the solve consumes H)."""
+        params = self.params
+        inherit = params.grid == "inherit"
+        layers = [
+            _Layer(context, name, module, params.target_kind(), inherit, params.scheme())
+            for name, module in modules.items()
+        ]
+        baselines = [layer.baselines(hessian.matrix, params.rtn_reference) for layer in layers]
+        return _Group(params, layers, hessian, baselines)
+
+    def _report(
+        self, context: Context, group: _Group, factor: InverseFactor, result: GPTQResult, seconds: float
+    ) -> dict[str, dict[str, Any]]:
+        """Install each layer's quantized weights and grid, and report it."""
         params = self.params
         scheme = params.scheme()
-        names = list(modules)
-        where = ", ".join(names)
+        names = [layer.name for layer in group.layers]
         inherit = params.grid == "inherit"
-        target_kind = params.target_kind()
-        layers = [_Layer(context, name, module, target_kind, inherit, scheme) for name, module in modules.items()]
-        baselines = [layer.baselines(hessian.matrix, params.rtn_reference) for layer in layers]
-
-        started = time.perf_counter()
-        factor = inverse_factor(hessian.release(), params.percdamp, params.act_order, where, consume=True)
-        grid = _stack_grids([layer.grid for layer in layers]) if inherit else None
-        frozen = fixed = None
-        if any(layer.frozen is not None for layer in layers):
-            frozen = torch.cat([layer.frozen_mask() for layer in layers])
-            fixed = torch.cat([layer.current for layer in layers]).float()
-        result = quantize_in_place(
-            torch.cat([layer.target() for layer in layers]).float(),
-            factor,
-            scheme,
-            block_size=params.block_size,
-            grid=grid,
-            frozen=frozen,
-            frozen_values=fixed,
-            name=where,
-            kernels=self._kernels,
-        )
-        _wait(result.weight.device)
-        seconds = time.perf_counter() - started
-
         reports = {}
         total_rows = result.weight.shape[0]
         offset = 0
-        for layer, (reference, rtn_error, rtn_seconds) in zip(layers, baselines):
+        for layer, (reference, rtn_error, rtn_seconds) in zip(group.layers, group.baselines):
             rows = slice(offset, offset + layer.rows)
             offset += layer.rows
             weight = result.weight[rows]
@@ -289,13 +339,13 @@ class GPTQ(BlockMethod):
                 "bits": params.bits,
                 "group_size": params.group_size,
                 "grid": "inherited" if inherit else result.grid_source,
-                "target": target_kind,
+                "target": group.target_kind,
                 "act_order": params.act_order,
                 "percdamp": params.percdamp,
                 "damp": result.damp,
                 "dead_inputs": result.dead,
-                "calibration_samples": hessian.samples,
-                "calibration_tokens": hessian.tokens,
+                "calibration_samples": group.samples,
+                "calibration_tokens": group.tokens,
                 "objective": error / max(reference, 1e-30),
                 "rtn_objective": None if rtn_error is None else rtn_error / max(reference, 1e-30),
                 "seconds": round(seconds * layer.rows / total_rows, 4),
@@ -304,6 +354,91 @@ class GPTQ(BlockMethod):
                 "column_loop": result.column_loop,
             }
         return reports
+
+
+class _Group:
+    """The layers reading one input, solved as one weight (their rows stacked) against one Hessian."""
+
+    def __init__(self, params: GPTQParams, layers: list[_Layer], hessian: Hessian, baselines: list[tuple]) -> None:
+        self.params, self.layers, self.hessian, self.baselines = params, layers, hessian, baselines
+        self.target_kind = params.target_kind()
+        self.samples, self.tokens = hessian.samples, hessian.tokens
+        self.rows = sum(layer.rows for layer in layers)
+        self.width = hessian.matrix.shape[0]
+
+    def solve(self, kernels: KernelCache) -> tuple[InverseFactor, GPTQResult]:
+        """The inverse factor (consuming the Hessian) and the column loop on the stacked weights."""
+        params, layers = self.params, self.layers
+        where = ", ".join(layer.name for layer in layers)
+        factor = inverse_factor(self.hessian.release(), params.percdamp, params.act_order, where, consume=True)
+        grid = _stack_grids([layer.grid for layer in layers]) if params.grid == "inherit" else None
+        frozen = fixed = None
+        if any(layer.frozen is not None for layer in layers):
+            frozen = torch.cat([layer.frozen_mask() for layer in layers])
+            fixed = torch.cat([layer.current for layer in layers]).float()
+        result = quantize_in_place(
+            torch.cat([layer.target() for layer in layers]).float(),
+            factor,
+            params.scheme(),
+            block_size=params.block_size,
+            grid=grid,
+            frozen=frozen,
+            frozen_values=fixed,
+            name=where,
+            kernels=kernels,
+        )
+        return factor, result
+
+
+def _solve_lanes(
+    groups: list[_Group], device: torch.device, kernels: tuple[KernelCache, KernelCache]
+) -> list[tuple[InverseFactor, GPTQResult]]:
+    """Each group's :meth:`_Group.solve`, on two lanes: the widest group alone on the first, the
+    others in order on the second. On CUDA the first lane is a worker thread on a side stream
+    (:func:`solve_stream`, waiting for the compute stream's work first; the compute stream waits
+    for it at the end), the second the calling thread on the compute stream; elsewhere both
+    run one after the other in the calling thread. Returns the results in ``groups``' order;
+    an exception (a singular Hessian) is raised once both lanes have stopped."""
+    widest = max(range(len(groups)), key=lambda index: groups[index].width)
+    lanes = [[widest], [index for index in range(len(groups)) if index != widest]]
+    results: dict[int, tuple[InverseFactor, GPTQResult]] = {}
+
+    def run(lane: int) -> None:
+        for index in lanes[lane]:
+            results[index] = groups[index].solve(kernels[lane])
+
+    if device.type != "cuda":
+        run(0)
+        run(1)
+        return [results[index] for index in range(len(groups))]
+    compute = torch.cuda.current_stream(device)
+    side = solve_stream(device)
+    side.wait_stream(compute)  # the Hessians and weights, before the second lane's work is queued
+    # the first lane frees its Hessian (made on the compute stream) while the second lane allocates
+    # there: the block must not be reused before the side stream has read it
+    groups[widest].hessian.matrix.record_stream(side)
+
+    def on_side() -> None:
+        with torch.no_grad(), torch.cuda.device(device), torch.cuda.stream(side):
+            run(0)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptq-lane") as pool:
+        first = pool.submit(on_side)
+        run(1)  # leaving the pool waits for the first lane, whatever happened here
+    first.result()
+    compute.wait_stream(side)
+    factor, result = results[widest]  # made on the side stream, read on the compute stream from now on
+    for tensor in (result.weight, result.row_errors, result.grid.scale, result.grid.zero_point, factor.dead):
+        if tensor is not None:
+            tensor.record_stream(compute)
+    return [results[index] for index in range(len(groups))]
+
+
+@functools.cache
+def solve_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of :func:`_solve_lanes`' first lane (one for the process, so its allocator
+    cache is kept from block to block: one pool more than the compute stream's)."""
+    return torch.cuda.Stream(device)
 
 
 class _Layer:

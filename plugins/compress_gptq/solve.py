@@ -274,6 +274,7 @@ class ColumnKernels:
         cuda_graphs: bool,
         fused: fused_loop.Launcher | None = None,
     ) -> None:
+        self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.fused = fused
         self.qmin, self.qmax = qmin, qmax
@@ -335,7 +336,11 @@ class ColumnKernels:
         """Record (not run) the loop as a CUDA graph; fall back to eager launches if that fails."""
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # solves may run on two threads at once (gptq's overlap): errors of this thread only,
+            # and a capture stream no other work is queued on (torch draws streams round-robin
+            # from a pool per priority; the other side streams are all of the default priority)
+            stream = torch.cuda.Stream(self.device, priority=-1)
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 self._columns(start, stop, width)
         except RuntimeError as error:
             self.cuda_graphs = False

@@ -128,6 +128,7 @@ def test_stacked_solves_in_the_engine_equal_layer_by_layer_solves(run_recipe, mo
     """q/k/v and gate/up are solved as one stacked weight; solving each layer alone (with a copy
     of the shared Hessian) gives the same weights, grids and objectives, bit for bit."""
     stage = {"method": "gptq", "bits": 4, "group_size": 32, "act_order": act_order, "rtn_reference": False}
+    stage["overlap"] = False  # the groups one by one through quantize_group
     recipe = {"stages": [stage], "output": None}
     stacked = run_recipe(recipe).context
     joint = GPTQ.quantize_group

@@ -1,0 +1,106 @@
+"""``overlap``: the solves of a Hessian pass on two lanes, and blocks moved ahead of use and
+written back behind it, change when work runs, never its result.
+
+On the CPU the lanes run one after the other (the same orchestration as on CUDA, where each
+lane is a thread with a stream of its own) and the block mover is off, so overlap on and off
+must give the same weights, grids and objectives, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compress_gptq.method as gptq_method
+from compress.devices import BlockMover, _Prefetch, onloaded
+
+TIMES = {"seconds", "hessian_seconds", "rtn_seconds"}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bits": 4, "group_size": 32},
+        {"bits": 3, "group_size": 32, "act_order": True, "symmetric": False},
+        {"bits": 4, "group_size": None, "granularity": "channel"},
+    ],
+)
+def test_overlap_gives_the_serial_result(run_recipe, monkeypatch, settings):
+    lanes = []
+    solve_lanes = gptq_method._solve_lanes
+
+    def spy(groups, device, kernels):
+        lanes.append([group.width for group in groups])
+        return solve_lanes(groups, device, kernels)
+
+    monkeypatch.setattr(gptq_method, "_solve_lanes", spy)
+    runs = {}
+    for overlap in (False, True):
+        stage = {"method": "gptq", **settings, "overlap": overlap}
+        runs[overlap] = run_recipe({"stages": [stage], "output": None}).context
+    # per block of the tiny Llama: q/k/v, o, gate/up (hidden wide) and down (intermediate wide)
+    assert len(lanes) == 2 and all(len(widths) == 4 and len(set(widths)) == 2 for widths in lanes)
+    serial, overlapped = runs[False], runs[True]
+    for (name, a), (other, b) in zip(serial.model.state_dict().items(), overlapped.model.state_dict().items()):
+        assert name == other and torch.equal(a, b), name
+    reports = serial.report.stages[0].layers, overlapped.report.stages[0].layers
+    assert list(reports[0]) == list(reports[1])
+    for name, report in reports[0].items():
+        assert {k: v for k, v in report.items() if k not in TIMES} == {
+            k: v for k, v in reports[1][name].items() if k not in TIMES
+        }, name
+        grids = serial.layers[name].quant, overlapped.layers[name].quant
+        assert torch.equal(grids[0].scale, grids[1].scale), name
+
+
+def test_a_failing_solve_on_a_lane_is_the_users_error(run_recipe, monkeypatch):
+    """A solve raising on a lane (here the widest, solved first) surfaces as that error."""
+
+    def failing(self, kernels):
+        raise gptq_method.UserError("the dampened Hessian is singular", self.layers[0].name)
+
+    monkeypatch.setattr(gptq_method._Group, "solve", failing)
+    stage = {"method": "gptq", "bits": 4, "group_size": 32, "overlap": True}
+    with pytest.raises(gptq_method.UserError, match="singular") as raised:
+        run_recipe({"stages": [stage], "output": None})
+    assert raised.value.where.endswith("down_proj")
+
+
+def block() -> nn.Module:
+    module = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    module.register_buffer("scale", torch.ones(8))
+    return module
+
+
+def test_a_prefetch_is_dropped_when_the_block_changed_since():
+    unchanged = block()
+    assert _Prefetch(unchanged).still_valid(unchanged)
+
+    def scaled(module: nn.Module) -> None:
+        with torch.no_grad():
+            module[0].weight.mul_(2)
+
+    changes = {
+        "in place": scaled,
+        "new storage": lambda m: setattr(m[0].weight, "data", m[0].weight.data.clone()),
+        "buffer replaced": lambda m: setattr(m, "scale", torch.zeros(8)),
+        "parameter added": lambda m: m[1].register_parameter("extra", nn.Parameter(torch.zeros(1))),
+        "submodule replaced": lambda m: m.__setitem__(0, nn.Linear(8, 8)),
+    }
+    for label, change in changes.items():
+        module = block()
+        job = _Prefetch(module)
+        change(module)
+        assert not job.still_valid(module), label
+
+
+def test_the_mover_is_onloaded_off_cuda():
+    """Off CUDA (or not enabled) the mover prefetches nothing and onloads as ``onloaded`` does."""
+    module = block()
+    storage = module[0].weight.data_ptr()
+    with BlockMover(torch.device("cpu")) as mover:
+        assert not mover.enabled
+        mover.prefetch(module)
+        with mover.onloaded(module) as same, onloaded(module, torch.device("cpu")) as plain:
+            assert same is module and plain is module and module[0].weight.data_ptr() == storage
