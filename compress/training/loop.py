@@ -447,8 +447,9 @@ class _Loop:
     def _on_device(self, batch: Batch) -> Batch:
         return {key: value.to(self.context.device) for key, value in batch.items()}
 
-    def _check_finite(self) -> None:
-        """Stop on the first NaN or inf loss since the last check, naming its step.
+    def _check_finite(self) -> list[float] | None:
+        """Stop on the first NaN or inf loss since the last check, naming its step; else return
+        every process's loss at the newest step checked (None when nothing was waiting).
 
         Each step's loss stays on the device and is checked here, at log points, evaluations,
         checkpoints and the end, in one read: a read after every step would make the host
@@ -456,7 +457,7 @@ class _Loop:
         still run; nothing of theirs is written. Every process reads every process's losses,
         so all of them stop together."""
         if not self.unchecked:
-            return
+            return None
         steps, losses = zip(*self.unchecked)
         self.unchecked = []
         rows = self.accelerator.gather(torch.stack(losses)).reshape(-1, len(steps)).tolist()
@@ -467,6 +468,7 @@ class _Loop:
                     f"loss is {value} at step {step}; nothing was written (try a lower lr or max_grad_norm)",
                     self.where,
                 )
+        return [row[-1] for row in rows]
 
     def _after_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> None:
         step, params = self.state.step, self.params
@@ -476,10 +478,9 @@ class _Loop:
             step % params.eval_every == 0 or step == params.steps
         )
         saving = bool(params.checkpoint_every) and step % params.checkpoint_every == 0 and step < params.steps
-        if logging or evaluating or saving:
-            self._check_finite()
+        newest = self._check_finite() if logging or evaluating or saving else None
         if logging:
-            value = self.accelerator.gather(loss.reshape(1)).mean().item()
+            value = sum(newest) / len(newest)  # this step's loss, averaged over the processes
             self.state.loss_curve.append((step, value))
             shown = {"loss": round(value, 4), "lr": float(f"{self.scheduler.get_last_lr()[0]:.3g}")}
             shown.update({key: round(float(item), 4) for key, item in logs.items()})
