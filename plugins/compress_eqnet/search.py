@@ -26,7 +26,7 @@ from compress.api import (
     point_name,
 )
 from compress_eqnet.configuration import check_source, configured_subnet, from_stages
-from compress_eqnet.efficiency import Efficiency, layer_costs
+from compress_eqnet.efficiency import Efficiency, average_gap, layer_costs
 from compress_eqnet.evolution import Evolution, Genes, sample_bits
 from compress_eqnet.method import STATE_KEY, SUPERNET_FILE, check_bits, ordered_layers
 from compress_eqnet.points import input_point
@@ -170,11 +170,11 @@ class EQNetSearch(Method):
     def check_forward(
         self, model: nn.Module, inputs: dict[str, torch.Tensor] | None, earlier: list[tuple[Method, list[str]]]
     ) -> None:
-        """Refuse a BitOps budget below every sub-network of the recipe's ``eqnet`` stage: its layers'
-        MACs per image come from the meta model's forward pass on one image shaped as the data, as
-        ``eqnet`` measures them on one training image when it runs."""
+        """Refuse a budget no sub-network of the recipe's ``eqnet`` stage meets (:meth:`check_reachable`):
+        its layers' costs per image come from the meta model's forward pass on one image shaped as
+        the data, as ``eqnet`` measures them on one training image when it runs."""
         trained = [(method, names) for method, names in earlier if method.name == "eqnet"]
-        if self.params.bitops is None or inputs is None or not trained:
+        if not self.params.searches or inputs is None or not trained:
             return
         method, names = trained[-1]
         layers = ordered_layers(model, {name: model.get_submodule(name) for name in names})
@@ -311,7 +311,20 @@ class EQNetSearch(Method):
 
     def check_reachable(self, efficiency: Efficiency, space: Space) -> None:
         """Refuse a BitOps budget below the smallest sub-network's (a budget above the largest's is a
-        ceiling every sub-network meets)."""
+        ceiling every sub-network meets), and an ``average_bits`` window that no choice of weight bits
+        (or of input bits: each side is chosen per layer on its own) averages in, with the nearest
+        averages reached (:func:`~compress_eqnet.efficiency.average_gap`)."""
+        if self.params.average_bits is not None:
+            c = self.params.average_bits
+            sides = (("weight", efficiency.params, space.w_bits), ("input", efficiency.feature_maps, space.a_bits))
+            for side, weights, bits in sides:
+                gap = average_gap(weights[1:-1], bits, c - 0.5, c)
+                if gap is not None:
+                    nearest = " and ".join(f"{average:.2f}" for average in gap if average is not None)
+                    raise UserError(
+                        f"average_bits: {c:g} — no sub-network's {side} bits average in ({c - 0.5:g}, {c:g}]; "
+                        f"nearest reachable: {nearest}"
+                    )
         if self.params.bitops is None:
             return
         layers = len(efficiency.macs)

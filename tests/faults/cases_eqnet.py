@@ -174,6 +174,14 @@ CASES = [
         "recipe.yaml:13:11",
     ),
     refused(
+        "average-bits-in-a-gap",
+        "a search at 4.9 average bits over a supernet of 2- and 8-bit weights: the tiny ResNet's weight averages "
+        "step from 4.35 to 4.92, so no sub-network's lie in (4.4, 4.9]",
+        [{**TRAIN, "w_bits": [2, 8]}, search(average_bits=4.9)],
+        "average_bits: 4.9 — no sub-network's weight bits average in (4.4, 4.9]; nearest reachable: 4.35 and 4.92",
+        "recipe.yaml:16:11",
+    ),
+    refused(
         "bitops-unreachable",
         "a search under 1e6 BitOps per image, below the smallest sub-network of the tiny ResNet (first and last "
         "layer at 8 bits; MACs from the meta model's forward pass on one 32x32 image)",
