@@ -23,6 +23,7 @@ from tests.faults.harness import (
     child_environment,
     compress_command,
     copy_tiny_model,
+    default_sigint,
     recipe_setup,
 )
 
@@ -32,8 +33,8 @@ BUILTIN = "smollm2-135m-instruct"
 
 class Child:
     """``compress argv`` running in ``work`` (its own process group) with the environment
-    every fault run gets plus ``env``, after ``preexec`` (in the child, before it starts);
-    its output goes to files, readable while it runs."""
+    every fault run gets plus ``env``, after ``preexec`` (in the child, before it starts; SIGINT
+    at its default there too); its output goes to files, readable while it runs."""
 
     def __init__(self, work: Path, argv: list[str], preexec: Callable[[], None] | None = None, **env: str) -> None:
         bare = Fault("-/-", "", lambda _work: [], "")
@@ -48,7 +49,7 @@ class Child:
                 stderr=stderr,
                 text=True,
                 start_new_session=True,
-                preexec_fn=preexec,
+                preexec_fn=lambda: (default_sigint(), preexec and preexec()),
             )
         self.pid = self.process.pid
 

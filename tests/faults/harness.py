@@ -343,14 +343,18 @@ def run_in_process(fault: Fault, work: Path, argv: list[str]) -> Observed:
     return Observed(exit_code, stdout, stderr, time.perf_counter() - start, timed_out=timed_out)
 
 
+def default_sigint() -> None:
+    """In a child before it starts: SIGINT as a terminal sends it. A shell that started the corpus
+    in the background leaves SIGINT ignored, and Python then never installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_child(fault: Fault, work: Path, argv: list[str]) -> Observed:
     """Run ``python -m compress`` in a child process (its own process group), killed at the timeout."""
     limit = fault.memory_limit_mb
 
     def prepare_child() -> None:
-        # a shell that started this run in the background leaves SIGINT ignored, and Python
-        # then never installs its handler: the child gets SIGINT as a terminal would send it
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        default_sigint()
         if limit:
             import resource
 
