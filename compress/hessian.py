@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,6 +270,11 @@ def collect_input_norms(
     return _collect(block, layers, inputs, device, start)
 
 
+class _AllInputsSeen(Exception):
+    """Raised before the last layer of a sample's forward runs: every input is in, and the rest of
+    the block's forward (whose output is discarded) need not run."""
+
+
 def _collect(
     block: nn.Module,
     layers: dict[str, nn.Module],
@@ -278,27 +283,48 @@ def _collect(
     start: Callable[[torch.Tensor], tuple[Any, Any]],
 ) -> tuple[dict[str, Any], list[list[str]]]:
     """Forward ``inputs`` through ``block``, feeding each distinct layer input's rows to one
-    accumulator (``start(rows)`` makes a state and its accumulator on first sight)."""
+    accumulator (``start(rows)`` makes a state and its accumulator on first sight).
+
+    The first sample runs the whole block and shows the order the layers are reached in. When it
+    called each layer once, later samples stop as the last layer to be reached is called, once
+    every other layer's input of that sample is in (for a Llama block: before down_proj's
+    product, a quarter of the block's work). A sample that did not reach every layer by then (a
+    mixture of experts routing elsewhere) runs to the end as the first did.
+    """
     states: dict[str, Any] = {}
     accumulators: dict[int, Any] = {}
     groups: list[list[str]] = []
     seen: dict[str, torch.Tensor] = {}
+    calls = dict.fromkeys(layers, 0)
 
     def hook(name: str):
         def capture(_module: nn.Module, args: tuple, _output: Any) -> None:
             seen[name] = args[0]
+            calls[name] += 1
 
         return capture
+
+    def stop_before(name: str):
+        def last_called(_module: nn.Module, args: tuple) -> None:
+            seen[name] = args[0]
+            if len(seen) == len(layers):
+                raise _AllInputsSeen
+
+        return last_called
 
     handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
     try:
         for args, kwargs in on_device(inputs, device):
-            block(*args, **kwargs)
+            with suppress(_AllInputsSeen):
+                block(*args, **kwargs)
             shared: dict[tuple, list[str]] = {}
             for name, x in seen.items():
                 shared.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), _patches(layers[name])), []).append(name)
             if not groups:
                 groups = list(shared.values())
+                if set(calls.values()) == {1}:
+                    last = next(reversed(seen))  # the last layer to finish, so the last to start in a chain
+                    handles.append(layers[last].register_forward_pre_hook(stop_before(last)))
             for names in shared.values():
                 x = seen[names[0]]
                 flat = input_rows(layers[names[0]], x)

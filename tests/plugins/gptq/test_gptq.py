@@ -204,6 +204,45 @@ def test_collect_hessians_averages_and_shares_inputs():
     assert hessians["b"].samples == 3 and hessians["b"].tokens == 15
 
 
+class Routed(nn.Module):
+    """a, then b only for samples whose first input is positive (as an expert a router skips), then c."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.c_runs = 0
+
+    def forward(self, x):
+        h = self.a(x)
+        if x[0, 0, 0] > 0:
+            h = self.b(h)
+        self.c_runs += 1
+        return self.c(h)
+
+
+def test_collect_hessians_stops_each_sample_before_the_last_layer_runs():
+    """After the first sample, a sample's forward ends as the last layer is called, when every other
+    layer's input is in; a sample that skipped a layer runs to the end. The sums are each layer's
+    own inputs either way."""
+    block = Routed()
+    xs = [torch.randn(1, 5, 6) for _ in range(5)]
+    for x, sign in zip(xs, (1, 1, -1, 1, -1)):
+        x[0, 0, 0] = sign * x[0, 0, 0].abs()
+    calls = {"c": 0}
+    block.c.register_forward_hook(lambda *_: calls.__setitem__("c", calls["c"] + 1))
+    layers = {"a": block.a, "b": block.b, "c": block.c}
+    hessians, groups = collect_hessians(block, layers, [((x,), {}) for x in xs], torch.device("cpu"))
+    assert groups == [["a"], ["b"], ["c"]]
+    assert block.c_runs == 5 and calls["c"] == 3  # c's product ran for the first sample and the two skipping b
+    with torch.no_grad():
+        inputs = {"a": xs, "b": [block.a(x) for x in xs if x[0, 0, 0] > 0]}
+        inputs["c"] = [block.b(block.a(x)) if x[0, 0, 0] > 0 else block.a(x) for x in xs]
+    for name, rows in inputs.items():
+        expected = sum(2 * x[0].T @ x[0] for x in rows) / len(rows)
+        torch.testing.assert_close(hessians[name].matrix, expected)
+        assert hessians[name].samples == len(rows)
+
+
 @pytest.mark.parametrize("product_bytes", [4 * 6 * 10, 4 * 6 * 12, 4 * 6 * 100])
 def test_collect_hessians_gathers_samples_into_larger_products(product_bytes):
     """Several samples per X Xᵀ product (buffers of 10, 12, 100 rows of the first input; the
