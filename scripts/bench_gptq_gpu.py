@@ -52,7 +52,7 @@ segments on the old paths without overlap, on the current paths without overlap 
 then LLM Compressor, in one invocation, and says whether the runs without and with overlap
 quantized to bit-identical weights (a SHA-256 of every quantized weight, ``weights_sha256``).
 ``--profile`` adds a run of ours with ``torch.profiler`` over layer 2 (its top operations
-printed and saved). The checks also time both factor routes on random
+printed and saved; ``--trace FILE`` writes its timeline as a Chrome trace). The checks also time both factor routes on random
 Hessians 4096 and 14336 wide (``factor_seconds``) and compare them and the triangle
 Hessian products with the reference paths. The command for one H100::
 
@@ -132,8 +132,8 @@ class BlockProfile:
     """``torch.profiler`` over one decoder layer (from the end of the one before to its own end):
     the operations and kernels taking the most device (on the CPU: host) time, in ``rows``."""
 
-    def __init__(self, device: torch.device, block_index: int, top: int = 30) -> None:
-        self.device, self.block_index, self.top = device, block_index, top
+    def __init__(self, device: torch.device, block_index: int, top: int = 30, trace: Path | None = None) -> None:
+        self.device, self.block_index, self.top, self.trace = device, block_index, top, trace
         self.profiler = None
         self.rows: list[dict] = []
 
@@ -147,6 +147,8 @@ class BlockProfile:
             self.profiler.__enter__()
         elif block_index == self.block_index and self.profiler is not None:
             self.profiler.__exit__(None, None, None)
+            if self.trace is not None:
+                self.profiler.export_chrome_trace(str(self.trace))
             key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             events = sorted(self.profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)
             self.rows = [
@@ -317,7 +319,7 @@ def run_ours(args) -> dict:
     config, model, build_seconds, params = build(args)
     host = plugin_host("gptq")
     clock = StageClock(device)
-    profiler = BlockProfile(device, 1) if args.profile else None
+    profiler = BlockProfile(device, 1, trace=args.trace) if args.profile else None
     if profiler is not None:
         host.register(profiler, name="bench-profile")
     host.register(Progress(clock), name="bench-progress")
@@ -631,6 +633,7 @@ def child(args, which: str) -> dict | None:
             )
             if on
         ]
+        command += ["--trace", str(args.trace)] if args.profile and args.trace else []
         for flag, value in (("--layers", args.layers), ("--samples", args.samples), ("--seq-len", args.seq_len)):
             command += [flag, str(value)] if value is not None else []
         code = subprocess.run(command, cwd=ROOT, env=environ, check=False).returncode
@@ -689,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one more run of ours (after the others) with torch.profiler over layer 2; its top operations "
         "go in the results (its times are not comparable: profiling slows the layer)",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="with --profile: also write the profiled layer's timeline (Chrome trace JSON) here",
     )
     parser.add_argument(
         "--compare",
