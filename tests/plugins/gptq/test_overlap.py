@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import compress_gptq.method as gptq_method
-from compress.devices import BlockMover, _Prefetch, onloaded
+from compress.devices import BlockMover, StagingBuffer, _Prefetch, onloaded
 
 TIMES = {"seconds", "hessian_seconds", "rtn_seconds"}
 
@@ -104,3 +104,35 @@ def test_the_mover_is_onloaded_off_cuda():
         mover.prefetch(module)
         with mover.onloaded(module) as same, onloaded(module, torch.device("cpu")) as plain:
             assert same is module and plain is module and module[0].weight.data_ptr() == storage
+
+
+def test_staging_views_hold_each_tensor_apart_and_the_buffer_is_reused():
+    """The mover's staging buffer: every tensor of a block gets its own aligned, contiguous view
+    (writing all and reading back gives each tensor unchanged); a block that fits reuses the
+    buffer, a larger one gets a new one."""
+    made = []
+
+    def allocate(size: int) -> torch.Tensor:
+        made.append(size)
+        return torch.empty(size, dtype=torch.uint8)
+
+    staging = StagingBuffer(allocate)
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(5, 3, generator=generator).to(torch.bfloat16),
+        torch.randint(0, 9, (7,), generator=generator),
+        torch.rand(3, generator=generator) > 0.5,
+        torch.randn(2, 2, 2, generator=generator),
+        torch.empty(0),
+    ]
+    views = staging.views(tensors)
+    for view, tensor in zip(views, tensors):
+        view.copy_(tensor)
+    for view, tensor in zip(views, tensors):
+        assert view.is_contiguous() and view.dtype == tensor.dtype and torch.equal(view, tensor)
+        assert (view.data_ptr() - staging.buffer.data_ptr()) % StagingBuffer.ALIGNMENT == 0
+    assert made == [64 * 4]  # 30, 56, 3, 32 and 0 bytes, each rounded up to 64
+    staging.views(tensors[:2])
+    assert made == [256]
+    staging.views([torch.empty(100)])
+    assert made == [256, 448]
