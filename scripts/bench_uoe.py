@@ -31,16 +31,18 @@ WHOLE_MOE = ["Linear", "MixtralExperts", "MixtralTopKRouter"]
 
 
 def runs(args: argparse.Namespace) -> dict[str, dict]:
-    """Each row's recipe: uoe at each of ``--uoe-lrs`` and the whole MoE, for each loss."""
+    """Each row's recipe: uoe at each of ``--uoe-lrs`` and the whole MoE at each of ``--unlearn-lrs``,
+    for each loss."""
     table = {}
     for loss in args.losses:
         for lr in args.uoe_lrs:
             recipe = unlearn_recipe(args, "uoe", PERCENT, [], lr)
             recipe["stages"][0].update(loss=loss, schedule="constant", warmup_steps=0, weight_decay=0.0)
             table[f"uoe-{loss}@{lr:g}"] = recipe
-        recipe = unlearn_recipe(args, loss, PERCENT, [], args.unlearn_lr)
-        recipe["stages"][0].update(targets=WHOLE_MOE, ignore=["lm_head"])
-        table[f"moe-{loss}@{args.unlearn_lr:g}"] = recipe
+        for lr in args.unlearn_lrs:
+            recipe = unlearn_recipe(args, loss, PERCENT, [], lr)
+            recipe["stages"][0].update(targets=WHOLE_MOE, ignore=["lm_head"])
+            table[f"moe-{loss}@{lr:g}"] = recipe
     return table
 
 
@@ -62,7 +64,12 @@ def main() -> None:
     parser.add_argument("--uoe-lrs", type=lambda s: [float(v) for v in s.split(",")], default=[2e-4, 1e-5])
     parser.add_argument("--unlearn-epochs", type=float, default=10.0)
     parser.add_argument("--unlearn-batch", type=int, default=32)
-    parser.add_argument("--unlearn-lr", type=float, default=1e-5, help="the whole-MoE runs' lr (open-unlearning)")
+    parser.add_argument(
+        "--unlearn-lrs",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=[1e-5],
+        help="the whole-MoE runs' lrs (default open-unlearning's 1e-5)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-retain", type=int, default=100, help="retain items in model utility")
     parser.add_argument("--eval-batch", type=int, default=64)
