@@ -136,3 +136,32 @@ def test_staging_views_hold_each_tensor_apart_and_the_buffer_is_reused():
     assert made == [256]
     staging.views([torch.empty(100)])
     assert made == [256, 448]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mover copies only on CUDA")
+def test_on_cuda_blocks_come_back_into_their_host_tensors_with_what_they_became():
+    """Blocks prefetched, changed on the device and written back through the page-locked
+    staging buffer: each parameter is held in its own host tensor again, with the device's
+    values; buffers come back unchanged."""
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(0)
+    blocks = [block() for _ in range(3)]
+    for module in blocks:
+        for parameter in module.parameters():
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator))
+    hosts = [[parameter.data for parameter in module.parameters()] for module in blocks]
+    expected = [[2 * tensor + index for tensor in tensors] for index, tensors in enumerate(hosts)]
+    with BlockMover(device) as mover:
+        mover.prefetch(blocks[0])
+        for index, module in enumerate(blocks):
+            if index + 1 < len(blocks):
+                mover.prefetch(blocks[index + 1])
+            with mover.onloaded(module):
+                assert all(tensor.is_cuda for tensor in [*module.parameters(), *module.buffers()])
+                for parameter in module.parameters():
+                    parameter.data.mul_(2).add_(index)
+        assert mover._staging.buffer.is_pinned()
+    for module, tensors, wanted in zip(blocks, hosts, expected):
+        for parameter, host, want in zip(module.parameters(), tensors, wanted):
+            assert parameter.data.data_ptr() == host.data_ptr() and torch.equal(parameter.data, want)
+        assert module.scale.device.type == "cpu" and torch.equal(module.scale, torch.ones(8))
