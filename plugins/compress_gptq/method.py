@@ -399,7 +399,8 @@ def _solve_lanes(
     (:func:`solve_stream`, waiting for the compute stream's work first; the compute stream waits
     for it at the end), the second the calling thread on the compute stream; elsewhere both
     run one after the other in the calling thread. Returns the results in ``groups``' order;
-    an exception (a singular Hessian) is raised once both lanes have stopped."""
+    an exception (a singular Hessian) is raised once both lanes have stopped, the first lane's
+    if both failed (so CUDA and the CPU report the same layer)."""
     widest = max(range(len(groups)), key=lambda index: groups[index].width)
     lanes = [[widest], [index for index in range(len(groups)) if index != widest]]
     results: dict[int, tuple[InverseFactor, GPTQResult]] = {}
@@ -425,8 +426,11 @@ def _solve_lanes(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptq-lane") as pool:
         first = pool.submit(on_side)
-        run(1)  # leaving the pool waits for the first lane, whatever happened here
-    first.result()
+        try:
+            run(1)
+        finally:  # the first lane's error comes first, as off CUDA, where that lane runs first
+            if first.exception() is not None:
+                raise first.exception()
     compute.wait_stream(side)
     factor, result = results[widest]  # made on the side stream, read on the compute stream from now on
     for tensor in (result.weight, result.row_errors, result.grid.scale, result.grid.zero_point, factor.dead):
