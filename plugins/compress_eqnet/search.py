@@ -205,7 +205,8 @@ class EQNetSearch(Method):
             if bits not in space.w_bits or bits not in space.a_bits:
                 raise UserError(
                     f"W{bits}A{bits} is outside the supernet's elastic space "
-                    f"(weights {list(space.w_bits)}, inputs {list(space.a_bits)})"
+                    f"(weights {list(space.w_bits)}, inputs {list(space.a_bits)})",
+                    "bits",
                 )
         if params.average_bits is not None:
             c = params.average_bits
@@ -213,12 +214,14 @@ class EQNetSearch(Method):
             largest = min(max(space.w_bits), max(space.a_bits))
             if c < smallest:
                 raise UserError(
-                    f"average_bits: {c:g} is below every sub-network (smallest reachable average_bits: {smallest})"
+                    f"average_bits: {c:g} is below every sub-network (smallest reachable average_bits: {smallest})",
+                    "average_bits",
                 )
             if c - 0.5 >= largest:
                 raise UserError(
                     f"average_bits: {c:g} asks for more than {c - 0.5:g} bits on average; the largest sub-network "
-                    f"has {largest} (largest reachable average_bits: {largest + 0.5:g}, exclusive)"
+                    f"has {largest} (largest reachable average_bits: {largest + 0.5:g}, exclusive)",
+                    "average_bits",
                 )
 
     def check_stage(self, methods: dict[str, Any], targets: dict[str, nn.Module], writer: Any) -> None:
@@ -323,7 +326,8 @@ class EQNetSearch(Method):
                     nearest = " and ".join(f"{average:.2f}" for average in gap if average is not None)
                     raise UserError(
                         f"average_bits: {c:g} — no sub-network's {side} bits average in ({c - 0.5:g}, {c:g}]; "
-                        f"nearest reachable: {nearest}"
+                        f"nearest reachable: {nearest}",
+                        "average_bits",
                     )
         if self.params.bitops is None:
             return
@@ -334,7 +338,8 @@ class EQNetSearch(Method):
         if self.params.bitops < smallest:
             raise UserError(
                 f"bitops: {self.params.bitops:.6g} is below every sub-network (smallest reachable bitops: "
-                f"{smallest:.6g}, largest {largest:.6g}, per image)"
+                f"{smallest:.6g}, largest {largest:.6g}, per image)",
+                "bitops",
             )
 
     def search(

@@ -156,14 +156,14 @@ CASES = [
         "exporting W2A2 from a supernet trained at 4 and 8 bits only",
         [{**TRAIN, "w_bits": [4, 8], "a_bits": [4, 8]}, search(bits=2)],
         "W2A2 is outside the supernet's elastic space (weights [4, 8], inputs [4, 8])",
-        "recipe.yaml:19:11",
+        "recipe.yaml:20:9",
     ),
     refused(
         "budget-unreachable",
         "a search at 1.5 average bits over a 2..8-bit supernet",
         [TRAIN, search(average_bits=1.5)],
         "average_bits: 1.5 is below every sub-network (smallest reachable average_bits: 2)",
-        "recipe.yaml:13:11",
+        "recipe.yaml:14:17",
     ),
     refused(
         "average-bits-above-space",
@@ -171,7 +171,7 @@ CASES = [
         [TRAIN, search(average_bits=9)],
         "average_bits: 9 asks for more than 8.5 bits on average; the largest sub-network has 8 (largest "
         "reachable average_bits: 8.5, exclusive)",
-        "recipe.yaml:13:11",
+        "recipe.yaml:14:17",
     ),
     refused(
         "average-bits-in-a-gap",
@@ -179,7 +179,7 @@ CASES = [
         "step from 4.35 to 4.92, so no sub-network's lie in (4.4, 4.9]",
         [{**TRAIN, "w_bits": [2, 8]}, search(average_bits=4.9)],
         "average_bits: 4.9 — no sub-network's weight bits average in (4.4, 4.9]; nearest reachable: 4.35 and 4.92",
-        "recipe.yaml:16:11",
+        "recipe.yaml:17:17",
     ),
     refused(
         "bitops-unreachable",
@@ -188,7 +188,7 @@ CASES = [
         [TRAIN, search(bitops=1e6)],
         "bitops: 1e+06 is below every sub-network (smallest reachable bitops: 1.97949e+07, largest 2.76593e+07, "
         "per image)",
-        "recipe.yaml:13:11",
+        "recipe.yaml:14:11",
     ),
     refused(
         "search-without-supernet",
