@@ -188,8 +188,9 @@ class BlockMover:
     worker thread, through one page-locked staging buffer (:class:`StagingBuffer`, a block's
     size; the worker copies between it and the block's pageable host tensors, torch releasing
     the GIL), on a side stream of their own (:func:`weights_stream`), so the activation copies
-    of :func:`on_device` do not queue behind them. Until its write-back has run, a block's parameters stay on the device, with their
-    final values; :meth:`settle_back` (and leaving the ``with``) waits for every write-back.
+    of :func:`on_device` do not queue behind them. Until its write-back has run, a block's
+    parameters stay on the device, with their final values; :meth:`settle_back` (and leaving
+    the ``with``) waits for every write-back.
 
     A prefetch whose module changed since (a tensor added, replaced or changed in place) is
     dropped, and :meth:`onloaded` moves the module as :func:`onloaded` does. Without
