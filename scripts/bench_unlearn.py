@@ -142,14 +142,16 @@ class Evaluator:
 
         forget, retain = self.inputs["forget"], self.inputs["retain"]
         with onloaded(model.eval(), forget.device):
+            utility = self.utility.parts(model, retain)
             return {
                 "forget_quality": self.quality.value(model, forget),
-                "model_utility": self.utility.value(model, retain),
+                "model_utility": self.utility.combine(utility),
                 "forget_rouge": self.rouge.value(model, forget),
                 "privacy_leak": self.leak.value(model, forget),
                 "extraction_strength": self.extraction.value(model, forget),
                 "forget_truth": self.truth.value(model, forget),
                 "forget_memorization": self.memorization.value(model, forget),
+                "utility_parts": utility,
             }
 
 

@@ -369,17 +369,31 @@ class ModelUtility(QAMetric):
         check_generation_fits(spec, self.params, config)
 
     def value(self, model: nn.Module, inputs: MetricInputs) -> float:
+        return self.combine(self.parts(model, inputs))
+
+    @staticmethod
+    def combine(parts: dict[str, float]) -> float:
+        """The utility of :meth:`parts`: their harmonic mean."""
+        return stats.harmonic_mean(list(parts.values()))
+
+    def parts(self, model: nn.Module, inputs: MetricInputs) -> dict[str, float]:
+        """The statistics the utility is the harmonic mean of, keyed ``"{entry}/{statistic}"``: the
+        entry's own data as ``data``, each ``general`` entry by its name; a utility near 0 has a
+        part near 0, and this says which."""
         size = self.params.batch_size
-        values = []
+        parts = {}
         for name in [None, *self.params.general]:
             part = inputs if name is None else replace(inputs, samples=inputs.data(name))
             correct = answer_nll(model, part.samples, part.device, size)
             paraphrased, wrong = other_answers_nll(model, part.samples, part.device, size)
             probability = np.mean(np.exp(-correct)) if name is None else stats.normalised_probability(correct, wrong)
-            values.append(float(probability))
-            values.append(float(np.mean(rouge_scores(model, part, self.params))))
-            values.append(stats.aggregate_truth_ratio(stats.truth_ratios(paraphrased, wrong), "true_better"))
-        return stats.harmonic_mean(values)
+            label = name or "data"
+            parts[f"{label}/probability"] = float(probability)
+            parts[f"{label}/rouge"] = float(np.mean(rouge_scores(model, part, self.params)))
+            parts[f"{label}/truth_ratio"] = stats.aggregate_truth_ratio(
+                stats.truth_ratios(paraphrased, wrong), "true_better"
+            )
+        return parts
 
 
 METRICS: tuple[type[QAMetric], ...] = (

@@ -156,3 +156,33 @@ def test_compress_eval_reads_qa_data_and_metric_parameters(host, qa_data, tiny_m
     refused = CliRunner().invoke(cli, [*common, "--metric", "answer_rouge(max_new_tokens=500)"])
     assert refused.exit_code == 2
     assert "seq_len 128 + max_new_tokens 500 exceeds the model's 256 positions" in refused.output
+
+
+def test_model_utility_is_the_harmonic_mean_of_its_named_parts(qa_data, tiny_model_dir):
+    """``parts`` names the six statistics (each entry's probability, ROUGE-L and truth ratio) that
+    the utility combines, so a utility near 0 can be traced to the part that is near 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.api import MetricInputs
+    from compress.recipe import DataSpec
+    from compress_unlearn.data import QASource
+    from compress_unlearn.metrics import ModelUtility
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    specs = {
+        "retain": DataSpec(**entry(qa_data / "retain90.jsonl", RETAIN)),
+        "facts": DataSpec(**entry(qa_data / "world_facts.jsonl", 2)),
+    }
+    data = {name: QASource().load(spec, tokenizer) for name, spec in specs.items()}
+    inputs = MetricInputs(data["retain"], specs["retain"], tokenizer, torch.device("cpu"), data.__getitem__)
+    metric = ModelUtility(ModelUtility.Params(general=["facts"], max_new_tokens=4, batch_size=2))
+    parts = metric.parts(model, inputs)
+    assert list(parts) == [
+        f"{entry_name}/{statistic}"
+        for entry_name in ("data", "facts")
+        for statistic in ("probability", "rouge", "truth_ratio")
+    ]
+    assert all(0 <= value <= 1 for value in parts.values())
+    expected = len(parts) / sum(1 / value for value in parts.values()) if all(parts.values()) else 0.0
+    assert metric.value(model, inputs) == pytest.approx(expected)
