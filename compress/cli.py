@@ -307,8 +307,8 @@ def check_metric(metric_class: type, params: dict[str, Any], spec: Any, config: 
 @click.option(
     "--data",
     "data_path",
-    type=click.Path(path_type=Path),
-    help="Evaluation text file (needed but for --lm-eval alone).",
+    type=click.Path(),
+    help="Evaluation text file, or builtin:NAME for a sample shipped with compress (needed but for --lm-eval alone).",
 )
 @click.option("--source", default="text", show_default=True, help="Data source of --data (e.g. jsonl, chat, qa).")
 @click.option(
@@ -339,7 +339,7 @@ def check_metric(metric_class: type, params: dict[str, Any], spec: Any, config: 
 def eval_command(
     checkpoint: str,
     base: str,
-    data_path: Path | None,
+    data_path: str | None,
     source: str,
     loss_on: str,
     samples: int,
@@ -357,6 +357,7 @@ def eval_command(
     from compress.evaluate import evaluate
     from compress.lm_eval import command_line_entry
     from compress.recipe import DataSpec, MetricSpec, ModelSpec
+    from compress.sample_data import resolve as resolve_sample
 
     host = get_host()
     registry = host.metrics()
@@ -373,7 +374,11 @@ def eval_command(
             raise UserError(
                 f"unknown data source {source!r}{did_you_mean(source, list(host.data_sources()))}", "--source"
             )
-        spec = DataSpec(path=data_path, samples=samples, seq_len=seq_len, source=source, loss_on=loss_on)
+        try:
+            data_file = resolve_sample(data_path)
+        except ValueError as error:
+            raise UserError(str(error), "--data") from None
+        spec = DataSpec(path=data_file, samples=samples, seq_len=seq_len, source=source, loss_on=loss_on)
         reader = host.data_sources()[spec.source]
         reader.check(spec)
     # every check that reads no weights comes before the two models load

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def test_eval_compares_a_written_checkpoint_with_its_base(write_recipe, tiny_lm_
     for metric in ("perplexity", "kl", "top1"):
         assert metric in result.output
     assert "64 (32/seq)" in result.output
+
+
+def test_eval_reads_a_shipped_sample_as_a_recipe_does(tiny_lm_dir):
+    common = ["eval", str(tiny_lm_dir), "--against", str(tiny_lm_dir), "--samples", "2", "--seq-len", "32"]
+    result = invoke(*common, "--data", "builtin:wikitext-2-test", "--metric", "perplexity", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    perplexity = json.loads(result.stdout)["evaluation"]["perplexity:eval"]
+    assert (perplexity["data"], perplexity["tokens"]) == ("builtin:wikitext-2-test", 64)
+    unknown = CliRunner().invoke(cli, [*common, "--data", "builtin:wikitext-3"])
+    assert unknown.exit_code == 2
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        "error: --data: no shipped data sample named 'wikitext-3' (did you mean 'wikitext-2-test'?)"
+    )
 
 
 def test_eval_unknown_metric(tiny_lm_dir):
