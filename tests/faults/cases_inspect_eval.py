@@ -151,6 +151,13 @@ CASES = [
         message="Invalid value for '--samples'",
     ),
     Fault(
+        id="eval/unknown-shipped-sample",
+        description="`compress eval --data builtin:wikitext-3` (no sample of that name ships with compress)",
+        setup=eval_of("--data", "builtin:wikitext-3"),
+        message="no shipped data sample named 'wikitext-3' (did you mean 'wikitext-2-test'?)",
+        place="--data",
+    ),
+    Fault(
         id="eval/unknown-metric",
         description="`compress eval --metric perplexty`",
         setup=eval_of("--metric", "perplexty"),
