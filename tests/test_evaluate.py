@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from compress.data import JsonLinesSource
 from compress.engine import apply_recipe
-from compress.evaluate import BUILTIN_METRICS, EmbeddingCosine, Perplexity, compare_models
+from compress.evaluate import BUILTIN_METRICS, EmbeddingCosine, KLDivergence, Perplexity, compare_models
 from compress.recipe import DataSpec
 from compress.validate import check_recipe
 from tests.test_bad_input import assert_user_error, run_cli
@@ -47,6 +49,25 @@ def results(original, compressed, samples, metric_classes, batch_size):
     metrics = [metric_class() for metric_class in metric_classes]
     compare_models(original, compressed, samples, metrics, torch.device("cpu"), batch_size=batch_size)
     return [metric.result() for metric in metrics], metrics
+
+
+def test_perplexity_and_kl_are_their_definitions_over_scored_tokens():
+    """The metrics (one sequence at a time) against the formulas on the whole batch at once."""
+    generator = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(2, 3, 6, 11, generator=generator).unbind(0)
+    labels = torch.randint(0, 11, (3, 6), generator=generator)
+    labels[0, :3] = labels[2, 4:] = -100
+    batch = {"labels": labels}
+    perplexity, kl = Perplexity(), KLDivergence()
+    for metric in (perplexity, kl):
+        metric.update(SimpleNamespace(logits=p_logits), SimpleNamespace(logits=q_logits), batch)
+    targets = labels[:, 1:]
+    scored = targets != -100
+    p_log, q_log = p_logits[:, :-1].log_softmax(-1), q_logits[:, :-1].log_softmax(-1)
+    nll = -q_log.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[scored]
+    assert perplexity.result()["compressed"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-6)
+    expected_kl = (p_log.exp() * (p_log - q_log)).sum(-1)[scored].mean().item()
+    assert kl.result()["compressed"] == pytest.approx(expected_kl, rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_on", ["all", "answers"])
