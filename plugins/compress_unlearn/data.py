@@ -2,11 +2,13 @@
 
 A record is a JSON object as in TOFU's ``*_perturbed`` splits (``locuslab/TOFU``):
 ``question``, ``answer``, and for evaluation ``paraphrased_answer`` (a correct answer in other
-words) and ``perturbed_answer`` (a list of wrong answers). A sample is the question and the
-answer in one fixed template, ``"Question: {question}\\nAnswer: {answer}"`` followed by the
-tokenizer's end-of-sequence token, with only the answer (and that token) as labels; open-
-unlearning renders the model's chat template instead (our choice: one template for every
-model, chat-tuned or not, that a model without a chat template also reads).
+words) and ``perturbed_answer`` (a list of wrong answers). A sample renders the question as the
+user's turn of the model's chat template and the answer as the assistant's, as open-unlearning
+does; only the answer and the template's end of turn are labels. A tokenizer without a chat
+template gets ``"Question: {question}\\nAnswer: {answer}"`` and its end-of-sequence token. (Until
+session 11 every model got that plain template; a chat-tuned model such as
+SmolLM2-135M-Instruct answers it with an empty turn on anything it was not fine-tuned on, so the
+world-facts part of model utility was 0 for every model.)
 """
 
 from __future__ import annotations
@@ -23,9 +25,23 @@ QUESTION, ANSWER = "question", "answer"
 PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answer"
 
 
-def prompt_text(question: str) -> str:
-    """The template's prompt: what generation starts from."""
-    return f"Question: {question}\nAnswer:"
+def rendered(question: str, answer: str, tokenizer: Any, where: Any) -> tuple[str, str]:
+    """The prompt (what generation starts from) and the labelled rest: the chat template's user turn
+    and its assistant turn up to its end-of-turn token (the whitespace after it is no label);
+    ``Question:``/``Answer:`` without a chat template, where :meth:`QASource.sequence` adds the
+    end-of-sequence token."""
+    if not has_chat_template(tokenizer):
+        return f"Question: {question}\nAnswer:", f" {answer}"
+    turn = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template([*turn, {"role": "assistant", "content": answer}], tokenize=False)
+    if not chat.startswith(prompt):
+        raise UserError("the chat template renders the question differently once an answer follows it", where)
+    return prompt, chat[len(prompt) :].rstrip()
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
 
 
 def variant_keys(index: int | None) -> tuple[str, str]:
@@ -36,11 +52,11 @@ def variant_keys(index: int | None) -> tuple[str, str]:
 
 class QASource(JsonLinesSource):
     """TOFU-style question/answer records (``question``, ``answer``; other keys through
-    ``prompt_field``/``answer_field``) in the template ``Question: …\\nAnswer: …`` plus the
-    end-of-sequence token; only answers are labels (``loss_on: answers``). A record's
-    ``paraphrased_answer`` and ``perturbed_answer`` list, when present, ride along as extras
-    (``paraphrased_input_ids``/``_labels``, ``perturbed_<i>_input_ids``/``_labels``) for the
-    truth ratio; every record of a file then needs the same number of them."""
+    ``prompt_field``/``answer_field``) rendered by :func:`rendered`; only answers are labels
+    (``loss_on: answers``). A record's ``paraphrased_answer`` and ``perturbed_answer`` list, when
+    present, ride along as extras (``paraphrased_input_ids``/``_labels``,
+    ``perturbed_<i>_input_ids``/``_labels``) for the truth ratio; every record of a file then needs
+    the same number of them."""
 
     name = "qa"
 
@@ -55,9 +71,10 @@ class QASource(JsonLinesSource):
     def fields(self, spec: DataSpec) -> tuple[str, str]:
         return spec.prompt_field or QUESTION, spec.answer_field or ANSWER
 
-    def texts(self, record: dict, spec: DataSpec, where: Any) -> list[str]:
+    def texts(self, record: dict, spec: DataSpec, where: Any) -> tuple[str, str]:
+        """The record's question and answer."""
         question, answer = self.fields(spec)
-        return [prompt_text(text(record, question, where)), " " + text(record, answer, where)]
+        return text(record, question, where), text(record, answer, where)
 
     def check_record(self, record: dict, spec: DataSpec, where: Any) -> None:
         self.texts(record, spec, where)
@@ -75,12 +92,14 @@ class QASource(JsonLinesSource):
             found.extend(enumerate(wrong))
         return found
 
-    def sequence(self, prompt: str, answer: str, spec: DataSpec, tokenizer: Any, where: Any) -> tuple[list, list]:
-        """Token ids and labels of prompt + answer + end of sequence, cut to ``seq_len``; UserError
+    def sequence(
+        self, question: str, answer: str, spec: DataSpec, tokenizer: Any, where: Any
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of the rendered question and answer, cut to ``seq_len``; UserError
         when no answer token is left."""
-        prompt_ids = encode(prompt, tokenizer)
-        answer_ids = encode(answer, tokenizer)
-        if tokenizer.eos_token_id is not None:
+        prompt, rest = rendered(question, answer, tokenizer, where)
+        prompt_ids, answer_ids = encode(prompt, tokenizer), encode(rest, tokenizer)
+        if not has_chat_template(tokenizer) and tokenizer.eos_token_id is not None:
             answer_ids.append(tokenizer.eos_token_id)
         ids = (prompt_ids + answer_ids)[: spec.seq_len]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: spec.seq_len]
@@ -89,8 +108,7 @@ class QASource(JsonLinesSource):
         return ids, labels
 
     def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: Any) -> tuple[list[int], list[int]]:
-        prompt, answer = self.texts(record, spec, where)
-        return self.sequence(prompt, answer, spec, tokenizer, where)
+        return self.sequence(*self.texts(record, spec, where), spec, tokenizer, where)
 
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
@@ -99,9 +117,9 @@ class QASource(JsonLinesSource):
         samples: list[Sample] = []
         shape = None
         for where, record in records(spec):
-            prompt, answer = self.texts(record, spec, where)
+            question, answer = self.texts(record, spec, where)
             sample = dict(
-                zip(("input_ids", "labels"), map(torch.tensor, self.sequence(prompt, answer, spec, tokenizer, where)))
+                zip(("input_ids", "labels"), map(torch.tensor, self.sequence(question, answer, spec, tokenizer, where)))
             )
             variants = self.variants(record, where)
             if shape is None:
@@ -114,7 +132,7 @@ class QASource(JsonLinesSource):
                 )
             for index, other in variants:
                 ids_key, labels_key = variant_keys(index)
-                ids, labels = self.sequence(prompt, " " + other, spec, tokenizer, where)
+                ids, labels = self.sequence(question, other, spec, tokenizer, where)
                 sample[ids_key], sample[labels_key] = torch.tensor(ids), torch.tensor(labels)
             samples.append(sample)
         return samples
