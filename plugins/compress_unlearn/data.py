@@ -5,10 +5,10 @@ A record is a JSON object as in TOFU's ``*_perturbed`` splits (``locuslab/TOFU``
 words) and ``perturbed_answer`` (a list of wrong answers). A sample renders the question as the
 user's turn of the model's chat template and the answer as the assistant's, as open-unlearning
 does; only the answer and the template's end of turn are labels. A tokenizer without a chat
-template gets ``"Question: {question}\\nAnswer: {answer}"`` and its end-of-sequence token. (Until
-session 11 every model got that plain template; a chat-tuned model such as
-SmolLM2-135M-Instruct answers it with an empty turn on anything it was not fine-tuned on, so the
-world-facts part of model utility was 0 for every model.)
+template gets ``"Question: {question}\\nAnswer: {answer}"`` and its end-of-sequence token. A
+chat-tuned model given that plain template instead answers with an empty turn whatever it was not
+fine-tuned on (SmolLM2-135M-Instruct: 39 of 40 world facts), which would make model utility's
+general-knowledge ROUGE 0 for every model.
 """
 
 from __future__ import annotations

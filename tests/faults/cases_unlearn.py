@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.faults.harness import Fault, recipe_argv, tiny_model, write_recipe
+from tests.faults.harness import Fault, copy_tiny_model, recipe_argv, tiny_model, write_recipe
 
 QUESTIONS = [f"Where was author number {i} born?" for i in range(6)]
 
@@ -29,9 +29,11 @@ def unlearn_setup(
     evaluate: list | None = None,
     command: str = "check",
     prepare: Callable[[Path], dict] | None = None,
+    model: Callable[[Path], Path] | None = None,
 ) -> Callable[[Path], list[str]]:
     """A setup writing forget.jsonl and retain.jsonl and an npo recipe over them (``stage`` keys
-    replace the stage's, ``data`` entries the two (None removes one), ``prepare(work)`` adds stage keys)."""
+    replace the stage's, ``data`` entries the two (None removes one), ``prepare(work)`` adds stage
+    keys, ``model(work)`` makes the model the recipe reads instead of the tiny one)."""
 
     def setup(work: Path) -> list[str]:
         (work / "forget.jsonl").write_bytes(forget)
@@ -39,7 +41,8 @@ def unlearn_setup(
         entries = {"forget": qa("forget.jsonl", 2), "retain": qa("retain.jsonl", 2), **(data or {})}
         entries = {name: entry for name, entry in entries.items() if entry is not None}
         method = {"method": "npo", "steps": 1, "batch_size": 2, **(stage or {}), **(prepare(work) if prepare else {})}
-        write_recipe(work, data=entries, stages=[method], evaluate=evaluate or [])
+        chosen = {"model": str(model(work))} if model else {}
+        write_recipe(work, data=entries, stages=[method], evaluate=evaluate or [], **chosen)
         return recipe_argv(command)
 
     return setup
@@ -53,6 +56,18 @@ def other_vocabulary(work: Path) -> dict:
     config.vocab_size = 300
     AutoModelForCausalLM.from_config(config).save_pretrained(work / "reference")
     return {"reference": str(work / "reference")}
+
+
+def answer_dependent_template(model: Path) -> None:
+    """Give the model's tokenizer a chat template that renders a lone question differently from
+    one that an answer follows."""
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if messages|length == 1 %}(unanswered) {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    config_path.write_text(json.dumps(config), encoding="utf-8")
 
 
 CASES = [
@@ -71,6 +86,13 @@ CASES = [
             data={"forget": {**qa("forget.jsonl", 2), "source": "jsonl", "prompt_field": "q", "answer_field": "a"}},
         ),
         message="no answer token within the first seq_len = 64 tokens",
+        place="forget.jsonl:1",
+    ),
+    Fault(
+        id="unlearn/chat-template-depends-on-answer",
+        description="qa data for a model whose chat template renders a question differently once answered",
+        setup=unlearn_setup(model=lambda work: copy_tiny_model(work, damage=answer_dependent_template)),
+        message="the chat template renders the question differently once an answer follows it",
         place="forget.jsonl:1",
     ),
     Fault(
