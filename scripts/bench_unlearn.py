@@ -55,6 +55,16 @@ COLUMNS = (
     "forget_truth",
     "forget_memorization",
 )
+PARTS = {"retain_rouge": "data/rouge", "facts_rouge": "facts/rouge"}
+"""Model utility's parts printed beside it (header: ``utility_parts`` key): a harmonic mean
+follows its smallest part, and these two are the ones that fell near 0."""
+HEADER = (*COLUMNS, *PARTS)
+
+
+def cells(row: dict) -> list[str]:
+    """A table row's :data:`HEADER` values, three significant digits."""
+    parts = row.get("utility_parts", {})
+    return [f"{row[c]:.3g}" for c in COLUMNS] + [f"{parts.get(key, float('nan')):.3g}" for key in PARTS.values()]
 
 
 def qa_entry(path: Path, samples: int, seq_len: int) -> dict:
@@ -205,12 +215,11 @@ def markdown(results: dict) -> str:
     for split, rows in results["table"].items():
         lines += [
             f"\n{split}\n",
-            "| model | " + " | ".join(COLUMNS) + " | time (s) |",
-            "|---" * (len(COLUMNS) + 2) + "|",
+            "| model | " + " | ".join(HEADER) + " | time (s) |",
+            "|---" * (len(HEADER) + 2) + "|",
         ]
         for name, row in rows.items():
-            cells = [f"{row[c]:.3g}" for c in COLUMNS]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('seconds', float('nan')):.1f} |")
+            lines.append(f"| {name} | " + " | ".join(cells(row)) + f" | {row.get('seconds', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from scripts.bench_unlearn import COLUMNS, Evaluator, load_dense, save, unlearn_recipe
+from scripts.bench_unlearn import HEADER, Evaluator, cells, load_dense, save, unlearn_recipe
 from scripts.common import environment
 from scripts.finetune_unlearn_target import run_recipe, stage_seconds, unlearn_host
 from scripts.make_unlearn_data import generate
@@ -121,12 +121,11 @@ def main() -> None:
         save(args, results, "uoe_bench.json")
     results["total_seconds"] = time.perf_counter() - start
     save(args, results, "uoe_bench.json")
-    print("| model | " + " | ".join(COLUMNS) + " | trained % | time (s) |")
-    print("|---" * (len(COLUMNS) + 3) + "|")
+    print("| model | " + " | ".join(HEADER) + " | trained % | time (s) |")
+    print("|---" * (len(HEADER) + 3) + "|")
     for name, row in rows.items():
-        cells = " | ".join(f"{row[c]:.3g}" for c in COLUMNS)
         share = f"{100 * row['trained_fraction']:.3f}" if "trained_fraction" in row else "-"
-        print(f"| {name} | {cells} | {share} | {row.get('seconds', float('nan')):.1f} |")
+        print(f"| {name} | {' | '.join(cells(row))} | {share} | {row.get('seconds', float('nan')):.1f} |")
     print(f"total {results['total_seconds']:.0f} s")
 
 
