@@ -25,19 +25,30 @@ QUESTION, ANSWER = "question", "answer"
 PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answer"
 
 
-def rendered(question: str, answer: str, tokenizer: Any, where: Any) -> tuple[str, str]:
-    """The prompt (what generation starts from) and the labelled rest: the chat template's user turn
-    and its assistant turn up to its end-of-turn token (the whitespace after it is no label);
-    ``Question:``/``Answer:`` without a chat template, where :meth:`QASource.sequence` adds the
-    end-of-sequence token."""
+def prompt_text(question: str, tokenizer: Any) -> str:
+    """What generation starts from: the chat template's user turn and the assistant's header;
+    ``Question: …\\nAnswer:`` without a chat template."""
     if not has_chat_template(tokenizer):
-        return f"Question: {question}\nAnswer:", f" {answer}"
-    turn = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    chat = tokenizer.apply_chat_template([*turn, {"role": "assistant", "content": answer}], tokenize=False)
+        return f"Question: {question}\nAnswer:"
+    return tokenizer.apply_chat_template([user_turn(question)], tokenize=False, add_generation_prompt=True)
+
+
+def answer_text(question: str, answer: str, prompt: str, tokenizer: Any, where: Any) -> str:
+    """What follows ``prompt`` (:func:`prompt_text`) and is labelled: the assistant turn up to its
+    end-of-turn token (the whitespace after it is no label); without a chat template the answer
+    after a space, and :meth:`QASource.sequences` adds the end-of-sequence token."""
+    if not has_chat_template(tokenizer):
+        return f" {answer}"
+    chat = tokenizer.apply_chat_template(
+        [user_turn(question), {"role": "assistant", "content": answer}], tokenize=False
+    )
     if not chat.startswith(prompt):
         raise UserError("the chat template renders the question differently once an answer follows it", where)
-    return prompt, chat[len(prompt) :].rstrip()
+    return chat[len(prompt) :].rstrip()
+
+
+def user_turn(question: str) -> dict[str, str]:
+    return {"role": "user", "content": question}
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -52,7 +63,7 @@ def variant_keys(index: int | None) -> tuple[str, str]:
 
 class QASource(JsonLinesSource):
     """TOFU-style question/answer records (``question``, ``answer``; other keys through
-    ``prompt_field``/``answer_field``) rendered by :func:`rendered`; only answers are labels
+    ``prompt_field``/``answer_field``) rendered by :func:`prompt_text` and :func:`answer_text`; only answers are labels
     (``loss_on: answers``). A record's ``paraphrased_answer`` and ``perturbed_answer`` list, when
     present, ride along as extras (``paraphrased_input_ids``/``_labels``,
     ``perturbed_<i>_input_ids``/``_labels``) for the truth ratio; every record of a file then needs
@@ -92,23 +103,29 @@ class QASource(JsonLinesSource):
             found.extend(enumerate(wrong))
         return found
 
-    def sequence(
-        self, question: str, answer: str, spec: DataSpec, tokenizer: Any, where: Any
-    ) -> tuple[list[int], list[int]]:
-        """Token ids and labels of the rendered question and answer, cut to ``seq_len``; UserError
-        when no answer token is left."""
-        prompt, rest = rendered(question, answer, tokenizer, where)
-        prompt_ids, answer_ids = encode(prompt, tokenizer), encode(rest, tokenizer)
-        if not has_chat_template(tokenizer) and tokenizer.eos_token_id is not None:
-            answer_ids.append(tokenizer.eos_token_id)
-        ids = (prompt_ids + answer_ids)[: spec.seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: spec.seq_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise UserError(f"no answer token within the first seq_len = {spec.seq_len} tokens", where)
-        return ids, labels
+    def sequences(
+        self, question: str, answers: list[str], spec: DataSpec, tokenizer: Any, where: Any
+    ) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels of the question with each of ``answers`` (the prompt rendered and
+        encoded once), cut to ``seq_len``; UserError when no answer token is left."""
+        prompt = prompt_text(question, tokenizer)
+        prompt_ids = encode(prompt, tokenizer)
+        end = (
+            [tokenizer.eos_token_id] if not has_chat_template(tokenizer) and tokenizer.eos_token_id is not None else []
+        )
+        found = []
+        for answer in answers:
+            answer_ids = encode(answer_text(question, answer, prompt, tokenizer, where), tokenizer) + end
+            ids = (prompt_ids + answer_ids)[: spec.seq_len]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: spec.seq_len]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise UserError(f"no answer token within the first seq_len = {spec.seq_len} tokens", where)
+            found.append((ids, labels))
+        return found
 
     def tokenize(self, record: dict, spec: DataSpec, tokenizer: Any, where: Any) -> tuple[list[int], list[int]]:
-        return self.sequence(*self.texts(record, spec, where), spec, tokenizer, where)
+        question, answer = self.texts(record, spec, where)
+        return self.sequences(question, [answer], spec, tokenizer, where)[0]
 
     def load(self, spec: DataSpec, tokenizer: Any) -> list[Sample]:
         self.check(spec)
@@ -118,9 +135,6 @@ class QASource(JsonLinesSource):
         shape = None
         for where, record in records(spec):
             question, answer = self.texts(record, spec, where)
-            sample = dict(
-                zip(("input_ids", "labels"), map(torch.tensor, self.sequence(question, answer, spec, tokenizer, where)))
-            )
             variants = self.variants(record, where)
             if shape is None:
                 shape = [index for index, _ in variants]
@@ -130,9 +144,11 @@ class QASource(JsonLinesSource):
                     f"({len(shape)} in all)",
                     where,
                 )
-            for index, other in variants:
+            answers = [answer, *(other for _, other in variants)]
+            (ids, labels), *others = self.sequences(question, answers, spec, tokenizer, where)
+            sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+            for (index, _), (ids, labels) in zip(variants, others, strict=True):
                 ids_key, labels_key = variant_keys(index)
-                ids, labels = self.sequence(question, other, spec, tokenizer, where)
                 sample[ids_key], sample[labels_key] = torch.tensor(ids), torch.tensor(labels)
             samples.append(sample)
         return samples
