@@ -58,15 +58,18 @@ def other_vocabulary(work: Path) -> dict:
     return {"reference": str(work / "reference")}
 
 
+ANSWER_DEPENDENT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if messages|length == 1 %}(unanswered) {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A chat template that renders a lone question differently from one that an answer follows."""
+
+
 def answer_dependent_template(model: Path) -> None:
-    """Give the model's tokenizer a chat template that renders a lone question differently from
-    one that an answer follows."""
+    """Give the model's tokenizer :data:`ANSWER_DEPENDENT_TEMPLATE`."""
     config_path = model / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["chat_template"] = (
-        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-        "{% if messages|length == 1 %}(unanswered) {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
-    )
+    config["chat_template"] = ANSWER_DEPENDENT_TEMPLATE
     config_path.write_text(json.dumps(config), encoding="utf-8")
 
 

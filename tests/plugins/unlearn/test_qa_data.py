@@ -11,6 +11,7 @@ from compress.errors import UserError
 from compress.recipe import DataSpec
 from compress_unlearn.data import IGNORE_INDEX, QASource
 from compress_unlearn.metrics import GenerationParams, generate_answers, prompt_ids, reference_answers
+from tests.faults.cases_unlearn import ANSWER_DEPENDENT_TEMPLATE
 from tests.plugins.unlearn.conftest import qa_entry
 
 
@@ -72,10 +73,7 @@ def test_without_a_chat_template_the_plain_template_ends_with_end_of_sequence(qa
 
 def test_a_template_that_renders_the_question_differently_once_answered_is_refused(qa_data, tokenizer):
     odd = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    odd.chat_template = (
-        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-        "{% if messages|length == 1 %}(unanswered) {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
-    )
+    odd.chat_template = ANSWER_DEPENDENT_TEMPLATE
     with pytest.raises(UserError, match="renders the question differently once an answer follows it") as refused:
         facts(qa_data, odd, 1)
     assert "world_facts.jsonl:1" in str(refused.value)
