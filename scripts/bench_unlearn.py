@@ -6,9 +6,11 @@ each forget split (1/5/10 %) evaluate the target and the retain model (the refer
 and run every method (``compress apply`` of an unlearning recipe on the target, in memory)
 and evaluate it: forget quality, model utility, forget ROUGE-L, privacy leak, extraction
 strength, forget truth ratio, forget exact memorization (did the target learn the set?),
-time of the unlearning stage. Last, forget quality before and after W4 round-to-nearest
-quantization of one method's result (the quantization stage in the same recipe as the
-unlearning stage).
+time of the unlearning stage. Last, one method's result before and after W4 round-to-nearest
+quantization at each ``--quant-lrs`` (the quantization stage in the same recipe as the
+unlearning stage), beside the target and the retain model quantized alike: forget quality is
+given against the retain model and against the quantized retain model (``forget_quality_w4``),
+since quantization moves both sides of the KS test.
 
 Settings (stated in the JSON): unlearning as open-unlearning's TOFU runs (10 epochs over the
 forget set, batch 32 or the whole set when smaller, lr 1e-5, one warm-up epoch, linear
@@ -145,6 +147,15 @@ class Evaluator:
         self.extraction = ExtractionStrength(ExtractionStrength.Params(batch_size=args.eval_batch))
         self.truth = TruthRatio(TruthRatio.Params(batch_size=args.eval_batch))
         self.memorization = ExactMemorization(ExactMemorization.Params(batch_size=args.eval_batch))
+        self.like, self.batch_size = like, args.eval_batch
+
+    def quality_against(self, retain_model: Path) -> Callable[[torch.nn.Module], float]:
+        """Forget quality against another retain model (the one quantized like the rows)."""
+        from compress_unlearn.metrics import ForgetQuality
+
+        quality = ForgetQuality(ForgetQuality.Params(retain_model=str(retain_model), batch_size=self.batch_size))
+        quality.prepare(self.inputs["forget"], self.like)
+        return lambda model: quality.value(model, self.inputs["forget"])
 
     @torch.no_grad()
     def row(self, model: torch.nn.Module) -> dict[str, float]:
@@ -193,20 +204,35 @@ def bench_split(args: argparse.Namespace, host, percent: int, rows: dict, saved:
 
 
 def bench_quantized(args: argparse.Namespace, host) -> dict:
-    """Forget quality and the rest of one method's result before and after W4 (rtn, symmetric g64)."""
-    percent, method, lr = max(args.splits), args.quant_method, args.unlearn_lrs[0]
+    """One method's result before and after W4 (rtn, symmetric g64) at each ``args.quant_lrs``,
+    with the target and the retain model quantized alike as reference rows."""
+    percent, method = max(args.splits), args.quant_method
+    retain = f"retain{100 - percent:02d}"
     target, tokenizer = load_dense(args.models / "target")
     evaluator = Evaluator(args, percent, tokenizer, target)
     w4 = {"method": "rtn", "targets": ["re:.*(q|k|v|o|gate|up|down)_proj$"], "bits": 4, "group_size": 64}
-    result = {"split": f"forget{percent:02d}", "method": method, "lr": lr, "quantization": w4}
-    for name, after in (("before", []), ("after_w4", [w4])):
-        context = run_recipe(host, unlearn_recipe(args, method, percent, after, lr), args.out / f"{method}-{name}.yaml")
-        result[name] = evaluator.row(context.model)
-    result["target_w4"] = evaluator.row(
-        run_recipe(
-            host, {**unlearn_recipe(args, method, percent, [], lr), "stages": [w4]}, args.out / "target-w4.yaml"
-        ).model
+    lr = args.quant_lrs[0]
+    quantize_only = {**unlearn_recipe(args, method, percent, [], lr), "stages": [w4]}
+    retain_w4 = args.out / f"{retain}-w4"
+    run_recipe(
+        host,
+        {**quantize_only, "model": str(args.models / retain), "output": {"dir": str(retain_w4), "format": "dense"}},
+        args.out / f"{retain}-w4.yaml",
     )
+    against_w4 = evaluator.quality_against(retain_w4)
+
+    def quantized_row(model: torch.nn.Module) -> dict:
+        return {**evaluator.row(model), "forget_quality_w4": against_w4(model)}
+
+    result = {"split": f"forget{percent:02d}", "method": method, "quantization": w4}
+    result["retain_w4"] = quantized_row(load_dense(retain_w4)[0])
+    result["target_w4"] = quantized_row(run_recipe(host, quantize_only, args.out / "target-w4.yaml").model)
+    result["runs"] = {}
+    for lr in args.quant_lrs:
+        before = run_recipe(host, unlearn_recipe(args, method, percent, [], lr), args.out / f"{method}-{lr:g}.yaml")
+        after = run_recipe(host, unlearn_recipe(args, method, percent, [w4], lr), args.out / f"{method}-{lr:g}-w4.yaml")
+        result["runs"][f"{lr:g}"] = {"before": evaluator.row(before.model), "after_w4": quantized_row(after.model)}
+        print(f"{method}@{lr:g} before and after W4: {result['runs'][f'{lr:g}']}", flush=True)
     return result
 
 
@@ -231,7 +257,8 @@ def save(args: argparse.Namespace, results: dict, name: str = "unlearn_bench.jso
         args.json.write_text(text, encoding="utf-8")
 
 
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--smoke``'s settings and the derived paths and device applied."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path, help="also write the results here (e.g. docs/results/unlearn.json)")
@@ -250,18 +277,30 @@ def main() -> None:
     parser.add_argument("--eval-retain", type=int, default=100, help="retain items in model utility")
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--quant-method", default="npo")
+    parser.add_argument(
+        "--quant-lrs",
+        type=lambda s: [float(v) for v in s.split(",")],
+        help="learning rates of the W4 rows (default: the first of --unlearn-lrs)",
+    )
     parser.add_argument("--skip-quantized", action="store_true", help="no W4 rows (before/after quantization)")
     parser.add_argument("--skip-finetune", action="store_true", help="reuse --out/models")
+    parser.add_argument("--skip-table", action="store_true", help="only the W4 rows (on the largest of --splits)")
     add_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         from compress.pytest_plugin import build_tiny_model
 
         args.model = str(build_tiny_model(args.out / "tiny"))
         args.authors, args.splits, args.epochs, args.unlearn_epochs = 10, [10], 1.0, 2.0
         args.max_new_tokens, args.eval_retain, args.unlearn_lrs = 8, 10, [1e-3]
+    args.quant_lrs = args.quant_lrs or args.unlearn_lrs[:1]
     args.device_resolved = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     args.data, args.models = args.out / "data", args.out / "models"
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
     start = time.perf_counter()
     meta = generate(args.data, args.authors, 10, args.seed)
     if not args.skip_finetune:
@@ -274,7 +313,7 @@ def main() -> None:
         "environment": environment(args.device_resolved),
         "table": {},
     }
-    for percent in args.splits:
+    for percent in [] if args.skip_table else args.splits:
         results["table"][f"forget{percent:02d}"] = {}
         bench_split(args, host, percent, results["table"][f"forget{percent:02d}"], lambda: save(args, results))
     if not args.skip_quantized:
