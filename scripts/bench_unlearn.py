@@ -151,11 +151,18 @@ class Evaluator:
 
     def quality_against(self, retain_model: Path) -> Callable[[torch.nn.Module], float]:
         """Forget quality against another retain model (the one quantized like the rows)."""
+        from compress.api import onloaded
         from compress_unlearn.metrics import ForgetQuality
 
+        forget = self.inputs["forget"]
         quality = ForgetQuality(ForgetQuality.Params(retain_model=str(retain_model), batch_size=self.batch_size))
-        quality.prepare(self.inputs["forget"], self.like)
-        return lambda model: quality.value(model, self.inputs["forget"])
+        quality.prepare(forget, self.like)
+
+        def value(model: torch.nn.Module) -> float:
+            with onloaded(model.eval(), forget.device):
+                return quality.value(model, forget)
+
+        return value
 
     @torch.no_grad()
     def row(self, model: torch.nn.Module) -> dict[str, float]:
