@@ -211,16 +211,16 @@ def bench_split(args: argparse.Namespace, host, percent: int, rows: dict, saved:
         print(f"forget{percent:02d} {name}: {rows[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def bench_quantized(args: argparse.Namespace, host) -> dict:
-    """One method's result before and after W4 (rtn, symmetric g64) at each ``args.quant_lrs``,
-    with the target and the retain model quantized alike as reference rows."""
+def bench_quantized(args: argparse.Namespace, host, result: dict, saved: Callable[[], None]) -> None:
+    """Fill ``result`` with one method's result before and after W4 (rtn, symmetric g64) at each
+    ``args.quant_lrs``, and the target and the retain model quantized alike as reference rows,
+    calling ``saved`` after each row."""
     percent, method = max(args.splits), args.quant_method
     retain = f"retain{100 - percent:02d}"
     target, tokenizer = load_dense(args.models / "target")
     evaluator = Evaluator(args, percent, tokenizer, target)
     w4 = {"method": "rtn", "targets": ["re:.*(q|k|v|o|gate|up|down)_proj$"], "bits": 4, "group_size": 64}
-    lr = args.quant_lrs[0]
-    quantize_only = {**unlearn_recipe(args, method, percent, [], lr), "stages": [w4]}
+    quantize_only = {**unlearn_recipe(args, method, percent, [], args.quant_lrs[0]), "stages": [w4]}
     retain_w4 = args.out / f"{retain}-w4"
     run_recipe(
         host,
@@ -232,16 +232,16 @@ def bench_quantized(args: argparse.Namespace, host) -> dict:
     def quantized_row(model: torch.nn.Module) -> dict:
         return {**evaluator.row(model), "forget_quality_w4": against_w4(model)}
 
-    result = {"split": f"forget{percent:02d}", "method": method, "quantization": w4}
+    result |= {"split": f"forget{percent:02d}", "method": method, "quantization": w4, "runs": {}}
     result["retain_w4"] = quantized_row(load_dense(retain_w4)[0])
     result["target_w4"] = quantized_row(run_recipe(host, quantize_only, args.out / "target-w4.yaml").model)
-    result["runs"] = {}
+    saved()
     for lr in args.quant_lrs:
         before = run_recipe(host, unlearn_recipe(args, method, percent, [], lr), args.out / f"{method}-{lr:g}.yaml")
         after = run_recipe(host, unlearn_recipe(args, method, percent, [w4], lr), args.out / f"{method}-{lr:g}-w4.yaml")
         result["runs"][f"{lr:g}"] = {"before": evaluator.row(before.model), "after_w4": quantized_row(after.model)}
+        saved()
         print(f"{method}@{lr:g} before and after W4: {result['runs'][f'{lr:g}']}", flush=True)
-    return result
 
 
 def markdown(results: dict) -> str:
@@ -325,7 +325,8 @@ def main() -> None:
         results["table"][f"forget{percent:02d}"] = {}
         bench_split(args, host, percent, results["table"][f"forget{percent:02d}"], lambda: save(args, results))
     if not args.skip_quantized:
-        results["quantization"] = bench_quantized(args, host)
+        results["quantization"] = {}
+        bench_quantized(args, host, results["quantization"], lambda: save(args, results))
     results["total_seconds"] = time.perf_counter() - start
     save(args, results)
     print(markdown(results))

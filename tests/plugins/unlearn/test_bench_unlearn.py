@@ -24,7 +24,10 @@ def test_w4_rows_compare_with_the_retain_model_quantized_alike(tiny_model_dir, t
     generate(args.data, args.authors, 10, args.seed)
     finetune_all(args, args.data, args.models)
 
-    result = bench_quantized(args, unlearn_host())
+    result, saves = {}, []
+    bench_quantized(args, unlearn_host(), result, lambda: saves.append(len(result["runs"])))
+
+    assert saves == [0, 1, 2], "saved after the reference rows and after each learning rate"
 
     assert set(result["runs"]) == {"0.001", "0.01"}
     assert result["retain_w4"]["forget_quality_w4"] == 1.0
