@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
+    # a gloo rank that tears its group down while rank 0 is still writing can abort
+    # ("terminate called without an active exception", seen once in CI): leave together
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
 
