@@ -113,7 +113,6 @@ class Evaluator:
             AnswerRouge,
             ExactMemorization,
             ExtractionStrength,
-            ForgetQuality,
             ModelUtility,
             PrivacyLeak,
             TruthRatio,
@@ -137,27 +136,31 @@ class Evaluator:
         }
         retain_model = str(args.models / f"retain{100 - percent:02d}")
         generation = {"max_new_tokens": args.max_new_tokens, "batch_size": args.eval_batch}
-        self.quality = ForgetQuality(ForgetQuality.Params(retain_model=retain_model, batch_size=args.eval_batch))
+        self.like, self.batch_size = like, args.eval_batch
+        self.quality = self.prepared_quality(retain_model)
         self.leak = PrivacyLeak(
             PrivacyLeak.Params(holdout="holdout", retain_model=retain_model, batch_size=args.eval_batch)
         )
-        self.quality.prepare(self.inputs["forget"], like)
         self.leak.prepare(self.inputs["forget"], like)
         self.utility = ModelUtility(ModelUtility.Params(general=["facts"], **generation))
         self.rouge = AnswerRouge(AnswerRouge.Params(**generation))
         self.extraction = ExtractionStrength(ExtractionStrength.Params(batch_size=args.eval_batch))
         self.truth = TruthRatio(TruthRatio.Params(batch_size=args.eval_batch))
         self.memorization = ExactMemorization(ExactMemorization.Params(batch_size=args.eval_batch))
-        self.like, self.batch_size = like, args.eval_batch
+
+    def prepared_quality(self, retain_model: Path | str):
+        """Forget quality against ``retain_model``, its references computed on the forget set."""
+        from compress_unlearn.metrics import ForgetQuality
+
+        quality = ForgetQuality(ForgetQuality.Params(retain_model=str(retain_model), batch_size=self.batch_size))
+        quality.prepare(self.inputs["forget"], self.like)
+        return quality
 
     def quality_against(self, retain_model: Path) -> Callable[[torch.nn.Module], float]:
         """Forget quality against another retain model (the one quantized like the rows)."""
         from compress.api import onloaded
-        from compress_unlearn.metrics import ForgetQuality
 
-        forget = self.inputs["forget"]
-        quality = ForgetQuality(ForgetQuality.Params(retain_model=str(retain_model), batch_size=self.batch_size))
-        quality.prepare(forget, self.like)
+        forget, quality = self.inputs["forget"], self.prepared_quality(retain_model)
 
         def value(model: torch.nn.Module) -> float:
             with onloaded(model.eval(), forget.device):
